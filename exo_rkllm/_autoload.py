@@ -1,0 +1,69 @@
+"""Installed by exo_rkllm.pth: wires the rkllm engine into exo when exo is imported.
+
+Python runs the .pth line at every start-up of this environment, so this
+module does nothing but register a tiny import hook; the real work
+(exo_rkllm.plugin) runs only in a process that actually imports exo's modules.
+Set EXO_RKLLM_AUTOLOAD=0 to turn it off. Failures are reported, never raised:
+a broken plugin must not break unrelated Python programs.
+"""
+import os
+import sys
+
+_TARGETS = (
+    "exo.inference.inference_engine",
+    "exo.inference.tokenizers",
+    "exo.orchestration.node",
+    "exo.api.chatgpt_api",
+)
+
+
+class _ExoHook:
+    """A meta-path finder that runs exo_rkllm.plugin's patch after a target module executes."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _TARGETS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _PatchingLoader(spec.loader)
+                return spec
+            if spec is not None:
+                return spec
+        return None
+
+
+class _PatchingLoader:
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        try:
+            from exo_rkllm import plugin
+
+            plugin.patch_module(module)
+        except Exception as exc:  # never break exo's import
+            sys.stderr.write(f"exo-rkllm: could not hook into {module.__name__}: {exc!r}\n")
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+def install() -> None:
+    if os.environ.get("EXO_RKLLM_AUTOLOAD", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    if any(isinstance(f, _ExoHook) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _ExoHook())
+
+
+try:
+    install()
+except Exception as _exc:  # pragma: no cover - defensive
+    sys.stderr.write(f"exo-rkllm: autoload disabled: {_exc!r}\n")

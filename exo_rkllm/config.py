@@ -1,0 +1,151 @@
+"""Every setting of exo-rkllm, read from the environment (and CLI flags) in one place.
+
+The table below is the single source of truth: `Config.from_env` reads it, the
+CLI turns it into flags, and a test checks that the README documents each row.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {text!r}")
+
+
+def _path(text: str) -> Path:
+    return Path(os.path.expanduser(text))
+
+
+def _opt_path(text: str) -> Path | None:
+    return _path(text) if text.strip() else None
+
+
+def _backend(text: str) -> str:
+    value = text.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"expected one of {', '.join(BACKENDS)}, got {text!r}")
+    return value
+
+
+BACKENDS = ("auto", "native", "rkllama", "sim")
+
+
+@dataclass(frozen=True)
+class Setting:
+    attr: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("backend", "RKLLM_BACKEND", _backend, "auto",
+            "Runtime backend: `native` (librkllmrt.so), `rkllama` (HTTP server), `sim` (built-in simulator), "
+            "`auto` (native if the library is found, else a reachable rkllama server; never the simulator)."),
+    Setting("models_dir", "RKLLM_MODELS_DIR", _path, Path("~/RKLLAMA/models").expanduser(),
+            "Folder of models: `<dir>/<Name>/*.rkllm` (+ Modelfile, tokenizer files) and loose `<dir>/*.rkllm`."),
+    Setting("tokenizer_dir", "RKLLM_TOKENIZER_DIR", _opt_path, None,
+            "Tokenizer folder used for models whose folder has no tokenizer files."),
+    Setting("allow_network", "RKLLM_ALLOW_NETWORK", _bool, False,
+            "Allow downloading a tokenizer from the Hugging Face hub (Modelfile HUGGINGFACE_PATH) when none is on disk."),
+    Setting("max_queue", "RKLLM_MAX_QUEUE", int, 32,
+            "Requests that may wait for the NPU at once; one more is refused with HTTP 429."),
+    Setting("idle_timeout", "RKLLM_IDLE_TIMEOUT", float, 60.0,
+            "Seconds a started generation may go unread by exo before it is aborted and its NPU time given back."),
+    Setting("max_context", "RKLLM_MAX_CONTEXT", int, 0,
+            "Context length in tokens; 0 takes it from the Modelfile or the file name (`-16k`), else 4096."),
+    Setting("max_new_tokens", "RKLLM_MAX_NEW_TOKENS", int, 0,
+            "Runtime cap on generated tokens per request; 0 means up to the context length (exo's "
+            "`--max-generate-tokens` still applies)."),
+    Setting("kv_reuse", "RKLLM_KV_REUSE", _bool, True,
+            "Reuse the NPU's KV cache when a prompt extends the previous one (follow-up chat turns)."),
+    Setting("lib_path", "RKLLM_LIB_PATH", _opt_path, None,
+            "Path of librkllmrt.so (native backend); default: searched in /usr/lib, /usr/local/lib, ~/RKLLAMA/lib."),
+    Setting("runtime_version", "RKLLM_RUNTIME_VERSION", str, "",
+            "Force the runtime ABI version (1.1.4, 1.2.0 ... 1.3.0) instead of reading it from the library."),
+    Setting("server_url", "RKLLM_SERVER_URL", str, "",
+            "rkllama server URL; default built from RKLLM_SERVER_HOST and RKLLM_SERVER_PORT."),
+    Setting("server_host", "RKLLM_SERVER_HOST", str, "localhost", "rkllama server host."),
+    Setting("server_port", "RKLLM_SERVER_PORT", int, 8080, "rkllama server port."),
+    Setting("sim_decode_ms", "RKLLM_SIM_DECODE_MS", float, 125.0,
+            "Simulator: milliseconds per generated token (125 = 8 tokens/s, an RK3588 running a 1.5B w8a8 model)."),
+    Setting("sim_prefill_ms", "RKLLM_SIM_PREFILL_MS", float, 8.0,
+            "Simulator: milliseconds per prompt token prefilled."),
+    Setting("sim_prefill_base_ms", "RKLLM_SIM_PREFILL_BASE_MS", float, 40.0,
+            "Simulator: fixed milliseconds per prefill (NPU launch cost)."),
+    Setting("sim_load_ms", "RKLLM_SIM_LOAD_MS", float, 1500.0, "Simulator: milliseconds to load a model."),
+    Setting("log_level", "RKLLM_LOG_LEVEL", str, "INFO", "Log level of exo-rkllm (DEBUG, INFO, WARNING)."),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str = "auto"
+    models_dir: Path = field(default_factory=lambda: Path("~/RKLLAMA/models").expanduser())
+    tokenizer_dir: Path | None = None
+    allow_network: bool = False
+    max_queue: int = 32
+    idle_timeout: float = 60.0
+    max_context: int = 0
+    max_new_tokens: int = 0
+    kv_reuse: bool = True
+    lib_path: Path | None = None
+    runtime_version: str = ""
+    server_url: str = ""
+    server_host: str = "localhost"
+    server_port: int = 8080
+    sim_decode_ms: float = 125.0
+    sim_prefill_ms: float = 8.0
+    sim_prefill_base_ms: float = 40.0
+    sim_load_ms: float = 1500.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
+        """Read every setting from `env` (default os.environ); keyword overrides win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for s in SETTINGS:
+            raw = env.get(s.env)
+            if raw is None:
+                continue
+            try:
+                values[s.attr] = s.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{s.env}={raw!r} is not valid: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.max_queue < 1:
+            raise ConfigError("RKLLM_MAX_QUEUE must be at least 1")
+        if self.idle_timeout <= 0:
+            raise ConfigError("RKLLM_IDLE_TIMEOUT must be positive")
+        for name in ("sim_decode_ms", "sim_prefill_ms", "sim_prefill_base_ms", "sim_load_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"RKLLM_{name.upper()} must not be negative")
+
+    @property
+    def rkllama_url(self) -> str:
+        if self.server_url:
+            return self.server_url.rstrip("/")
+        return f"http://{self.server_host}:{self.server_port}"
+
+    def with_(self, **changes: Any) -> "Config":
+        return replace(self, **changes)
+
+
+assert {s.attr for s in SETTINGS} == {f.name for f in fields(Config)}, "SETTINGS and Config disagree"

@@ -1,0 +1,62 @@
+"""Every failure a user can meet, each with a message that says what to do.
+
+The engine, the API glue and the CLI all report these; keeping them in one
+place keeps the wording consistent and lets the plugin map them to HTTP codes.
+"""
+from __future__ import annotations
+
+
+class RKLLMError(Exception):
+    """Base class. `http_status` is what the API glue answers with."""
+
+    http_status = 500
+
+
+class ConfigError(RKLLMError):
+    http_status = 500
+
+
+class RuntimeUnavailable(RKLLMError):
+    """No NPU runtime / rkllama server could be reached, and no simulator was chosen."""
+
+    http_status = 503
+
+
+class RuntimeVersionError(RKLLMError):
+    http_status = 503
+
+
+class ModelNotFound(RKLLMError):
+    http_status = 404
+
+
+class ModelUnavailable(RKLLMError):
+    """The model exists in the folder but cannot be used (no tokenizer, bad Modelfile...)."""
+
+    http_status = 409
+
+
+class ModelLoadError(RKLLMError):
+    """The runtime refused the model file (missing, corrupt, wrong runtime version)."""
+
+    http_status = 500
+
+
+class ContextOverflow(RKLLMError):
+    http_status = 400
+
+
+class QueueFull(RKLLMError):
+    http_status = 429
+
+
+class GenerationError(RKLLMError):
+    """The runtime reported an error while generating."""
+
+    http_status = 500
+
+
+class RequestCancelled(RKLLMError):
+    """The request was abandoned (client gone, timeout, shutdown) before it finished."""
+
+    http_status = 499

@@ -1,0 +1,199 @@
+"""The one protocol every runtime backend implements, and the messages it speaks.
+
+A backend owns one model context on one device and knows nothing of exo: it
+loads a model, runs one generation at a time from token ids (or, for servers
+that only take chat messages, from messages), and reports what the RKLLM
+runtime reports through its callback: one event per token, then a finish.
+The scheduler above serialises generations and decides about the KV cache.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence, Union, runtime_checkable
+
+
+class CallState(enum.IntEnum):
+    """LLMCallState of rkllm.h: the same numbers in every runtime release."""
+
+    NORMAL = 0
+    WAITING = 1  # the token ends inside a UTF-8 character; its text is held back
+    FINISH = 2
+    ERROR = 3
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    top_k: int = 1
+    top_p: float = 0.9
+    temperature: float = 0.8
+    repeat_penalty: float = 1.1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a backend needs to load one model; built by the catalog."""
+
+    model_id: str
+    path: Path
+    max_context_len: int
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    tokenizer_dir: Path | None = None
+    remote_name: str | None = None  # the model's name on an rkllama server
+    options: Mapping[str, str] = field(default_factory=dict)  # remaining Modelfile keys
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: object  # str, or a list of content parts as OpenAI clients send them
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """One generation. `token_ids` is what must be prefilled now: with
+    `keep_history` the runtime appends it to what its KV cache already holds."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    keep_history: bool = False
+    max_new_tokens: int = 0  # 0: the model's limit
+    messages: tuple[ChatMessage, ...] | None = None  # for backends that template themselves
+    tools: tuple[Mapping[str, object], ...] | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A token as the runtime's callback reports it (state NORMAL or WAITING)."""
+
+    token_id: int
+    text: str
+    state: CallState = CallState.NORMAL
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prefill_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_tokens: int = 0
+    decode_ms: float = 0.0
+    memory_mb: float = 0.0
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The last event of every generation, including an aborted one."""
+
+    stats: GenerationStats = GenerationStats()
+    aborted: bool = False
+    at: float = field(default_factory=time.monotonic)
+
+
+RuntimeEvent = Union[TokenEvent, FinishEvent]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend (and the runtime release behind it) can do; the scheduler adapts to it."""
+
+    backend: str
+    version: str = ""
+    token_input: bool = True  # takes token ids (False: takes chat messages, templates itself)
+    keep_history: bool = True
+    clear_kv_cache: bool = True
+    per_run_sampling: bool = False
+    per_run_max_new_tokens: bool = False
+    reports_perf: bool = False
+
+
+ProgressFn = Callable[[str, float], None]  # (what is happening, fraction done 0..1)
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """One NPU model context. Not re-entrant: the scheduler runs one generation at a time."""
+
+    capabilities: Capabilities
+
+    @property
+    def loaded(self) -> ModelSpec | None: ...
+
+    async def load(self, model: ModelSpec, progress: ProgressFn | None = None) -> None:
+        """Load `model`, replacing any loaded one. Raises ModelLoadError with the reason."""
+
+    async def unload(self) -> None: ...
+
+    def generate(self, inp: GenerationInput) -> AsyncIterator[RuntimeEvent]:
+        """Run one generation: yields TokenEvents as the runtime emits them, then one
+        FinishEvent. Raises GenerationError if the runtime reports ERROR."""
+
+    async def abort(self) -> None:
+        """Stop the running generation at once; its iterator then ends with FinishEvent(aborted=True)."""
+
+    async def clear_kv_cache(self) -> None: ...
+
+    async def close(self) -> None:
+        """Release everything (rkllm_destroy); the runtime is unusable afterwards."""
+
+
+class EventBridge:
+    """Carries events from a runtime thread (the RKLLM callback) to the event loop.
+
+    The callback must never block or raise into C, so it only enqueues through
+    `loop.call_soon_threadsafe`; the async side awaits the queue. Sim and native
+    backends share this so the simulator exercises the same hand-off.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[RuntimeEvent | BaseException] = asyncio.Queue()
+        self._closed = threading.Event()
+
+    def push(self, item: RuntimeEvent | BaseException) -> None:
+        """Thread-safe; silently drops items once the consumer has gone."""
+        if self._closed.is_set():
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # loop closed
+            self._closed.set()
+
+    async def get(self) -> RuntimeEvent | BaseException:
+        return await self._queue.get()
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def utf8_complete_prefix(data: bytes) -> int:
+    """Length of the longest prefix of `data` that does not end inside a UTF-8 character.
+
+    This is the rule the RKLLM runtime uses to hold text back (WAITING state).
+    """
+    n = len(data)
+    # Look back at most 3 bytes for the start of the last character.
+    for back in range(1, min(4, n) + 1):
+        b = data[n - back]
+        if b & 0b1100_0000 == 0b1000_0000:  # continuation byte
+            continue
+        if b < 0x80:
+            return n
+        need = 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+        return n if back >= need else n - back
+    return n
+
+
+def split_prompt(tokens: Sequence[int], cached: Sequence[int]) -> int:
+    """Number of leading tokens of `tokens` already held by a KV cache containing `cached`,
+    or -1 if the cache is not a prefix of `tokens` (it must then be cleared)."""
+    if len(cached) > len(tokens) or list(tokens[: len(cached)]) != list(cached):
+        return -1
+    return len(cached)

@@ -1,0 +1,321 @@
+"""An in-process emulator of the RKLLM runtime, for machines without an NPU and for tests.
+
+It follows the runtime's model rather than shortcutting it: a generation runs on
+its own thread (as `rkllm_run` does), results come back through the same
+callback states (NORMAL, WAITING for a split UTF-8 character, FINISH, ERROR),
+prefill and decode take time like an RK3588 does, the KV cache holds exactly
+the tokens that were fed through the model, `keep_history` and the context
+limit behave as on the device, and an abort stops the run between tokens.
+
+Answers are deterministic for a given context and deliberately awkward: CJK,
+emoji (ZWJ sequences and flags), accents, tabs, runs of spaces and newlines,
+because that is where streaming code breaks. A prompt can steer the simulator
+with directives, for tests that only reach it through exo's HTTP API:
+`[[sim:tokens=N]]` (answer length), `[[sim:error_at=N]]` (report ERROR at the
+Nth token), `[[sim:text=...]]` (answer exactly this text).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from ..errors import GenerationError, ModelLoadError
+from ..tokenizer import load_tokenizer, stop_token_ids, token_bytes
+from .base import (CallState, Capabilities, EventBridge, FinishEvent, GenerationInput, GenerationStats,
+                   ModelSpec, ProgressFn, RuntimeEvent, TokenEvent, utf8_complete_prefix)
+
+log = logging.getLogger("exo_rkllm.sim")
+
+SIM_MAGIC = b"RKLLM-SIM\n"
+
+_FRAGMENTS = (
+    "The NPU on the RK3588 has three cores.", "Rockchip 芯片上的神经网络处理器很快。", "日本語のテキストも大丈夫です。",
+    "한국어 문장도 있습니다.", "Ça marche très bien, même à Noël.", "Größe, Straße und Übermaß.", "¿Qué tal, señor Muñoz?",
+    "🤖 robots 🚀 rockets ✨", "👩‍💻 writes code; 👨‍👩‍👧 reads it.", "Flags: 🇫🇷 🇯🇵 🇧🇷.", "Math: ∑ xᵢ² ≤ ∞, π ≈ 3.14159.",
+    "Tabs\tand  double  spaces.", "\n\n", "\n- item one\n- item two\n", "```python\ndef add(a, b):\n    return a + b\n```",
+    " Leading spaces matter.", "Emoji with skin tone: 👍🏽.", "Ελληνικά γράμματα: αβγ.", "Кириллица тоже работает.",
+    "हिन्दी पाठ भी।", "שלום עולם", "مرحبا بالعالم", "Numbers: 145 + 278 = 423.", "Quotes “curly” and ‘single’ — dash.",
+    "中文标点：你好，世界！", "Mixed 混合 text ✅ done.",
+)
+_DIRECTIVE = re.compile(r"\[\[sim:(tokens|error_at|text)=(.*?)\]\]", re.S)
+
+
+@dataclass
+class SimTiming:
+    """Milliseconds; all zero makes the simulator as fast as the host allows."""
+
+    load_ms: float = 1500.0
+    prefill_base_ms: float = 40.0
+    prefill_ms_per_token: float = 8.0
+    decode_ms_per_token: float = 125.0
+
+    @classmethod
+    def instant(cls) -> "SimTiming":
+        return cls(0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass
+class SimRunRecord:
+    """What one run did, for tests and benchmarks to inspect."""
+
+    request_id: str
+    keep_history: bool
+    kv_before: int
+    prefilled: tuple[int, ...]
+    generated: tuple[int, ...] = ()
+    aborted: bool = False
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished: float | None = None
+
+
+def write_sim_model(path: Path, name: str, **meta: Any) -> Path:
+    """Write a model file the simulator accepts (the demo model and tests use this)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"name": name, "format": 1, **meta}, ensure_ascii=False)
+    path.write_bytes(SIM_MAGIC + body.encode("utf-8") + b"\n")
+    return path
+
+
+def read_sim_model(path: Path) -> dict[str, Any]:
+    """Validate a model file as the runtime would, with the reason when it is unusable."""
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"model path is not a file: {path}")
+    data = path.read_bytes()
+    if not data:
+        raise ModelLoadError(f"model file is empty (corrupt or still downloading?): {path}")
+    if not data.startswith(SIM_MAGIC):
+        # A real converted model: the simulator emulates it by name only.
+        return {"name": path.stem, "format": 0, "emulated": True}
+    try:
+        meta = json.loads(data[len(SIM_MAGIC):].decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("header is not an object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"invalid model magic / corrupt header in {path}: {exc}") from None
+    return meta
+
+
+class SimRuntime:
+    """The `sim` backend. One instance is one model context, like one RKLLM handle."""
+
+    def __init__(self, timing: SimTiming | None = None, *, emit_eos: bool = False,
+                 fail_on: Callable[[GenerationInput, int], bool] | None = None) -> None:
+        self.timing = timing or SimTiming()
+        self.emit_eos = emit_eos  # some runtimes report the eos token before FINISH
+        self.fail_on = fail_on  # (input, token index) -> True to report ERROR there
+        self.capabilities = Capabilities(backend="sim", version="sim-1.2.3", token_input=True, keep_history=True,
+                                         clear_kv_cache=True, reports_perf=True)
+        self._model: ModelSpec | None = None
+        self._tok: Any = None
+        self._stops: frozenset[int] = frozenset()
+        self._kv: list[int] = []
+        self._running = threading.Event()
+        self._abort = threading.Event()
+        self._lock = threading.Lock()
+        self.runs: list[SimRunRecord] = []
+        self.loads = 0
+        self.closed = False
+
+    # -- protocol -------------------------------------------------------------------------
+    @property
+    def loaded(self) -> ModelSpec | None:
+        return self._model
+
+    @property
+    def kv_tokens(self) -> tuple[int, ...]:
+        """Exactly the tokens the simulated KV cache holds."""
+        return tuple(self._kv)
+
+    def kv_cache_len(self) -> int | None:
+        return len(self._kv) if self._model else None
+
+    def is_running(self) -> bool:
+        return self._running.is_set()
+
+    async def load(self, model: ModelSpec, progress: ProgressFn | None = None) -> None:
+        self._check_open()
+        meta = await asyncio.to_thread(read_sim_model, model.path)
+        if model.tokenizer_dir is None:
+            raise ModelLoadError(f"the simulator needs the tokenizer of {model.model_id}: none was found")
+        tok = await asyncio.to_thread(load_tokenizer, model.tokenizer_dir)
+        steps = 10
+        for i in range(steps):
+            if progress:
+                progress(f"loading {model.path.name}", i / steps)
+            await asyncio.sleep(self.timing.load_ms / 1000 / steps)
+        if progress:
+            progress(f"loaded {model.path.name}", 1.0)
+        self._model, self._tok, self._kv = model, tok, []
+        self._stops = stop_token_ids(tok)
+        self.loads += 1
+        log.debug("sim loaded %s (%s)", model.model_id, meta.get("name"))
+
+    async def unload(self) -> None:
+        await self.abort()
+        self._model, self._tok, self._kv = None, None, []
+
+    async def abort(self) -> None:
+        if self._running.is_set():
+            self._abort.set()
+
+    async def clear_kv_cache(self) -> None:
+        if self._running.is_set():
+            raise GenerationError("clear_kv_cache while a generation is running")
+        self._kv = []
+
+    async def close(self) -> None:
+        await self.unload()
+        self.closed = True
+
+    async def generate(self, inp: GenerationInput) -> AsyncIterator[RuntimeEvent]:
+        self._check_open()
+        if self._model is None:
+            raise GenerationError("no model is loaded")
+        if not self._lock.acquire(blocking=False):
+            raise GenerationError("the runtime is busy: one generation at a time per context")
+        bridge = EventBridge(asyncio.get_running_loop())
+        self._abort.clear()
+        self._running.set()
+        record = SimRunRecord(inp.request_id, inp.keep_history, len(self._kv), tuple(inp.token_ids))
+        self.runs.append(record)
+        thread = threading.Thread(target=self._run, args=(inp, bridge, record), name="rkllm-sim-run", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await bridge.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, FinishEvent):
+                    return
+        finally:
+            bridge.close()
+            if thread.is_alive():  # consumer left early: stop the run like rkllm_abort would
+                self._abort.set()
+                await asyncio.to_thread(thread.join)
+
+    # -- the runtime thread ----------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise GenerationError("the runtime was closed")
+
+    def _sleep(self, ms: float) -> bool:
+        """Pace like the NPU; returns False if aborted meanwhile."""
+        if ms <= 0:
+            return not self._abort.is_set()
+        return not self._abort.wait(ms / 1000)
+
+    def _run(self, inp: GenerationInput, bridge: EventBridge, record: SimRunRecord) -> None:
+        try:
+            self._generate_on_thread(inp, bridge, record)
+        except Exception as exc:  # the C callback never raises; report as ERROR
+            record.error = repr(exc)
+            bridge.push(GenerationError(f"simulated runtime failed: {exc!r}"))
+        finally:
+            record.finished = time.monotonic()
+            self._running.clear()
+            self._lock.release()
+
+    def _generate_on_thread(self, inp: GenerationInput, bridge: EventBridge, record: SimRunRecord) -> None:
+        model, tok, t = self._model, self._tok, self.timing
+        assert model is not None and tok is not None
+        if not inp.keep_history:
+            self._kv = []  # rkllm_run without keep_history starts from an empty cache
+        context = self._kv + list(inp.token_ids)
+        if len(context) > model.max_context_len:
+            record.error = "context overflow"
+            bridge.push(GenerationError(
+                f"prompt of {len(context)} tokens exceeds the model's context of {model.max_context_len}"))
+            return
+        started = time.monotonic()
+        if not self._sleep(t.prefill_base_ms + t.prefill_ms_per_token * len(inp.token_ids)):
+            return self._finish_aborted(bridge, record, [], started, started)
+        self._kv = context  # prefill done: the input is in the cache
+        prefill_done = time.monotonic()
+
+        answer = self._answer_ids(context)
+        limit = inp.max_new_tokens or model.max_new_tokens or len(answer)
+        room = model.max_context_len - len(context)
+        answer = answer[: max(0, min(limit, room))]
+        generated: list[int] = []
+        pending = b""
+        for index, token_id in enumerate(answer):
+            if index > 0 and not self._sleep(t.decode_ms_per_token):
+                return self._finish_aborted(bridge, record, generated, started, prefill_done)
+            if self._abort.is_set():
+                return self._finish_aborted(bridge, record, generated, started, prefill_done)
+            if self._should_fail(inp, index, context):
+                record.error = f"injected error at token {index + 1}"
+                bridge.push(GenerationError(f"runtime reported an error at token {index + 1} (simulated fault)"))
+                return
+            if generated:  # the previous token is fed through the model before this one is sampled
+                self._kv.append(generated[-1])
+            if record.first_token_at is None:
+                record.first_token_at = time.monotonic()
+            if token_id in self._stops:  # sampled the end of the answer: it is never fed back
+                if self.emit_eos:
+                    bridge.push(TokenEvent(token_id, token_bytes(tok, token_id).decode("utf-8"), CallState.NORMAL))
+                break
+            generated.append(token_id)
+            record.generated = tuple(generated)
+            pending += token_bytes(tok, token_id)
+            cut = utf8_complete_prefix(pending)
+            text, pending = pending[:cut].decode("utf-8"), pending[cut:]
+            state = CallState.NORMAL if text or not pending else CallState.WAITING
+            bridge.push(TokenEvent(token_id, text, state))
+        # Ended on EOS: every emitted token was fed. Ended on the length limit: the last
+        # emitted token was sampled but never fed, so the cache is one shorter.
+        end = time.monotonic()
+        bridge.push(FinishEvent(GenerationStats(len(inp.token_ids), (prefill_done - started) * 1000,
+                                                len(generated), (end - prefill_done) * 1000, 1.0 + len(self._kv) / 1024)))
+
+    def _finish_aborted(self, bridge: EventBridge, record: SimRunRecord, generated: list[int],
+                        started: float, prefill_done: float) -> None:
+        record.aborted = True
+        end = time.monotonic()
+        bridge.push(FinishEvent(GenerationStats(len(record.prefilled), (prefill_done - started) * 1000,
+                                                len(generated), (end - prefill_done) * 1000), aborted=True))
+
+    def _should_fail(self, inp: GenerationInput, index: int, context: list[int]) -> bool:
+        if self.fail_on is not None and self.fail_on(inp, index):
+            return True
+        at = self._directives(context).get("error_at")
+        return at is not None and index + 1 == int(at)
+
+    # -- deterministic answers ---------------------------------------------------------------
+    def _directives(self, context: list[int]) -> dict[str, str]:
+        text = self._tok.decode(context[-512:], skip_special_tokens=False)
+        found: dict[str, str] = {}
+        for key, value in _DIRECTIVE.findall(text):
+            found[key] = value
+        return found
+
+    def _answer_ids(self, context: list[int]) -> list[int]:
+        """The token ids this context generates: same context, same answer, on every run."""
+        tok = self._tok
+        directives = self._directives(context)
+        eos = [int(tok.eos_token_id)]
+        if "text" in directives:
+            return tok.encode(directives["text"], add_special_tokens=False) + eos
+        digest = hashlib.sha256(json.dumps(context).encode()).digest()
+        rng = random.Random(digest)
+        want = int(directives["tokens"]) if "tokens" in directives else rng.randint(24, 64)
+        parts: list[str] = []
+        ids: list[int] = []
+        while len(ids) < want:
+            parts.append(rng.choice(_FRAGMENTS))
+            ids = tok.encode(" ".join(parts), add_special_tokens=False)
+        return ids[:want] + eos
