@@ -74,10 +74,23 @@ SETTINGS: tuple[Setting, ...] = (
             "Path of librkllmrt.so (native backend); default: searched in /usr/lib, /usr/local/lib, ~/RKLLAMA/lib."),
     Setting("runtime_version", "RKLLM_RUNTIME_VERSION", str, "",
             "Force the runtime ABI version (1.1.4, 1.2.0 ... 1.3.0) instead of reading it from the library."),
+    Setting("native_isolation", "RKLLM_NATIVE_ISOLATION", _bool, True,
+            "Native backend: run librkllmrt.so in a child worker process so a crash in it cannot take exo down "
+            "(0 runs it inside exo's process, for debugging)."),
+    Setting("cpu_mask", "RKLLM_CPU_MASK", str, "",
+            "Native backend: CPU cores the runtime may use, e.g. `4-7` or `0xf0`; default: the big cores of the SoC."),
+    Setting("npu_cores", "RKLLM_NPU_CORES", int, 0,
+            "Native backend: NPU cores to use where the runtime release supports it; 0 = the runtime's default."),
     Setting("server_url", "RKLLM_SERVER_URL", str, "",
             "rkllama server URL; default built from RKLLM_SERVER_HOST and RKLLM_SERVER_PORT."),
     Setting("server_host", "RKLLM_SERVER_HOST", str, "localhost", "rkllama server host."),
     Setting("server_port", "RKLLM_SERVER_PORT", int, 8080, "rkllama server port."),
+    Setting("server_connect_timeout", "RKLLM_SERVER_CONNECT_TIMEOUT", float, 2.0,
+            "rkllama backend: seconds to connect before the server is declared down."),
+    Setting("server_first_token_timeout", "RKLLM_SERVER_FIRST_TOKEN_TIMEOUT", float, 120.0,
+            "rkllama backend: seconds to wait for the first streamed chunk (includes model load and prefill)."),
+    Setting("server_chunk_timeout", "RKLLM_SERVER_CHUNK_TIMEOUT", float, 30.0,
+            "rkllama backend: longest gap in seconds between two streamed chunks."),
     Setting("sim_decode_ms", "RKLLM_SIM_DECODE_MS", float, 125.0,
             "Simulator: milliseconds per generated token (125 = 8 tokens/s, an RK3588 running a 1.5B w8a8 model)."),
     Setting("sim_prefill_ms", "RKLLM_SIM_PREFILL_MS", float, 8.0,
@@ -102,9 +115,15 @@ class Config:
     kv_reuse: bool = True
     lib_path: Path | None = None
     runtime_version: str = ""
+    native_isolation: bool = True
+    cpu_mask: str = ""
+    npu_cores: int = 0
     server_url: str = ""
     server_host: str = "localhost"
     server_port: int = 8080
+    server_connect_timeout: float = 2.0
+    server_first_token_timeout: float = 120.0
+    server_chunk_timeout: float = 30.0
     sim_decode_ms: float = 125.0
     sim_prefill_ms: float = 8.0
     sim_prefill_base_ms: float = 40.0
