@@ -1,0 +1,249 @@
+"""RKLLMInferenceEngine: exo's inference-engine contract on top of the scheduler.
+
+exo drives an engine one token at a time: `infer_prompt` (encode, then
+`infer_tensor` on the prompt ids), `sample`, then `infer_tensor` with the
+sampled token for every next step. RKLLM instead runs a whole generation and
+reports tokens through a callback. This class bridges the two: the first call
+for a request id starts a generation and returns its first token as soon as
+the runtime emits it; each later call returns the next one; after the last it
+returns the eos id so exo ends the request with `finish_reason: stop`.
+`sample` passes the token through: the runtime has already sampled it.
+
+Only the shard holding layer 0 runs the model (RKLLM cannot run a slice of
+layers); any other shard passes tokens through and still knows the tokenizer.
+The engine knows no transport and no exo internals; exo-specific glue is in
+plugin.py, which tells the engine when exo has finished or abandoned a request.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .catalog import Catalog, ModelEntry
+from .config import Config
+from .errors import RequestCancelled, RKLLMError
+from .runtime.base import ChatMessage, ModelSpec, Runtime
+from .runtime.factory import create_runtime
+from .scheduler import Scheduler
+from .streams import RequestStream
+from .tokenizer import load_tokenizer, stop_token_ids
+
+log = logging.getLogger("exo_rkllm.engine")
+
+FailureListener = Callable[[str, RKLLMError], None]
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What the API knew about a request before templating it (for backends that template themselves)."""
+
+    messages: tuple[ChatMessage, ...]
+    tools: tuple[Any, ...] | None = None
+
+
+@dataclass
+class _Model:
+    entry: ModelEntry
+    spec: ModelSpec
+    tokenizer: Any
+    stop_ids: frozenset[int]
+
+
+class RKLLMInferenceEngine:
+    """Legacy exo's InferenceEngine contract; exo looks models up by this class's name."""
+
+    def __init__(self, shard_downloader: Any = None, *, config: Config | None = None,
+                 runtime: Runtime | None = None, catalog: Catalog | None = None) -> None:
+        self.shard_downloader = shard_downloader  # unused: models are local files
+        self.config = config or Config.from_env()
+        self.catalog = catalog or Catalog(self.config)
+        self.shard: Any = None
+        self.tokenizer: Any = None
+        self.session: dict[str, Any] = {}
+        self._runtime = runtime
+        self._scheduler: Scheduler | None = None
+        self._scheduler_lock = asyncio.Lock()
+        self._shard_lock = asyncio.Lock()
+        self._models: dict[str, _Model] = {}
+        self._contexts: dict[str, RequestContext] = {}
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._failure_listeners: list[FailureListener] = []
+
+    # -- exo's abstract methods ------------------------------------------------------------------
+    async def encode(self, shard: Any, prompt: str) -> np.ndarray:
+        await self.ensure_shard(shard)
+        tok = self.tokenizer
+        ids = list(tok.encode(prompt))
+        # exo's prompt is already templated; a template that writes the BOS itself plus a
+        # tokenizer that adds one would give two.
+        if len(ids) >= 2 and tok.bos_token_id is not None and ids[0] == ids[1] == tok.bos_token_id:
+            ids = ids[1:]
+        return np.array(ids, dtype=np.int64)
+
+    async def decode(self, shard: Any, tokens: Any) -> str:
+        await self.ensure_shard(shard)
+        return self.tokenizer.decode([int(t) for t in np.asarray(tokens).reshape(-1)], skip_special_tokens=True)
+
+    async def sample(self, x: np.ndarray, temp: float = 0.0, top_p: float = 1.0) -> np.ndarray:
+        """The runtime has already sampled: pass the token through (temperature is the Modelfile's)."""
+        return np.asarray(x, dtype=np.int64).reshape(-1)[-1:]
+
+    async def infer_prompt(self, request_id: str, shard: Any, prompt: str,
+                           inference_state: Optional[dict] = None) -> tuple[np.ndarray, Optional[dict]]:
+        tokens = await self.encode(shard, prompt)
+        return await self.infer_tensor(request_id, shard, tokens.reshape(1, -1), inference_state)
+
+    async def infer_tensor(self, request_id: str, shard: Any, input_data: np.ndarray,
+                           inference_state: Optional[dict] = None) -> tuple[np.ndarray, Optional[dict]]:
+        await self.ensure_shard(shard)
+        if not shard.is_first_layer():
+            return input_data, inference_state  # the model ran on the layer-0 node already
+        model = self._models[shard.model_id]
+        scheduler = await self._get_scheduler()
+        stream = scheduler.get(request_id)
+        if stream is None:
+            if request_id in self._ended:  # exo is still stepping a request we already ended
+                return self._eos(model), inference_state
+            stream = self._start(scheduler, request_id, model, input_data)
+        return await self._next(scheduler, stream, model, first=not stream.tokens), inference_state
+
+    async def load_checkpoint(self, shard: Any, path: str) -> None:
+        await self.ensure_shard(shard)
+
+    async def save_checkpoint(self, shard: Any, path: str) -> None:
+        raise NotImplementedError("RKLLM models are converted offline; there is nothing to save")
+
+    async def save_session(self, key: str, value: Any) -> None:
+        self.session[key] = value
+
+    async def clear_session(self) -> None:
+        self.session.clear()
+
+    async def ensure_shard(self, shard: Any) -> None:
+        """Make `shard` current: resolve its model and tokenizer; on layer 0, get the NPU ready."""
+        if self.shard == shard:
+            return
+        model = self._models.get(shard.model_id)
+        if model is None:
+            async with self._shard_lock:
+                model = self._models.get(shard.model_id)
+                if model is None:
+                    model = await asyncio.to_thread(self._resolve_model, shard.model_id)
+                    self._models[shard.model_id] = model
+        self.tokenizer = model.tokenizer
+        self.shard = shard
+        if shard.is_first_layer():
+            scheduler = await self._get_scheduler()
+            if scheduler.runtime.loaded is None:
+                asyncio.ensure_future(self._preload(scheduler, model.spec))
+
+    # -- what the plugin tells us ------------------------------------------------------------------
+    def set_request_context(self, request_id: str, context: RequestContext) -> None:
+        self._contexts[request_id] = context
+
+    def finish_request(self, request_id: str, reason: str = "finished by exo") -> None:
+        """exo has ended the request (EOS, max tokens): stop the NPU work if any is left."""
+        self._contexts.pop(request_id, None)
+        if self._scheduler is not None and self._scheduler.cancel(request_id, reason):
+            self._remember_ended(request_id)
+
+    def cancel_request(self, request_id: str, reason: str) -> None:
+        """The request was abandoned (client gone, timeout): abort it, free the NPU at once."""
+        self.finish_request(request_id, reason)
+
+    def add_failure_listener(self, listener: FailureListener) -> None:
+        """Called with (request_id, error) when a request fails after its first token; exo
+        itself has no way to report that to the client, the plugin does."""
+        self._failure_listeners.append(listener)
+
+    def active_requests(self) -> list[str]:
+        return list(self._scheduler.streams) if self._scheduler else []
+
+    async def shutdown(self) -> None:
+        if self._scheduler is not None:
+            await self._scheduler.close()
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _resolve_model(self, model_id: str) -> _Model:
+        entry = self.catalog.resolve(model_id)
+        spec = entry.spec(self.config)
+        source = entry.tokenizer_source
+        if source is None:
+            raise RKLLMError(f"model {model_id!r} has no tokenizer")
+        tokenizer = load_tokenizer(source, allow_network=self.config.allow_network)
+        return _Model(entry, spec, tokenizer, stop_token_ids(tokenizer))
+
+    def model_for(self, model_id: str) -> _Model:
+        return self._models.get(model_id) or self._resolve_model(model_id)
+
+    async def _get_scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            async with self._scheduler_lock:
+                if self._scheduler is None:
+                    runtime = self._runtime or await create_runtime(self.config)
+                    self._scheduler = Scheduler(runtime, self.config)
+                    log.info("rkllm engine ready: %s runtime %s", runtime.capabilities.backend,
+                             runtime.capabilities.version or "")
+        return self._scheduler
+
+    async def _preload(self, scheduler: Scheduler, spec: ModelSpec) -> None:
+        try:
+            await scheduler.preload(spec)
+        except Exception as exc:  # the request that needs it will report the error
+            log.error("could not preload %s: %s", spec.model_id, exc)
+
+    def _start(self, scheduler: Scheduler, request_id: str, model: _Model, input_data: np.ndarray) -> RequestStream:
+        prompt = [int(t) for t in np.asarray(input_data).reshape(-1)]
+        context = self._contexts.pop(request_id, None)
+        return scheduler.submit(request_id, model.spec, prompt, stop_ids=model.stop_ids,
+                                messages=context.messages if context else None,
+                                tools=context.tools if context else None)
+
+    async def _next(self, scheduler: Scheduler, stream: RequestStream, model: _Model, first: bool) -> np.ndarray:
+        request_id = stream.request_id
+        try:
+            token = await stream.next_token()
+        except RequestCancelled:
+            self._end(scheduler, request_id)
+            return self._eos(model)  # exo may still step a request it abandoned: end it cleanly
+        except RKLLMError as exc:
+            self._end(scheduler, request_id)
+            if first:
+                raise  # exo's API answers the request with this error
+            log.error("request %s failed mid-answer: %s", request_id, exc)
+            for listener in self._failure_listeners:
+                listener(request_id, exc)
+            return self._eos(model)
+        if token is None or token in model.stop_ids:
+            self._end(scheduler, request_id)
+            return self._eos(model)
+        return np.array([[token]], dtype=np.int64)
+
+    def _end(self, scheduler: Scheduler, request_id: str) -> None:
+        scheduler.cancel(request_id, "answer complete")
+        self._contexts.pop(request_id, None)
+        self._remember_ended(request_id)
+
+    def _remember_ended(self, request_id: str) -> None:
+        self._ended[request_id] = None
+        while len(self._ended) > 1024:
+            self._ended.popitem(last=False)
+
+    @staticmethod
+    def _eos(model: _Model) -> np.ndarray:
+        return np.array([[int(model.tokenizer.eos_token_id)]], dtype=np.int64)
+
+
+def messages_from_openai(messages: Sequence[Any]) -> tuple[ChatMessage, ...]:
+    """exo's Message objects (or dicts) to our ChatMessage."""
+    out = []
+    for m in messages:
+        role = getattr(m, "role", None) if not isinstance(m, dict) else m.get("role")
+        content = getattr(m, "content", None) if not isinstance(m, dict) else m.get("content")
+        out.append(ChatMessage(str(role), content))
+    return tuple(out)

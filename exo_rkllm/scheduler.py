@@ -1,0 +1,305 @@
+"""Owns the one NPU context: generations run one at a time, in arrival order.
+
+exo may have many requests in flight on one node; the NPU runs one generation.
+The scheduler queues them (bounded), runs each to its end or until whoever
+wanted it lets go (then the runtime is aborted at once), and keeps track of
+what the KV cache holds so a follow-up turn only prefills its new suffix.
+It also owns every RequestStream, so per-request state lives in one place and
+an idle sweep can reclaim what exo forgot.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .config import Config
+from .errors import ContextOverflow, GenerationError, QueueFull, RequestCancelled, RKLLMError
+from .runtime.base import ChatMessage, FinishEvent, GenerationInput, ModelSpec, Runtime, TokenEvent, split_prompt
+from .streams import RequestStream, StreamState
+
+log = logging.getLogger("exo_rkllm.scheduler")
+
+
+@dataclass
+class _Job:
+    stream: RequestStream
+    spec: ModelSpec
+    stop_ids: frozenset[int]
+    messages: tuple[ChatMessage, ...] | None = None
+    tools: tuple[Any, ...] | None = None
+    max_new_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One finished generation, kept (bounded) for `exo-rkllm` stats and benchmarks."""
+
+    request_id: str
+    model_id: str
+    prompt_tokens: int
+    prefilled: int
+    generated: int
+    queued_s: float
+    ttft_s: float | None
+    total_s: float
+    outcome: str
+
+
+class Scheduler:
+    def __init__(self, runtime: Runtime, config: Config) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.streams: dict[str, RequestStream] = {}
+        self.history: collections.deque[RunSummary] = collections.deque(maxlen=256)
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._device = asyncio.Lock()
+        self._running: _Job | None = None
+        self._kv: list[int] | None = []  # what the KV cache holds; None when unknown
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    # -- requests --------------------------------------------------------------------------------
+    def submit(self, request_id: str, spec: ModelSpec, prompt_tokens: Sequence[int], *,
+               stop_ids: frozenset[int] = frozenset(), messages: tuple[ChatMessage, ...] | None = None,
+               tools: tuple[Any, ...] | None = None, max_new_tokens: int = 0) -> RequestStream:
+        """Queue a generation; returns its stream at once. Raises QueueFull / ContextOverflow."""
+        if self._closed:
+            raise RequestCancelled("the engine is shutting down")
+        if request_id in self.streams:
+            raise GenerationError(f"request {request_id} already has a generation")
+        waiting = sum(1 for j in self._queue if j.stream.open)
+        if waiting >= self.config.max_queue:
+            raise QueueFull(f"{waiting} requests are already waiting for the NPU (RKLLM_MAX_QUEUE="
+                            f"{self.config.max_queue}); retry later")
+        prompt = tuple(int(t) for t in prompt_tokens)
+        if not prompt and self.runtime.capabilities.token_input:
+            raise GenerationError("empty prompt")
+        if len(prompt) >= spec.max_context_len:
+            raise ContextOverflow(f"the prompt is {len(prompt)} tokens but {spec.model_id} has a context of "
+                                  f"{spec.max_context_len} tokens (at least one must remain for the answer); "
+                                  "shorten the conversation or use a model converted with a longer context")
+        self._start()
+        stream = RequestStream(request_id, prompt, spec.model_id, on_close=self._on_stream_closed)
+        self.streams[request_id] = stream
+        self._queue.append(_Job(stream, spec, stop_ids, messages, tools, max_new_tokens))
+        self._wakeup.set()
+        position = len(self._queue) + (1 if self._running else 0)
+        log.debug("request %s queued (position %d, %d prompt tokens)", request_id, position, len(prompt))
+        return stream
+
+    def get(self, request_id: str) -> RequestStream | None:
+        return self.streams.get(request_id)
+
+    def cancel(self, request_id: str, reason: str) -> bool:
+        """Abandon a request (abort it if it is on the NPU) and forget it. True if it was known."""
+        stream = self.streams.pop(request_id, None)
+        if stream is None:
+            return False
+        stream.close(reason)
+        return True
+
+    def release(self, request_id: str) -> None:
+        """Forget a request whose end exo has seen."""
+        stream = self.streams.pop(request_id, None)
+        if stream is not None and stream.open:
+            stream.close("released")
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for j in self._queue if j.stream.open)
+
+    @property
+    def running_request(self) -> str | None:
+        return self._running.stream.request_id if self._running else None
+
+    @property
+    def kv_tokens(self) -> tuple[int, ...] | None:
+        return tuple(self._kv) if self._kv is not None else None
+
+    # -- models ----------------------------------------------------------------------------------
+    async def preload(self, spec: ModelSpec) -> None:
+        """Load a model ahead of its first request (exo announces prompts before running them)."""
+        async with self._device:
+            await self._ensure_loaded(spec)
+
+    async def _ensure_loaded(self, spec: ModelSpec) -> None:
+        current = self.runtime.loaded
+        if current is not None and current.model_id == spec.model_id and current.path == spec.path:
+            return
+        log.info("loading %s from %s (context %d) on the %s runtime...", spec.model_id, spec.path,
+                 spec.max_context_len, self.runtime.capabilities.backend)
+        started = time.monotonic()
+        last = [-1.0]
+
+        def progress(what: str, fraction: float) -> None:
+            if fraction - last[0] >= 0.25 or fraction >= 1.0:
+                last[0] = fraction
+                log.info("  %s: %3.0f%%", what, fraction * 100)
+
+        self._kv = None
+        await self.runtime.load(spec, progress)
+        self._kv = []
+        log.info("%s ready in %.1f s", spec.model_id, time.monotonic() - started)
+
+    # -- the worker ------------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._tasks:
+            return
+        self._tasks = [asyncio.create_task(self._worker(), name="rkllm-scheduler"),
+                       asyncio.create_task(self._sweeper(), name="rkllm-idle-sweep")]
+
+    async def _worker(self) -> None:
+        while not self._closed:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            job = self._queue.popleft()
+            if not job.stream.open:
+                continue
+            async with self._device:
+                try:
+                    await self._ensure_loaded(job.spec)
+                except RKLLMError as exc:
+                    log.error("cannot load %s: %s", job.spec.model_id, exc)
+                    job.stream.fail(exc)
+                    continue
+                except Exception as exc:  # a backend bug must not kill the worker
+                    log.exception("loading %s failed", job.spec.model_id)
+                    job.stream.fail(GenerationError(f"loading {job.spec.model_id} failed: {exc!r}"))
+                    continue
+                if job.stream.open:
+                    await self._run(job)
+
+    def _plan(self, prompt: tuple[int, ...]) -> tuple[tuple[int, ...], bool, bool]:
+        """(tokens to feed, keep_history, clear the cache first) for this prompt and cache."""
+        caps = self.runtime.capabilities
+        if not caps.token_input or not caps.keep_history:
+            return prompt, False, False
+        if self.config.kv_reuse and self._kv:
+            reused = split_prompt(prompt, self._kv)
+            if 0 < reused < len(prompt):
+                return prompt[reused:], True, False
+        if not caps.clear_kv_cache:
+            return prompt, False, False
+        return prompt, True, self._kv != []
+
+    async def _run(self, job: _Job) -> None:
+        stream, spec = job.stream, job.spec
+        prompt = stream.prompt_tokens
+        feed, keep, clear = self._plan(prompt)
+        if clear:
+            await self.runtime.clear_kv_cache()
+            self._kv = []
+        inp = GenerationInput(stream.request_id, feed, keep_history=keep, max_new_tokens=job.max_new_tokens,
+                              messages=job.messages, tools=job.tools)
+        self._running = job
+        stream.started(prefilled=len(feed))
+        log.debug("request %s on the NPU: prefill %d tokens (%d reused from the KV cache)", stream.request_id,
+                  len(feed), len(prompt) - len(feed))
+        self._kv = None  # unknown until the run ends cleanly
+        emitted: list[int] = []
+        finish: FinishEvent | None = None
+        outcome = "done"
+        try:
+            async for event in self.runtime.generate(inp):
+                if isinstance(event, TokenEvent):
+                    emitted.append(event.token_id)
+                    stream.put(event)
+                else:
+                    finish = event
+        except RKLLMError as exc:
+            outcome = "failed"
+            stream.fail(exc)
+        except Exception as exc:
+            outcome = "failed"
+            log.exception("runtime failure in request %s", stream.request_id)
+            stream.fail(GenerationError(f"the runtime failed: {exc!r}"))
+        else:
+            if finish is None or finish.aborted:
+                outcome = "aborted"
+                stream.finish(finish.stats if finish else None)  # no-op when already closed
+            else:
+                stream.finish(finish.stats)
+                if keep:
+                    self._kv = self._kv_after(job, emitted)
+        finally:
+            self._running = None
+        if stream.state is StreamState.CLOSED:
+            outcome = f"cancelled ({stream.close_reason})"
+        now = time.monotonic()
+        self.history.append(RunSummary(
+            stream.request_id, spec.model_id, len(prompt), len(feed), len(emitted),
+            (stream.started_at or now) - stream.created_at,
+            (stream.first_token_at - stream.started_at) if stream.first_token_at and stream.started_at else None,
+            now - stream.created_at, outcome))
+        log.debug("request %s %s: %d tokens", stream.request_id, outcome, len(emitted))
+
+    def _kv_after(self, job: _Job, emitted: list[int]) -> list[int] | None:
+        """What the cache holds after a clean run: the prompt and every token fed back.
+
+        A token ending the answer (EOS) is sampled but never fed; on a length stop the last
+        emitted token was not fed either. If the backend can report the cache length, trust
+        nothing that disagrees with it."""
+        prompt = list(job.stream.prompt_tokens)
+        content = list(emitted)
+        ended_on_stop = bool(content) and content[-1] in job.stop_ids
+        while content and content[-1] in job.stop_ids:
+            content.pop()
+        limit = min(job.max_new_tokens or job.spec.max_new_tokens or 1 << 30,
+                    job.spec.max_context_len - len(prompt))
+        if not ended_on_stop and len(emitted) >= limit and content:
+            content.pop()
+        belief = prompt + content
+        reported = getattr(self.runtime, "kv_cache_len", None)
+        if callable(reported):
+            n = reported()
+            if n is not None and n != len(belief):
+                log.debug("KV cache holds %s tokens, expected %d: will clear before the next run", n, len(belief))
+                return None
+        return belief
+
+    def _on_stream_closed(self, stream: RequestStream) -> None:
+        if self._running is not None and self._running.stream is stream:
+            log.debug("aborting request %s on the NPU: %s", stream.request_id, stream.close_reason)
+            asyncio.ensure_future(self._abort())
+
+    async def _abort(self) -> None:
+        try:
+            await self.runtime.abort()
+        except Exception:
+            log.exception("runtime abort failed")
+
+    async def _sweeper(self) -> None:
+        """Abort generations nobody reads any more, and forget ended ones nobody collected."""
+        period = max(0.05, min(1.0, self.config.idle_timeout / 4))
+        while not self._closed:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for request_id, stream in list(self.streams.items()):
+                if stream.idle_for(now) > self.config.idle_timeout:
+                    if stream.open:
+                        log.warning("request %s: nobody read it for %.0f s, aborting it (RKLLM_IDLE_TIMEOUT)",
+                                    request_id, self.config.idle_timeout)
+                    self.cancel(request_id, "idle timeout")
+
+    async def close(self) -> None:
+        """Shut down: abandon every request, stop the NPU, release the runtime."""
+        if self._closed:
+            return
+        self._closed = True
+        for request_id in list(self.streams):
+            self.cancel(request_id, "shutdown")
+        self._queue.clear()
+        self._wakeup.set()
+        if self._running is not None:
+            await self._abort()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.runtime.close()

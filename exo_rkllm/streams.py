@@ -1,0 +1,130 @@
+"""One RequestStream per exo request: the queue between the NPU and exo's token-by-token calls.
+
+The runtime produces tokens at its own pace; exo consumes them one
+`infer_tensor` at a time. The stream decouples the two, records what happened
+(for tests, logs and benchmarks), and is the single place a request is ended:
+finished, failed, or closed by someone who no longer wants it.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import RequestCancelled
+from .runtime.base import GenerationStats, TokenEvent
+
+
+class StreamState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"  # the runtime finished; unread tokens may remain
+    FAILED = "failed"
+    CLOSED = "closed"  # abandoned before the end
+
+
+@dataclass(frozen=True)
+class _End:
+    pass
+
+
+_END = _End()
+
+
+class RequestStream:
+    def __init__(self, request_id: str, prompt_tokens: tuple[int, ...], model_id: str,
+                 on_close: Callable[["RequestStream"], None] | None = None) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.model_id = model_id
+        self.state = StreamState.QUEUED
+        self.tokens: list[int] = []  # every token the runtime emitted, in order
+        self.text = ""  # the runtime's own text for them
+        self.stats: GenerationStats | None = None
+        self.error: BaseException | None = None
+        self.close_reason: str | None = None
+        self.created_at = time.monotonic()
+        self.started_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.last_read_at = self.created_at
+        self.readers = 0
+        self.prefilled = 0  # tokens the runtime actually had to prefill (after KV reuse)
+        self._queue: asyncio.Queue[int | _End | BaseException] = asyncio.Queue()
+        self._on_close = on_close
+
+    # -- producer side (the scheduler) ----------------------------------------------------------
+    @property
+    def open(self) -> bool:
+        return self.state in (StreamState.QUEUED, StreamState.RUNNING)
+
+    def started(self, prefilled: int) -> None:
+        self.state = StreamState.RUNNING
+        self.started_at = time.monotonic()
+        self.prefilled = prefilled
+
+    def put(self, event: TokenEvent) -> None:
+        if self.state is not StreamState.RUNNING:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.tokens.append(event.token_id)
+        self.text += event.text
+        self._queue.put_nowait(event.token_id)
+
+    def finish(self, stats: GenerationStats | None) -> None:
+        if not self.open:
+            return
+        self.stats = stats
+        self.state = StreamState.DONE
+        self.finished_at = time.monotonic()
+        self._queue.put_nowait(_END)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.open:
+            return
+        self.error = error
+        self.state = StreamState.FAILED
+        self.finished_at = time.monotonic()
+        self._queue.put_nowait(error)
+
+    # -- consumer side (the engine) -------------------------------------------------------------
+    async def next_token(self) -> int | None:
+        """The next token id, or None once the generation has ended. Raises the generation's
+        error, or RequestCancelled if the stream was closed."""
+        if self.state is StreamState.CLOSED and self._queue.empty():
+            raise RequestCancelled(f"request {self.request_id} was cancelled: {self.close_reason}")
+        self.readers += 1
+        try:
+            item = await self._queue.get()
+        finally:
+            self.readers -= 1
+            self.last_read_at = time.monotonic()
+        if isinstance(item, _End):
+            self._queue.put_nowait(item)  # stay ended for any later reader
+            return None
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(item)
+            raise item
+        return item
+
+    def close(self, reason: str) -> None:
+        """Abandon the request: wakes its reader, and lets the scheduler abort the NPU work."""
+        if self.state in (StreamState.CLOSED,):
+            return
+        was_open = self.open
+        self.close_reason = reason
+        self.state = StreamState.CLOSED
+        if self.finished_at is None:
+            self.finished_at = time.monotonic()
+        self._queue.put_nowait(RequestCancelled(f"request {self.request_id} was cancelled: {reason}"))
+        if was_open and self._on_close is not None:
+            self._on_close(self)
+
+    def idle_for(self, now: float | None = None) -> float:
+        """Seconds since exo last read from this stream, 0 while it is waiting on it."""
+        if self.readers:
+            return 0.0
+        return (now or time.monotonic()) - self.last_read_at
