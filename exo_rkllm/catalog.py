@@ -93,6 +93,7 @@ class ModelEntry:
     n_layers: int = DEFAULT_LAYERS
     aliases: tuple[str, ...] = ()
     problem: str | None = None  # why it cannot be served; None when it can
+    loose: bool = False  # a bare <models_dir>/*.rkllm file rather than a model folder
 
     @property
     def ok(self) -> bool:
@@ -242,7 +243,8 @@ class Catalog:
         tok_source, problem = self._tokenizer_source(path.parent, {}, allow_folder=False)
         return ModelEntry(model_id=slugify(path.stem), name=path.stem, folder=path.parent, model_file=path,
                           tokenizer_source=tok_source, context_len=self._context({}, path.name),
-                          n_layers=self._layers({}, None, tok_source), aliases=(path.stem,), problem=problem)
+                          n_layers=self._layers({}, None, tok_source), aliases=(path.stem,), problem=problem,
+                          loose=True)
 
     @staticmethod
     def _pick_model_file(folder: Path, files: list[Path], wanted: str | None) -> tuple[Path | None, str | None]:

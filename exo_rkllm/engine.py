@@ -17,7 +17,6 @@ plugin.py, which tells the engine when exo has finished or abandoned a request.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -71,7 +70,6 @@ class RKLLMInferenceEngine:
         self._shard_lock = asyncio.Lock()
         self._models: dict[str, _Model] = {}
         self._contexts: dict[str, RequestContext] = {}
-        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._failure_listeners: list[FailureListener] = []
 
     # -- exo's abstract methods ------------------------------------------------------------------
@@ -107,9 +105,13 @@ class RKLLMInferenceEngine:
         scheduler = await self._get_scheduler()
         stream = scheduler.get(request_id)
         if stream is None:
-            if request_id in self._ended:  # exo is still stepping a request we already ended
+            if request_id in scheduler.ended:  # exo is still stepping a request that has ended
                 return self._eos(model), inference_state
-            stream = self._start(scheduler, request_id, model, input_data)
+            try:
+                stream = self._start(scheduler, request_id, model, input_data)
+            except RKLLMError as exc:  # queue full, prompt longer than the context...
+                self._notify_failure(request_id, exc)
+                raise
         return await self._next(scheduler, stream, model, first=not stream.tokens), inference_state
 
     async def load_checkpoint(self, shard: Any, path: str) -> None:
@@ -149,16 +151,16 @@ class RKLLMInferenceEngine:
     def finish_request(self, request_id: str, reason: str = "finished by exo") -> None:
         """exo has ended the request (EOS, max tokens): stop the NPU work if any is left."""
         self._contexts.pop(request_id, None)
-        if self._scheduler is not None and self._scheduler.cancel(request_id, reason):
-            self._remember_ended(request_id)
+        if self._scheduler is not None:
+            self._scheduler.cancel(request_id, reason)
 
     def cancel_request(self, request_id: str, reason: str) -> None:
         """The request was abandoned (client gone, timeout): abort it, free the NPU at once."""
         self.finish_request(request_id, reason)
 
     def add_failure_listener(self, listener: FailureListener) -> None:
-        """Called with (request_id, error) when a request fails after its first token; exo
-        itself has no way to report that to the client, the plugin does."""
+        """Called with (request_id, error) when a request fails. exo reports a failure before
+        the first token only as a generic 500, and one after it not at all: the plugin does."""
         self._failure_listeners.append(listener)
 
     def active_requests(self) -> list[str]:
@@ -213,26 +215,26 @@ class RKLLMInferenceEngine:
             return self._eos(model)  # exo may still step a request it abandoned: end it cleanly
         except RKLLMError as exc:
             self._end(scheduler, request_id)
+            self._notify_failure(request_id, exc)
             if first:
                 raise  # exo's API answers the request with this error
             log.error("request %s failed mid-answer: %s", request_id, exc)
-            for listener in self._failure_listeners:
-                listener(request_id, exc)
-            return self._eos(model)
+            return self._eos(model)  # end exo's loop cleanly; the plugin reports the error
         if token is None or token in model.stop_ids:
             self._end(scheduler, request_id)
             return self._eos(model)
         return np.array([[token]], dtype=np.int64)
 
+    def _notify_failure(self, request_id: str, exc: RKLLMError) -> None:
+        for listener in self._failure_listeners:
+            try:
+                listener(request_id, exc)
+            except Exception:
+                log.exception("failure listener raised")
+
     def _end(self, scheduler: Scheduler, request_id: str) -> None:
         scheduler.cancel(request_id, "answer complete")
         self._contexts.pop(request_id, None)
-        self._remember_ended(request_id)
-
-    def _remember_ended(self, request_id: str) -> None:
-        self._ended[request_id] = None
-        while len(self._ended) > 1024:
-            self._ended.popitem(last=False)
 
     @staticmethod
     def _eos(model: _Model) -> np.ndarray:

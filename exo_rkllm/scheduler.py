@@ -55,6 +55,9 @@ class Scheduler:
         self.config = config
         self.streams: dict[str, RequestStream] = {}
         self.history: collections.deque[RunSummary] = collections.deque(maxlen=256)
+        # Recently ended request ids (bounded): exo may still step a request after we ended it,
+        # and its fed-back token must not be mistaken for a new prompt.
+        self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._queue: collections.deque[_Job] = collections.deque()
         self._wakeup = asyncio.Event()
         self._device = asyncio.Lock()
@@ -101,13 +104,10 @@ class Scheduler:
         if stream is None:
             return False
         stream.close(reason)
+        self.ended[request_id] = None
+        while len(self.ended) > 1024:
+            self.ended.popitem(last=False)
         return True
-
-    def release(self, request_id: str) -> None:
-        """Forget a request whose end exo has seen."""
-        stream = self.streams.pop(request_id, None)
-        if stream is not None and stream.open:
-            stream.close("released")
 
     @property
     def queued(self) -> int:
@@ -284,7 +284,7 @@ class Scheduler:
             for request_id, stream in list(self.streams.items()):
                 if stream.idle_for(now) > self.config.idle_timeout:
                     if stream.open:
-                        log.warning("request %s: nobody read it for %.0f s, aborting it (RKLLM_IDLE_TIMEOUT)",
+                        log.warning("request %s: nobody read it for %.1f s, aborting it (RKLLM_IDLE_TIMEOUT)",
                                     request_id, self.config.idle_timeout)
                     self.cancel(request_id, "idle timeout")
 

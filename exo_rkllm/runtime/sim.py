@@ -318,4 +318,11 @@ class SimRuntime:
         while len(ids) < want:
             parts.append(rng.choice(_FRAGMENTS))
             ids = tok.encode(" ".join(parts), add_special_tokens=False)
-        return ids[:want] + eos
+        ids = ids[:want]
+        # A model ends its answer after a whole character: drop a split one at the end.
+        while ids:
+            data = b"".join(token_bytes(tok, i) for i in ids[-4:])
+            if utf8_complete_prefix(data) == len(data):
+                break
+            ids.pop()
+        return ids + eos

@@ -1,0 +1,180 @@
+"""Start a private exo node for the benchmark, and stop it afterwards.
+
+`--start-exo` exists so the whole path can be measured with one command, on a
+board or on a laptop with the simulator, without touching a user's running
+exo: the node gets free ports, a one-peer manual discovery config naming
+itself (so it never waits for or joins other nodes), no TUI, and no hub
+access. It runs under a chosen interpreter because exo's pins are old and it
+often lives in its own virtualenv. If that interpreter cannot import exo, the
+benchmark says so and goes on without the exo column instead of crashing.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import exo_rkllm
+
+_PROBE = r"""
+import importlib.util as u, json, os
+out = {"exo": False, "exo_rkllm": False, "python": __import__("sys").version.split()[0]}
+spec = u.find_spec("exo")
+if spec is not None and spec.submodule_search_locations:
+    out["exo"] = any(os.path.isfile(os.path.join(p, "main.py")) for p in spec.submodule_search_locations)
+out["exo_rkllm"] = u.find_spec("exo_rkllm") is not None
+print(json.dumps(out))
+"""
+
+# Used when the chosen interpreter has exo but not exo-rkllm installed (a development
+# checkout): put this checkout on the path and install the same import hook the
+# package's .pth file installs, then run exo exactly as `python -m exo.main` would.
+_BOOT = ("import runpy, sys; import exo_rkllm._autoload; "
+         "runpy.run_module('exo.main', run_name='__main__', alter_sys=True)")
+
+
+class ExoUnavailable(RuntimeError):
+    """exo cannot be started here; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ExoProbe:
+    python: str
+    has_exo: bool
+    has_plugin: bool
+    python_version: str = ""
+
+
+def probe_python(python: str, timeout_s: float = 60.0) -> ExoProbe:
+    """Ask `python` whether it can import exo (and exo-rkllm), without importing exo.main (which would run it)."""
+    try:
+        out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s,
+                             env={**os.environ, "EXO_RKLLM_AUTOLOAD": "0"})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ExoUnavailable(f"cannot run {python}: {exc}") from None
+    if out.returncode != 0:
+        raise ExoUnavailable(f"{python} failed: {out.stderr.strip()[-300:]}")
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return ExoProbe(python, bool(data["exo"]), bool(data["exo_rkllm"]), data.get("python", ""))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ExoProcess:
+    """One exo node running our engine as a child process."""
+
+    python: str
+    env: dict[str, str]  # RKLLM_* settings for the engine (backend, models dir, pacing, caps)
+    log_path: Path
+    default_model: str | None = None
+    api_port: int = 0
+    node_port: int = 0
+    node_id: str = "exo-rkllm-bench"
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    started_s: float | None = None
+    probe: ExoProbe | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def command(self, config_path: Path, has_plugin: bool) -> list[str]:
+        head = [self.python, "-m", "exo.main"] if has_plugin else [self.python, "-c", _BOOT]
+        args = ["--inference-engine", "rkllm", "--disable-tui", "--discovery-module", "manual",
+                "--discovery-config-path", str(config_path), "--node-id", self.node_id,
+                "--node-port", str(self.node_port), "--chatgpt-api-port", str(self.api_port)]
+        if self.default_model:
+            args += ["--default-model", self.default_model]
+        return head + args
+
+    async def start(self, timeout_s: float = 240.0) -> str:
+        probe = self.probe = await asyncio.to_thread(probe_python, self.python)
+        if not probe.has_exo:
+            raise ExoUnavailable(f"{self.python} cannot import exo (legacy exo-explore/exo): install it there, or "
+                                 "point --exo-python at the interpreter of the virtualenv that has it")
+        self.api_port = self.api_port or free_port()
+        self.node_port = self.node_port or free_port()
+        work = Path(tempfile.mkdtemp(prefix="exo-rkllm-bench-"))
+        config_path = work / "peers.json"
+        config_path.write_text(json.dumps({"peers": {self.node_id: {
+            "address": "127.0.0.1", "port": self.node_port,
+            "device_capabilities": {"model": "bench", "chip": "bench", "memory": 16000,
+                                    "flops": {"fp32": 0, "fp16": 0, "int8": 0}}}}}))
+        env = {**os.environ, **self.env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        if not probe.has_plugin:
+            root = str(Path(exo_rkllm.__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.command(config_path, probe.has_plugin), env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(work),
+                                     start_new_session=True)
+        log.close()
+        try:
+            await self._wait_ready(timeout_s)
+        except BaseException:
+            await self.stop()
+            raise
+        self.started_s = time.monotonic() - t0
+        return self.url
+
+    async def _wait_ready(self, timeout_s: float) -> None:
+        import aiohttp
+
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while True:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise ExoUnavailable(f"exo exited with code {self.proc.returncode} while starting; "
+                                         f"last log lines ({self.log_path}):\n{self.log_tail()}")
+                try:
+                    async with session.get(f"{self.url}/v1/models") as resp:
+                        if resp.status == 200:
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise ExoUnavailable(f"exo did not answer on {self.url}/v1/models within {timeout_s:.0f} s; "
+                                         f"last log lines ({self.log_path}):\n{self.log_tail()}")
+                await asyncio.sleep(0.5)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def stop(self, grace_s: float = 15.0) -> None:
+        """SIGINT first (exo shuts its node down cleanly on it), then SIGTERM, then SIGKILL."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)  # the session we started: exo and anything it spawned
+            except ProcessLookupError:
+                return
+            try:
+                await asyncio.to_thread(proc.wait, wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def default_python() -> str:
+    return sys.executable

@@ -1,0 +1,673 @@
+"""What the benchmark talks to: exo's ChatGPT API, an rkllama server, or the runtime in-process.
+
+All three sit behind one small protocol (`Target.chat(messages) -> ChatResult`)
+so the runner measures them the same way and their figures can be divided by
+one another. A target only records what it saw and when (arrival times,
+text, what the server reported); the arithmetic lives in metrics.py and the
+token counting in `TokenCounter`, so both are identical for every target.
+
+The stream parsers (`ExoStreamAccumulator`, `RkllamaStreamAccumulator`,
+`JsonStreamDecoder`) are plain classes fed (time, bytes or dict), so the tests
+replay recorded streams through them without a network or a clock.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+from ..config import Config
+from ..runtime.base import FinishEvent, GenerationInput, ModelSpec, TokenEvent, split_prompt
+from ..tokenizer import has_tokenizer_files, load_tokenizer, stop_token_ids
+
+Messages = Sequence[Mapping[str, Any]]
+
+
+class TargetError(RuntimeError):
+    """A target could not be reached or answered with an error; the message is shown to the user."""
+
+
+# -- results -----------------------------------------------------------------------------------
+@dataclass
+class ChatResult:
+    """One request as the client saw it. Times are time.monotonic() seconds."""
+
+    t_start: float
+    t_end: float = 0.0
+    t_first: float | None = None  # first event carrying text
+    token_times: list[float] = field(default_factory=list)  # arrival of each token-bearing event
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None  # tokenizer count of the templated prompt
+    completion_tokens: int | None = None  # exact count when the target sees token ids
+    completion_source: str | None = None  # where completion_tokens came from
+    chunks: int = 0  # stream chunks / runtime events received
+    content_chunks: int = 0  # of those, the ones with non-empty text
+    prefill_tokens: int | None = None  # tokens actually prefilled; None: not visible to this target
+    server: dict[str, Any] = field(default_factory=dict)  # counters the server itself reported
+    notes: list[str] = field(default_factory=list)
+
+
+# -- token counting ----------------------------------------------------------------------------
+class TokenCounter:
+    """Counts tokens with the model's own tokenizer: word counts would flatter or punish a
+    model depending on language and code, and users compare models by these numbers."""
+
+    def __init__(self, tokenizer: Any, source: str) -> None:
+        self.tok = tokenizer
+        self.source = source
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.stop_texts = frozenset(t for t in (tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids) if t)
+
+    @classmethod
+    def from_dir(cls, folder: Path | str) -> "TokenCounter":
+        return cls(load_tokenizer(folder), str(folder))
+
+    def template(self, messages: Messages) -> str:
+        return self.tok.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def count_prompt(self, messages: Messages) -> int:
+        return len(self.encode(self.template(messages)))
+
+    def count_text(self, text: str) -> int:
+        return len(self.encode(text)) if text else 0
+
+    def strip_stop(self, text: str) -> tuple[str, bool]:
+        """Remove an end-of-turn marker a server echoed as text at the end (exo decodes the EOS token)."""
+        for marker in self.stop_texts:
+            if marker and text.endswith(marker):
+                return text[: -len(marker)], True
+        return text, False
+
+
+# -- the protocol ------------------------------------------------------------------------------
+class Target(Protocol):
+    kind: str  # "runtime" | "exo" | "rkllama"
+    label: str
+
+    async def open(self) -> None:
+        """Connect / load; raises TargetError with a reason the user can act on."""
+
+    async def chat(self, messages: Messages) -> ChatResult:
+        """Send one conversation, stream the answer, return what was seen."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the report: backend, runtime version, URL, pacing..."""
+
+    async def close(self) -> None: ...
+
+
+# -- local model resolution --------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalModel:
+    """A model on this machine: what the in-process runtime loads and whose tokenizer counts tokens."""
+
+    model_id: str  # the id exo's API knows it by
+    spec: ModelSpec
+    folder: Path
+    tokenizer_dir: Path | None
+    source: str  # "catalog" or "folder scan"
+
+
+_CTX = re.compile(r"-(\d+)k(?:[-_.]|$)", re.I)
+
+
+def _model_files(models_dir: Path) -> dict[str, Path]:
+    """name -> .rkllm file, in rkllama's layout (`<dir>/<Name>/*.rkllm`, loose `<dir>/*.rkllm`)."""
+    found: dict[str, Path] = {}
+    if not models_dir.is_dir():
+        return found
+    for entry in sorted(models_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            files = sorted(entry.glob("*.rkllm"))
+            if files:
+                found[entry.name] = files[0]
+        elif entry.suffix == ".rkllm":
+            found[entry.stem] = entry
+    return found
+
+
+def resolve_local_model(config: Config, name: str | None, max_new_tokens: int = 0) -> LocalModel:
+    """Find `name` (or the only model) under config.models_dir.
+
+    The catalog (exo_rkllm.catalog) is the authority when it is present, because
+    it decides the model ids exo's API uses; the folder scan is the fallback so
+    the benchmark works on its own.
+    """
+    try:
+        from ..catalog import Catalog  # type: ignore[import-not-found]
+    except ImportError:
+        Catalog = None  # noqa: N806
+    files = _model_files(config.models_dir)
+    if name is None:
+        if len(files) == 1:
+            name = next(iter(files))
+        elif not files:
+            raise TargetError(f"no .rkllm model found in {config.models_dir} (set RKLLM_MODELS_DIR or --models-dir, "
+                              "or use --sim for the demo model)")
+        else:
+            raise TargetError(f"several models in {config.models_dir}: choose one with --model "
+                              f"({', '.join(sorted(files))})")
+    if Catalog is not None:
+        try:
+            entry = Catalog(config).resolve(name)
+            spec = entry.spec(config)
+            if max_new_tokens:
+                spec = replace(spec, max_new_tokens=max_new_tokens)
+            tok_dir = getattr(entry, "tokenizer_dir", None) or spec.tokenizer_dir
+            return LocalModel(str(entry.model_id), spec, Path(spec.path).parent, Path(tok_dir) if tok_dir else None,
+                              "catalog")
+        except Exception as exc:  # fall back to the scan, but say why
+            if not files:
+                raise TargetError(f"model {name!r}: {exc}") from exc
+    path = files.get(name) or next((p for n, p in files.items() if n.lower() == name.lower()), None)
+    if path is None:
+        path = next((p for p in files.values() if p.stem.lower() == name.lower()), None)
+    if path is None:
+        raise TargetError(f"model {name!r} not found in {config.models_dir} (have: {', '.join(sorted(files)) or 'none'})")
+    folder = path.parent
+    tok_dir = folder if has_tokenizer_files(folder) else config.tokenizer_dir
+    m = _CTX.search(path.name)
+    ctx = config.max_context or (int(m.group(1)) * 1024 if m else 4096)
+    model_id = folder.name if folder != config.models_dir else path.stem
+    spec = ModelSpec(model_id=model_id, path=path, max_context_len=ctx, max_new_tokens=max_new_tokens,
+                     tokenizer_dir=tok_dir)
+    return LocalModel(model_id, spec, folder, tok_dir, "folder scan")
+
+
+# -- in-process runtime ------------------------------------------------------------------------
+class RuntimeTarget:
+    """The RKLLM runtime in this process (native or simulated): the baseline exo is compared with.
+
+    It does what the engine must do and nothing more: apply the chat template,
+    tokenize, feed token ids. With KV reuse on it keeps the cache across
+    requests and prefills only the new suffix when the previous context is a
+    prefix of the new prompt, as the scheduler does, so multi-turn prefill
+    counts are real. Requests are serialised: one NPU context runs one
+    generation at a time.
+    """
+
+    kind = "runtime"
+
+    def __init__(self, config: Config, model: LocalModel, counter: TokenCounter, *, max_new_tokens: int = 0,
+                 kv_reuse: bool | None = None, runtime: Any = None) -> None:
+        self.config = config
+        self.model = model
+        self.counter = counter
+        self.max_new_tokens = max_new_tokens
+        self.kv_reuse = config.kv_reuse if kv_reuse is None else kv_reuse
+        self.runtime = runtime
+        self.label = f"runtime ({config.backend})"
+        self._cached: list[int] = []
+        self._lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self.load_s: float | None = None
+
+    async def open(self) -> None:
+        from ..runtime.factory import create_runtime
+
+        if self.runtime is None:
+            try:
+                self.runtime = await create_runtime(self.config)
+            except Exception as exc:
+                raise TargetError(f"cannot create the {self.config.backend} runtime: {exc}") from exc
+        t0 = time.monotonic()
+        try:
+            await self.runtime.load(self.model.spec)
+        except Exception as exc:
+            raise TargetError(f"cannot load {self.model.spec.path}: {exc}") from exc
+        self.load_s = time.monotonic() - t0
+        self.label = f"runtime ({self.runtime.capabilities.backend})"
+
+    def describe(self) -> dict[str, Any]:
+        caps = getattr(self.runtime, "capabilities", None)
+        out: dict[str, Any] = {
+            "kind": self.kind, "backend": getattr(caps, "backend", self.config.backend),
+            "runtime_version": getattr(caps, "version", None), "model_id": self.model.model_id,
+            "model_file": self.model.spec.path.name, "kv_reuse": self.kv_reuse,
+            "max_new_tokens": self.max_new_tokens or None, "load_s": self.load_s,
+        }
+        timing = getattr(self.runtime, "timing", None)
+        if timing is not None:
+            out["sim_pacing_ms"] = {"load": timing.load_ms, "prefill_base": timing.prefill_base_ms,
+                                    "prefill_per_token": timing.prefill_ms_per_token,
+                                    "decode_per_token": timing.decode_ms_per_token}
+        return out
+
+    async def chat(self, messages: Messages) -> ChatResult:
+        async with self._lock:  # one NPU context: concurrent clients queue here, as behind the scheduler
+            return await self._chat(messages)
+
+    async def _chat(self, messages: Messages) -> ChatResult:
+        rt = self.runtime
+        res = ChatResult(t_start=time.monotonic())
+        ids = self.counter.encode(self.counter.template(messages))
+        res.prompt_tokens = len(ids)
+        reuse = self.kv_reuse and getattr(rt.capabilities, "keep_history", False)
+        keep = split_prompt(ids, self._cached) if reuse and self._cached else -1
+        if keep <= 0 or keep >= len(ids):  # nothing reusable (or nothing new to feed): start clean
+            keep = 0
+            if reuse and getattr(rt.capabilities, "clear_kv_cache", False):
+                await rt.clear_kv_cache()  # also after a failed run, whose cache content is unknown
+        feed = tuple(ids[keep:])
+        if keep:
+            res.notes.append(f"kv reuse: {keep} cached tokens")
+        inp = GenerationInput(request_id=f"bench-{next(self._ids)}", token_ids=feed, keep_history=bool(reuse),
+                              max_new_tokens=self.max_new_tokens)
+        generated: list[int] = []
+        stats = None
+        self._cached = []  # unknown until the run finishes cleanly
+        async for ev in rt.generate(inp):
+            now = time.monotonic()
+            res.chunks += 1
+            if isinstance(ev, TokenEvent):
+                if ev.token_id in self.counter.stop_ids:  # some runtimes report the EOS token itself
+                    continue
+                generated.append(ev.token_id)
+                res.token_times.append(now)
+                if ev.text:
+                    res.content_chunks += 1
+                    res.text += ev.text
+                    if res.t_first is None:
+                        res.t_first = now
+            elif isinstance(ev, FinishEvent):
+                stats = ev.stats
+                if ev.aborted:
+                    res.notes.append("aborted")
+        res.t_end = time.monotonic()
+        res.completion_tokens = len(generated)
+        res.completion_source = "token ids"
+        capped = bool(self.max_new_tokens) and len(generated) >= self.max_new_tokens
+        res.finish_reason = "length" if capped else "stop"
+        if stats is not None:
+            res.prefill_tokens = stats.prefill_tokens
+            res.server = {"prefill_ms": stats.prefill_ms, "decode_ms": stats.decode_ms,
+                          "decode_tokens": stats.decode_tokens, "memory_mb": stats.memory_mb}
+        else:
+            res.prefill_tokens = len(feed)
+        if reuse:
+            # What the KV cache now holds: the prompt, and every generated token that was fed
+            # back; a run cut at the length limit never fed its last sampled token.
+            self._cached = ids + (generated[:-1] if capped and generated else generated)
+        return res
+
+    async def close(self) -> None:
+        if self.runtime is not None:
+            try:
+                await self.runtime.close()
+            finally:
+                self.runtime = None
+
+
+# -- exo's ChatGPT API -------------------------------------------------------------------------
+def parse_sse_line(line: bytes | str) -> dict[str, Any] | str | None:
+    """One line of an SSE stream: the JSON of a `data:` line, "[DONE]", or None for anything else."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", errors="replace")
+    line = line.strip()
+    if not line.startswith("data:"):
+        return None
+    payload = line[5:].strip()
+    if payload == "[DONE]":
+        return "[DONE]"
+    if not payload:
+        return None
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class ExoStreamAccumulator:
+    """Turns exo's streamed chunks into a ChatResult.
+
+    exo writes one chunk per generated token (its `on_token` callback), then a
+    last chunk with finish_reason; when the answer ends on EOS, exo decodes the
+    EOS token itself into that chunk's content (`<|im_end|>`), which is not part
+    of the answer: it is dropped here and noted.
+    """
+
+    def __init__(self, t_start: float, stop_texts: frozenset[str] = frozenset()) -> None:
+        self.res = ChatResult(t_start=t_start)
+        self.stop_texts = stop_texts
+        self.eos_echoed = False
+
+    def feed(self, t: float, chunk: Mapping[str, Any]) -> None:
+        res = self.res
+        res.chunks += 1
+        if "system_fingerprint" in chunk:
+            res.server.setdefault("system_fingerprint", chunk["system_fingerprint"])
+        choices = chunk.get("choices") or [{}]
+        choice = choices[0] if isinstance(choices[0], dict) else {}
+        delta = choice.get("delta") or choice.get("message") or {}
+        content = delta.get("content") if isinstance(delta, dict) else None
+        finish = choice.get("finish_reason")
+        if finish:
+            res.finish_reason = finish
+        if isinstance(chunk.get("usage"), dict):
+            res.server["usage"] = chunk["usage"]
+        if finish == "stop" and isinstance(content, str) and content in self.stop_texts:
+            self.eos_echoed = True
+            return
+        res.token_times.append(t)  # exo's contract: each chunk is one token
+        if isinstance(content, str) and content:
+            res.content_chunks += 1
+            res.text += content
+            if res.t_first is None:
+                res.t_first = t
+
+    def finish(self, t_end: float) -> ChatResult:
+        self.res.t_end = t_end
+        self.res.server["token_chunks"] = len(self.res.token_times)
+        if self.eos_echoed:
+            self.res.server["eos_text_echoed"] = True
+        bad = self.res.text.count("\ufffd")
+        if bad:
+            self.res.notes.append(f"{bad} U+FFFD replacement characters in the streamed text")
+        return self.res
+
+
+class ExoApiTarget:
+    """exo's ChatGPT-compatible API, streaming, so TTFT is what a chat client feels."""
+
+    kind = "exo"
+
+    def __init__(self, url: str, model_id: str, counter: TokenCounter | None, *, timeout_s: float = 600.0,
+                 label: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.model_id = model_id
+        self.counter = counter
+        self.timeout_s = timeout_s
+        self.label = label or "exo API"
+        self._session: Any = None
+        self.fingerprint: str | None = None
+        self.listed: bool | None = None
+        self.extra: dict[str, Any] = {}
+
+    async def open(self) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=5))
+        try:
+            async with self._session.get(f"{self.url}/v1/models") as resp:
+                if resp.status != 200:
+                    raise TargetError(f"{self.url}/v1/models answered HTTP {resp.status}")
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            await self.close()
+            raise TargetError(f"exo is not reachable at {self.url} ({exc.__class__.__name__}: {exc}); start it, "
+                              "or pass --start-exo") from None
+        ids = {m.get("id") for m in data.get("data", []) if isinstance(m, dict)}
+        self.listed = self.model_id in ids
+        if not self.listed:
+            await self.close()
+            raise TargetError(f"exo at {self.url} does not list the model {self.model_id!r} "
+                              f"({len(ids)} models listed); pass the id it uses with --model")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "url": self.url, "model_id": self.model_id,
+                "system_fingerprint": self.fingerprint, **self.extra}
+
+    async def _prompt_tokens(self, messages: Messages) -> int | None:
+        if self.counter is not None:
+            return self.counter.count_prompt(messages)
+        try:  # exo's own count, with exo's tokenizer and template
+            async with self._session.post(f"{self.url}/v1/chat/token/encode",
+                                          json={"model": self.model_id, "messages": list(messages)}) as resp:
+                if resp.status == 200:
+                    return int((await resp.json(content_type=None))["num_tokens"])
+        except Exception:
+            pass
+        return None
+
+    async def chat(self, messages: Messages) -> ChatResult:
+        import aiohttp
+
+        prompt_tokens = await self._prompt_tokens(messages)  # before the clock: not exo's work
+        body = {"model": self.model_id, "messages": [dict(m) for m in messages], "stream": True}
+        acc = ExoStreamAccumulator(time.monotonic(), self.counter.stop_texts if self.counter else frozenset())
+        try:
+            async with self._session.post(f"{self.url}/v1/chat/completions", json=body) as resp:
+                if resp.status != 200:
+                    detail = (await resp.text())[:300]
+                    raise TargetError(f"exo answered HTTP {resp.status}: {detail}")
+                async for line in resp.content:
+                    now = time.monotonic()
+                    chunk = parse_sse_line(line)
+                    if isinstance(chunk, dict):
+                        if "detail" in chunk and "choices" not in chunk:
+                            raise TargetError(f"exo reported: {chunk['detail']}")
+                        acc.feed(now, chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise TargetError(f"request to exo failed: {exc.__class__.__name__}: {exc}") from None
+        res = acc.finish(time.monotonic())
+        self.fingerprint = self.fingerprint or res.server.get("system_fingerprint")
+        res.prompt_tokens = prompt_tokens
+        if res.finish_reason is None:
+            res.notes.append("stream ended without finish_reason")
+        if self.counter is not None:
+            text, echoed = self.counter.strip_stop(res.text)
+            if echoed:
+                res.text = text
+                res.server["eos_text_echoed"] = True
+            res.completion_tokens = self.counter.count_text(res.text)
+            res.completion_source = "tokenizer"
+        return res
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+# -- rkllama server ----------------------------------------------------------------------------
+class JsonStreamDecoder:
+    """Splits a byte stream into whole JSON objects, whatever separates them.
+
+    rkllama's /api/* stream NDJSON; its early /generate streams one object per
+    token followed by a blank line as text/plain; both decode here, and an
+    object cut across two network reads waits for its second half.
+    """
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._pending = b""
+        self._dec = json.JSONDecoder()
+
+    def feed(self, data: bytes) -> list[Any]:
+        data = self._pending + data
+        try:
+            text = data.decode("utf-8")
+            self._pending = b""
+        except UnicodeDecodeError as exc:  # a multi-byte character split across reads
+            text = data[: exc.start].decode("utf-8")
+            self._pending = data[exc.start:]
+        self._buf += text
+        out: list[Any] = []
+        while True:
+            stripped = self._buf.lstrip()
+            if stripped.startswith("data:"):  # tolerate SSE framing
+                stripped = stripped[5:].lstrip()
+            if not stripped:
+                self._buf = ""
+                return out
+            try:
+                obj, end = self._dec.raw_decode(stripped)
+            except ValueError:
+                self._buf = stripped
+                return out
+            out.append(obj)
+            self._buf = stripped[end:]
+
+
+class RkllamaStreamAccumulator:
+    """Turns rkllama stream objects (either API generation) into a ChatResult."""
+
+    def __init__(self, t_start: float) -> None:
+        self.res = ChatResult(t_start=t_start)
+
+    def feed(self, t: float, obj: Mapping[str, Any]) -> None:
+        res = self.res
+        res.chunks += 1
+        if "error" in obj:
+            raise TargetError(f"rkllama reported: {obj['error']}")
+        if "message" in obj or "response" in obj or "done" in obj:  # Ollama-style /api/chat, /api/generate
+            piece = (obj.get("message") or {}).get("content") if "message" in obj else obj.get("response")
+            if obj.get("done"):
+                res.finish_reason = obj.get("done_reason") or "stop"
+                for key in ("prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration",
+                            "load_duration", "total_duration"):
+                    if key in obj:
+                        res.server[key] = obj[key]
+                if piece:
+                    self._token(t, piece)
+                return
+            self._token(t, piece or "")
+            return
+        choices = obj.get("choices") or [{}]  # early /generate
+        choice = choices[0] if isinstance(choices[0], dict) else {}
+        piece = choice.get("content")
+        if piece is None and isinstance(choice.get("message"), dict):
+            piece = choice["message"].get("content")
+        if isinstance(obj.get("usage"), dict):
+            res.server["usage"] = obj["usage"]
+        if choice.get("finish_reason"):
+            res.finish_reason = choice["finish_reason"]
+            if piece:
+                self._token(t, piece)
+            return
+        self._token(t, piece or "")
+
+    def _token(self, t: float, piece: str) -> None:
+        res = self.res
+        res.token_times.append(t)
+        if piece:
+            res.content_chunks += 1
+            res.text += piece
+            if res.t_first is None:
+                res.t_first = t
+
+    def finish(self, t_end: float) -> ChatResult:
+        self.res.t_end = t_end
+        s = self.res.server
+        if s.get("eval_count") and s.get("eval_duration"):
+            s["server_tokens_per_s"] = s["eval_count"] / (s["eval_duration"] / 1e9)
+        if "prompt_eval_count" in s:
+            self.res.prefill_tokens = int(s["prompt_eval_count"])
+        return self.res
+
+
+class RkllamaTarget:
+    """An rkllama server, spoken to directly (Ollama-style /api/chat, or the early /generate).
+
+    It templates prompts itself, so we send messages; our tokenizer (when we
+    have the model's) still counts tokens so the figures match the other targets.
+    """
+
+    kind = "rkllama"
+
+    def __init__(self, url: str, model: str, counter: TokenCounter | None, *, max_new_tokens: int = 0,
+                 timeout_s: float = 600.0) -> None:
+        self.url = url.rstrip("/")
+        self.model = model
+        self.counter = counter
+        self.max_new_tokens = max_new_tokens
+        self.timeout_s = timeout_s
+        self.api: str | None = None  # "ollama" | "early"
+        self.version: str | None = None
+        self.label = "rkllama"
+        self._session: Any = None
+
+    async def open(self) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=5))
+        try:
+            async with self._session.get(f"{self.url}/api/version") as resp:
+                if resp.status == 200:
+                    self.api = "ollama"
+                    self.version = (await resp.json(content_type=None)).get("version")
+            if self.api is None:
+                async with self._session.get(f"{self.url}/") as resp:
+                    if resp.status != 200:
+                        raise TargetError(f"{self.url} is not an rkllama server (GET / answered {resp.status})")
+                self.api = "early"
+                await self._load_early()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            await self.close()
+            raise TargetError(f"rkllama is not reachable at {self.url}: {exc.__class__.__name__}: {exc}") from None
+        except TargetError:
+            await self.close()
+            raise
+        self.label = f"rkllama ({self.api} API)"
+
+    async def _load_early(self) -> None:
+        """The early API holds one model and fails to load another while one is loaded."""
+        async with self._session.get(f"{self.url}/current_model") as resp:
+            current = (await resp.json(content_type=None)).get("model") if resp.status == 200 else None
+        if current == self.model:
+            return
+        if current:
+            async with self._session.post(f"{self.url}/unload_model") as resp:
+                await resp.read()
+        async with self._session.post(f"{self.url}/load_model", json={"model_name": self.model}) as resp:
+            if resp.status != 200:
+                raise TargetError(f"rkllama could not load {self.model!r}: HTTP {resp.status} {(await resp.text())[:200]}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "url": self.url, "api": self.api, "server_version": self.version,
+                "model": self.model, "max_new_tokens": self.max_new_tokens or None}
+
+    async def chat(self, messages: Messages) -> ChatResult:
+        import aiohttp
+
+        prompt_tokens = self.counter.count_prompt(messages) if self.counter else None
+        msgs = [dict(m) for m in messages]
+        if self.api == "ollama":
+            path, body = "/api/chat", {"model": self.model, "messages": msgs, "stream": True}
+            if self.max_new_tokens:
+                body["options"] = {"num_predict": self.max_new_tokens}
+        else:
+            path, body = "/generate", {"messages": msgs, "stream": True}
+        acc = RkllamaStreamAccumulator(time.monotonic())
+        dec = JsonStreamDecoder()
+        try:
+            async with self._session.post(f"{self.url}{path}", json=body) as resp:
+                if resp.status != 200:
+                    raise TargetError(f"rkllama answered HTTP {resp.status}: {(await resp.text())[:300]}")
+                async for data in resp.content.iter_any():
+                    now = time.monotonic()
+                    for obj in dec.feed(data):
+                        if isinstance(obj, dict):
+                            acc.feed(now, obj)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise TargetError(f"request to rkllama failed: {exc.__class__.__name__}: {exc}") from None
+        res = acc.finish(time.monotonic())
+        if prompt_tokens is not None:
+            res.prompt_tokens = prompt_tokens
+        elif res.prefill_tokens is not None:
+            res.prompt_tokens = res.prefill_tokens
+            res.notes.append("prompt tokens as counted by the server")
+        if self.counter is not None:
+            res.completion_tokens = self.counter.count_text(res.text)
+            res.completion_source = "tokenizer"
+        elif res.server.get("eval_count"):
+            res.completion_tokens = int(res.server["eval_count"])
+            res.completion_source = 'server'
+        return res
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,61 @@
+"""Test helpers: a spy around any runtime that records what the runtime itself reported."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from exo_rkllm.config import Config
+from exo_rkllm.engine import RKLLMInferenceEngine
+from exo_rkllm.runtime.base import CallState, FinishEvent, GenerationInput, RuntimeEvent, TokenEvent
+from exo_rkllm.runtime.sim import SimRuntime, SimTiming
+
+DEMO_ID = "qwen2.5-1.5b-instruct-demo"
+DEMO_LAYERS = 28
+
+
+class RecordingRuntime:
+    """Delegates to a real backend and records its events per request: the ground truth
+    ("the text the runtime generated") that the tests compare exo's output with."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.capabilities = inner.capabilities
+        self.texts: dict[str, str] = defaultdict(str)
+        self.tokens: dict[str, list[int]] = defaultdict(list)
+        self.states: dict[str, list[CallState]] = defaultdict(list)
+        self.finishes: dict[str, FinishEvent] = {}
+        self.inputs: list[GenerationInput] = []
+        self.aborts = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    @property
+    def loaded(self) -> Any:
+        return self.inner.loaded
+
+    async def generate(self, inp: GenerationInput) -> AsyncIterator[RuntimeEvent]:
+        self.inputs.append(inp)
+        async for event in self.inner.generate(inp):
+            if isinstance(event, TokenEvent):
+                self.texts[inp.request_id] += event.text
+                self.tokens[inp.request_id].append(event.token_id)
+                self.states[inp.request_id].append(event.state)
+            else:
+                self.finishes[inp.request_id] = event
+            yield event
+
+    async def abort(self) -> None:
+        self.aborts += 1
+        await self.inner.abort()
+
+
+def make_engine(models_dir: Path, timing: SimTiming | None = None, **config: Any) -> tuple[RKLLMInferenceEngine, RecordingRuntime]:
+    cfg = Config(backend="sim", models_dir=models_dir, **config)
+    runtime = RecordingRuntime(SimRuntime(timing or SimTiming.instant()))
+    return RKLLMInferenceEngine(config=cfg, runtime=runtime), runtime
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
