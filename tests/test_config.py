@@ -1,0 +1,42 @@
+"""Settings come from one table; bad values are refused with the variable's name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exo_rkllm.config import SETTINGS, Config
+from exo_rkllm.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_and_env():
+    cfg = Config.from_env({"RKLLM_BACKEND": "SIM", "RKLLM_MAX_QUEUE": "4", "RKLLM_KV_REUSE": "off",
+                           "RKLLM_MODELS_DIR": "~/m", "RKLLM_SERVER_PORT": "9000"})
+    assert cfg.backend == "sim" and cfg.max_queue == 4 and cfg.kv_reuse is False
+    assert cfg.models_dir == Path("~/m").expanduser()
+    assert cfg.rkllama_url == "http://localhost:9000"
+    assert Config.from_env({"RKLLM_SERVER_URL": "http://board:8080/"}).rkllama_url == "http://board:8080"
+
+
+@pytest.mark.parametrize("env,msg", [({"RKLLM_BACKEND": "gpu"}, "RKLLM_BACKEND"),
+                                     ({"RKLLM_MAX_QUEUE": "many"}, "RKLLM_MAX_QUEUE"),
+                                     ({"RKLLM_MAX_QUEUE": "0"}, "at least 1"),
+                                     ({"RKLLM_KV_REUSE": "maybe"}, "boolean")])
+def test_bad_values_name_the_variable(env, msg):
+    with pytest.raises(ConfigError, match=msg):
+        Config.from_env(env)
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [s.env for s in SETTINGS if f"`{s.env}`" not in readme]
+    assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next(line for line in ci.splitlines() if "pytest" in line).strip()
+    assert command in readme
