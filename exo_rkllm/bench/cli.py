@@ -33,6 +33,8 @@ from .targets import (ExoApiTarget, LocalModel, RkllamaTarget, RuntimeTarget, Ta
                       resolve_local_model)
 
 DEFAULT_EXO_URL = "http://localhost:52415"
+SIM_MAX_TOKENS = 10
+BOARD_MAX_TOKENS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, help="your own prompt file (JSON or `Category: prompt` lines)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per prompt (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up requests before measuring (default 1)")
-    p.add_argument("--max-tokens", type=int, default=16,
-                   help="cap answers at N tokens (default 16; 0 = no cap). Reaches exo only when the bench starts "
-                        "it (RKLLM_MAX_NEW_TOKENS); exo ignores max_tokens in requests")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help=f"cap answers at N tokens (0 = no cap; default {SIM_MAX_TOKENS} with --sim, so the run ends in "
+                        f"under two minutes, else {BOARD_MAX_TOKENS}). Reaches exo only when the bench starts it "
+                        "(RKLLM_MAX_NEW_TOKENS): exo ignores max_tokens in requests")
     p.add_argument("--turns", type=int, default=10, help="multi-turn conversation length (0 to skip; default 10)")
     p.add_argument("--clients", type=int, default=4, help="parallel clients for the concurrency run (0 to skip)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default ./bench-results)")
@@ -190,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, t0: float) -> int:
+    if args.max_tokens is None:
+        args.max_tokens = SIM_MAX_TOKENS if args.sim else BOARD_MAX_TOKENS
     for name in ("reps", "warmup", "max_tokens", "turns", "clients"):
         if getattr(args, name) < 0:
             raise TargetError(f"--{name.replace('_', '-')} must not be negative")
@@ -223,7 +228,7 @@ def _main(args: argparse.Namespace, t0: float) -> int:
     prompts = load_prompt_file(args.prompts) if args.prompts else STANDARD_PROMPTS
     settings = BenchSettings(prompts=prompts, prompts_source=str(args.prompts) if args.prompts else "standard",
                              reps=args.reps, warmup=args.warmup, max_new_tokens=args.max_tokens, turns=args.turns,
-                             clients=args.clients)
+                             clients=args.clients, runtime_concurrency=kinds != ["runtime", "exo"])
 
     local: LocalModel | None = None
     try:

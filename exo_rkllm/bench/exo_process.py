@@ -25,12 +25,12 @@ from pathlib import Path
 import exo_rkllm
 
 _PROBE = r"""
-import importlib.util as u, json, os
-out = {"exo": False, "exo_rkllm": False, "python": __import__("sys").version.split()[0]}
+import importlib.util as u, json, os, sys
+out = {"exo": False, "hooked": False, "python": sys.version.split()[0]}
 spec = u.find_spec("exo")
-if spec is not None and spec.submodule_search_locations:
-    out["exo"] = any(os.path.isfile(os.path.join(p, "main.py")) for p in spec.submodule_search_locations)
-out["exo_rkllm"] = u.find_spec("exo_rkllm") is not None
+if spec is not None and spec.submodule_search_locations:  # legacy exo, not the unrelated PyPI 'exo'
+    out["exo"] = any(os.path.isfile(os.path.join(p, "orchestration", "node.py")) for p in spec.submodule_search_locations)
+out["hooked"] = any(type(f).__name__ == "_ExoHook" for f in sys.meta_path)  # exo_rkllm.pth is active
 print(json.dumps(out))
 """
 
@@ -49,21 +49,20 @@ class ExoUnavailable(RuntimeError):
 class ExoProbe:
     python: str
     has_exo: bool
-    has_plugin: bool
+    has_plugin: bool  # exo-rkllm installed there with its .pth hook active
     python_version: str = ""
 
 
 def probe_python(python: str, timeout_s: float = 60.0) -> ExoProbe:
     """Ask `python` whether it can import exo (and exo-rkllm), without importing exo.main (which would run it)."""
     try:
-        out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s,
-                             env={**os.environ, "EXO_RKLLM_AUTOLOAD": "0"})
+        out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ExoUnavailable(f"cannot run {python}: {exc}") from None
     if out.returncode != 0:
         raise ExoUnavailable(f"{python} failed: {out.stderr.strip()[-300:]}")
     data = json.loads(out.stdout.strip().splitlines()[-1])
-    return ExoProbe(python, bool(data["exo"]), bool(data["exo_rkllm"]), data.get("python", ""))
+    return ExoProbe(python, bool(data["exo"]), bool(data["hooked"]), data.get("python", ""))
 
 
 def free_port() -> int:
@@ -113,7 +112,8 @@ class ExoProcess:
             "address": "127.0.0.1", "port": self.node_port,
             "device_capabilities": {"model": "bench", "chip": "bench", "memory": 16000,
                                     "flops": {"fp32": 0, "fp16": 0, "int8": 0}}}}}))
-        env = {**os.environ, **self.env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "EXO_HOME": str(work / "exo-home"), **self.env, "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         if not probe.has_plugin:
             root = str(Path(exo_rkllm.__file__).resolve().parent.parent)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)

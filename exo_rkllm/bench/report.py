@@ -131,10 +131,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             continue
         lines += standard_table(section)
         warm = section.get("warmup") or []
+        meta = section.get("meta") or {}
         if warm and warm[0].get("ttft_s") is not None:
             lines.append("")
+            load = (f"the model was loaded before it, in {meta['load_s']:.1f} s" if meta.get("load_s") is not None
+                    else "it includes loading the model if the server had not loaded it yet")
             lines.append(f"Warm-up request (not in the table): TTFT {_ms(warm[0]['ttft_s'])}, "
-                         f"response {_s(warm[0].get('response_s'))} (includes model loading on first use).")
+                         f"response {_s(warm[0].get('response_s'))}; {load}.")
         for err in section.get("errors", []):
             lines.append(f"- error: {err}")
         lines.append("")

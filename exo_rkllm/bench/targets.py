@@ -245,12 +245,13 @@ class RuntimeTarget:
         return out
 
     async def chat(self, messages: Messages) -> ChatResult:
+        t_start = time.monotonic()  # before queueing: a waiting client's latency includes the wait
         async with self._lock:  # one NPU context: concurrent clients queue here, as behind the scheduler
-            return await self._chat(messages)
+            return await self._chat(messages, t_start)
 
-    async def _chat(self, messages: Messages) -> ChatResult:
+    async def _chat(self, messages: Messages, t_start: float) -> ChatResult:
         rt = self.runtime
-        res = ChatResult(t_start=time.monotonic())
+        res = ChatResult(t_start=t_start)
         ids = self.counter.encode(self.counter.template(messages))
         res.prompt_tokens = len(ids)
         reuse = self.kv_reuse and getattr(rt.capabilities, "keep_history", False)
@@ -285,6 +286,13 @@ class RuntimeTarget:
                 if ev.aborted:
                     res.notes.append("aborted")
         res.t_end = time.monotonic()
+        # The answer's text is the decode of every generated id, as a server returns it; the
+        # callback's text holds back the bytes of a character the cap cut in half.
+        full = self.counter.tok.decode(generated, skip_special_tokens=True)
+        if full != res.text:
+            res.notes.append(f"streamed text ({len(res.text)} chars) differs from the decode of the ids "
+                             f"({len(full)} chars): a character cut by the length cap")
+            res.text = full
         res.completion_tokens = len(generated)
         res.completion_source = "token ids"
         capped = bool(self.max_new_tokens) and len(generated) >= self.max_new_tokens
@@ -332,20 +340,26 @@ def parse_sse_line(line: bytes | str) -> dict[str, Any] | str | None:
 class ExoStreamAccumulator:
     """Turns exo's streamed chunks into a ChatResult.
 
-    exo writes one chunk per generated token (its `on_token` callback), then a
-    last chunk with finish_reason; when the answer ends on EOS, exo decodes the
-    EOS token itself into that chunk's content (`<|im_end|>`), which is not part
-    of the answer: it is dropped here and noted.
+    exo writes one chunk per token it receives from the engine (its `on_token`
+    callback). With finish_reason "stop" the last chunk is the EOS token: not an
+    answer token, so it is not counted or timed as one; its text, if any, is
+    kept unless it is the EOS marker itself (plain exo decodes EOS into the
+    content as `<|im_end|>`), which is dropped and noted. With "length" (exo's
+    --max-generate-tokens) the last chunk is a real token.
     """
 
     def __init__(self, t_start: float, stop_texts: frozenset[str] = frozenset()) -> None:
         self.res = ChatResult(t_start=t_start)
         self.stop_texts = stop_texts
         self.eos_echoed = False
+        self.request_id: str | None = None
 
     def feed(self, t: float, chunk: Mapping[str, Any]) -> None:
         res = self.res
         res.chunks += 1
+        cid = chunk.get("id")
+        if self.request_id is None and isinstance(cid, str):
+            self.request_id = cid[len("chatcmpl-"):] if cid.startswith("chatcmpl-") else cid
         if "system_fingerprint" in chunk:
             res.server.setdefault("system_fingerprint", chunk["system_fingerprint"])
         choices = chunk.get("choices") or [{}]
@@ -357,8 +371,17 @@ class ExoStreamAccumulator:
             res.finish_reason = finish
         if isinstance(chunk.get("usage"), dict):
             res.server["usage"] = chunk["usage"]
-        if finish == "stop" and isinstance(content, str) and content in self.stop_texts:
-            self.eos_echoed = True
+        if finish == "stop" or (finish and not content):
+            # finish_reason "stop" means exo's last token was EOS: this chunk is that token, not
+            # an answer token. Plain exo decodes EOS into the text (`<|im_end|>`); exo-rkllm sends
+            # the text it still held back (a character cut by the cap decodes to U+FFFD), or "".
+            if isinstance(content, str) and content in self.stop_texts:
+                self.eos_echoed = True
+            elif isinstance(content, str) and content:
+                res.content_chunks += 1
+                res.text += content
+                if res.t_first is None:
+                    res.t_first = t
             return
         res.token_times.append(t)  # exo's contract: each chunk is one token
         if isinstance(content, str) and content:
@@ -394,6 +417,7 @@ class ExoApiTarget:
         self.fingerprint: str | None = None
         self.listed: bool | None = None
         self.extra: dict[str, Any] = {}
+        self.engine_status: dict[str, Any] | None = None  # exo-rkllm's /v1/rkllm/status, when exo runs our engine
 
     async def open(self) -> None:
         import aiohttp
@@ -414,10 +438,41 @@ class ExoApiTarget:
             await self.close()
             raise TargetError(f"exo at {self.url} does not list the model {self.model_id!r} "
                               f"({len(ids)} models listed); pass the id it uses with --model")
+        self.engine_status = await self._status()
+
+    async def _status(self) -> dict[str, Any] | None:
+        """exo-rkllm's status route: with it, per-request engine stats (tokens actually prefilled)
+        become visible through exo; plain exo has no such route and that is fine."""
+        try:
+            async with self._session.get(f"{self.url}/v1/rkllm/status") as resp:
+                if resp.status == 200:
+                    data = await resp.json(content_type=None)
+                    return data if isinstance(data, dict) else None
+        except Exception:
+            pass
+        return None
+
+    async def _engine_run(self, request_id: str) -> dict[str, Any] | None:
+        """The engine's summary of one finished request (matched by exo's request id)."""
+        for attempt in range(3):
+            status = await self._status()
+            for run in (status or {}).get("recent") or []:
+                if isinstance(run, dict) and run.get("request_id") == request_id:
+                    return run
+            if status is None:
+                return None
+            await asyncio.sleep(0.05 * (attempt + 1))
+        return None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "url": self.url, "model_id": self.model_id,
-                "system_fingerprint": self.fingerprint, **self.extra}
+        out = {"kind": self.kind, "url": self.url, "model_id": self.model_id,
+               "system_fingerprint": self.fingerprint, "engine_stats_visible": self.engine_status is not None,
+               **self.extra}
+        if self.engine_status:
+            rt = self.engine_status.get("runtime") or {}
+            out.update(backend=rt.get("backend") or self.engine_status.get("backend"),
+                       runtime_version=rt.get("version"))
+        return out
 
     async def _prompt_tokens(self, messages: Messages) -> int | None:
         if self.counter is not None:
@@ -454,6 +509,12 @@ class ExoApiTarget:
         res = acc.finish(time.monotonic())
         self.fingerprint = self.fingerprint or res.server.get("system_fingerprint")
         res.prompt_tokens = prompt_tokens
+        if self.engine_status is not None and acc.request_id:
+            run = await self._engine_run(acc.request_id)  # after the clock stopped
+            if run is not None:
+                res.server["engine"] = run
+                if run.get("prefilled") is not None:
+                    res.prefill_tokens = int(run["prefilled"])
         if res.finish_reason is None:
             res.notes.append("stream ended without finish_reason")
         if self.counter is not None:
@@ -467,6 +528,8 @@ class ExoApiTarget:
 
     async def close(self) -> None:
         if self._session is not None:
+            if self.engine_status is not None:  # the runtime and its version are known once a model ran
+                self.engine_status = await self._status() or self.engine_status
             await self._session.close()
             self._session = None
 

@@ -1,0 +1,128 @@
+"""The report writers on a recorded report: the cells a reader sees, the JSON, the chart's data and file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exo_rkllm.bench import report, results
+from test_bench_results import CATS, EXO, RUNTIME
+
+
+def make_report(exo_measured: bool = True) -> dict:
+    rt = {"label": "runtime (sim)", "kind": "runtime", "status": "measured", "errors": [],
+          "standard": results.standard_section(CATS, RUNTIME),
+          "warmup": [{"ttft_s": 0.208, "response_s": 1.34}],
+          "meta": {"runtime_version": "sim-1.2.3", "load_s": 1.5},
+          "multi_turn": results.multi_turn_section(
+              [{"turn": 1, "prompt_tokens": 31, "prefill_tokens": 31, "ttft_s": 0.292},
+               {"turn": 2, "prompt_tokens": 64, "prefill_tokens": 24, "ttft_s": 0.234}],
+              prefill_visible=True, note="from the runtime's stats")}
+    if exo_measured:
+        exo = {"label": "exo API", "kind": "exo", "status": "measured", "errors": [],
+               "standard": results.standard_section(CATS, EXO), "warmup": [], "meta": {"url": "http://127.0.0.1:1"},
+               "multi_turn": results.multi_turn_section(
+                   [{"turn": 1, "prompt_tokens": 31, "ttft_s": 0.30}, {"turn": 2, "prompt_tokens": 64, "ttft_s": 0.9}],
+                   prefill_visible=False, note="not visible"),
+               "concurrency": results.concurrency_section(
+                   [{"category": "Math", "text": "t", "finish_reason": "stop", "completion_tokens": 10,
+                     "response_s": 1.3, "ttft_s": 0.2},
+                    {"category": "Creative", "text": "t", "finish_reason": "stop", "completion_tokens": 10,
+                     "response_s": 2.6, "ttft_s": 1.5}], 2.6,
+                   {"Math": {"t"}, "Creative": {"t"}}, deterministic=True)}
+    else:
+        exo = {"label": "exo API", "kind": "exo", "status": "not measured",
+               "reason": "/usr/bin/python3 cannot import exo (legacy exo-explore/exo)"}
+    rep = {"schema": "exo-rkllm-bench/1", "date": "2026-11-22T18:19:36+00:00", "duration_s": 88.0,
+           "settings": {"reps": 3, "warmup": 1, "max_new_tokens": 10},
+           "model": {"model_id": "qwen2.5-1.5b-instruct-demo", "file": "demo.rkllm"},
+           "pacing": "SIMULATED runtime paced like an RK3588", "environment": {"platform": "Linux", "cpus": 2,
+                                                                               "loadavg_at_start": [0.5]},
+           "targets": {"runtime": rt, "exo": exo}, "notes": ["simulated runtime"]}
+    if exo_measured:
+        rep["comparison"] = results.compare_sections(rt["standard"], exo["standard"])
+    else:
+        rep["comparison_reason"] = "exo not measured: cannot import exo"
+    return rep
+
+
+def _row(md: str, first_cell: str, after: str = "") -> list[str]:
+    text = md[md.index(after):] if after else md
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {first_cell} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_markdown_standard_table_cells():
+    md = report.render_markdown(make_report())
+    assert "| Test | Tokens/sec | TTFT | Prompt tokens | Completion tokens | Response time |" in md
+    assert _row(md, "Math") == ["Math", "8.00 [7.90–8.10]", "202 ms [200–204]", "20", "10", "1.33 s [1.32–1.34]"]
+    assert _row(md, "Creative", after="## exo API") == ["Creative", "7.20 [7.00–7.40]", "200 ms [190–210]", "15", "10",
+                                                       "1.41 s [1.40–1.45]"]
+    assert "SIMULATED runtime paced like an RK3588" in md
+    assert "answers capped at 10 tokens" in md
+    assert "the model was loaded before it, in 1.5 s" in md
+
+
+def test_markdown_overhead_table():
+    md = report.render_markdown(make_report())
+    section = md[md.index("## exo overhead"):]
+    assert _row(section, "Math") == ["Math", "0.90× (-0.80 tok/s)", "1.24× (+48 ms)", "1.13× (+0.17 s)"]
+    assert _row(section, "**All**")[1] == "0.90× (-0.80 tok/s)"
+
+
+def test_markdown_multi_turn_and_concurrency():
+    md = report.render_markdown(make_report())
+    mt = md[md.index("## Multi-turn"):]
+    assert _row(mt, "2") == ["2", "64", "24", "234 ms", "64", "not measured", "900 ms"]
+    assert "the KV cache saved 42% of prompt prefill" in mt  # 1 - (31+24)/(31+64)
+    cc = md[md.index("## Concurrent clients"):]
+    row = _row(cc, "exo")
+    assert row[1:7] == ["2", "7.69", "1.95 s", "2.54 s", "850 ms", "1435 ms"]
+    assert row[7] == "2/2 own ✅"
+
+
+def test_exo_not_measured_is_said_not_blank():
+    md = report.render_markdown(make_report(exo_measured=False))
+    assert "**not measured**: /usr/bin/python3 cannot import exo" in md
+    assert "not measured: exo not measured: cannot import exo" in md
+    assert _row(md, "Math")[1] == "8.00 [7.90–8.10]"  # the runtime table is still there
+
+
+def test_fmt_helpers():
+    assert report.fmt_metric(None, "decode_tps") == "not measured"
+    assert report.fmt_metric({"n": 1, "median": 8.0, "min": 8.0, "max": 8.0, "stdev": 0.0}, "decode_tps") == "8.00"
+    assert report.fmt_metric({"n": 3, "median": 16, "min": 12, "max": 16, "stdev": 2.3}, "completion_tokens") == \
+        "16 [12–16]"
+    assert report.fmt_ratio({"metric": "ttft_s", "ratio": None, "delta": None}) == "not measured"
+
+
+def test_json_round_trip_renders_the_same(tmp_path):
+    rep = make_report()
+    path = report.write_json(rep, tmp_path / "r.json")
+    again = json.loads(path.read_text(encoding="utf-8"))
+    assert report.render_markdown(again) == report.render_markdown(rep)
+    md_path = report.write_markdown(rep, tmp_path / "r.md")
+    assert md_path.read_text(encoding="utf-8") == report.render_markdown(rep)
+
+
+def test_chart_data():
+    data = report.chart_data(make_report())
+    assert data["categories"] == ["Math", "Creative"]
+    assert data["bars"]["runtime"]["decode_tps"] == [pytest.approx(8.0), pytest.approx(8.0)]
+    assert data["bars"]["exo"]["ttft_s_max"] == [pytest.approx(0.26), pytest.approx(0.21)]
+    assert data["curves"]["runtime"]["prefill_tokens"] == [31, 24]
+    assert data["curves"]["exo"]["ttft_s"] == [0.30, 0.9]
+    assert list(report.chart_data(make_report(exo_measured=False))["bars"]) == ["runtime"]
+
+
+def test_png_written_or_skipped_with_reason(tmp_path):
+    path = tmp_path / "chart.png"
+    msg = report.write_png(make_report(), path)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert msg is not None and "matplotlib" in msg
+        return
+    assert msg is None
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.write_png({"targets": {}}, tmp_path / "none.png") is not None
