@@ -319,10 +319,14 @@ class SimRuntime:
             parts.append(rng.choice(_FRAGMENTS))
             ids = tok.encode(" ".join(parts), add_special_tokens=False)
         ids = ids[:want]
-        # A model ends its answer after a whole character: drop a split one at the end.
+        # A model ends its answer after a whole character: replace a split one at the end by
+        # full stops, so `tokens=N` still gives exactly N tokens.
         while ids:
             data = b"".join(token_bytes(tok, i) for i in ids[-4:])
             if utf8_complete_prefix(data) == len(data):
                 break
             ids.pop()
+        stop = tok.encode(".", add_special_tokens=False)
+        while len(ids) < want:
+            ids += stop
         return ids + eos
