@@ -277,42 +277,48 @@ def write_png(report: Mapping[str, Any], path: Path) -> str | None:
     if not data["bars"]:
         return "nothing was measured: PNG chart skipped"
     cats, bars, curves = data["categories"], data["bars"], data["curves"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    colors = {k: f"C{i}" for i, k in enumerate(dict.fromkeys([*bars, *curves]))}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.4))
     width = 0.8 / max(1, len(bars))
     for ax, key, title, scale, unit in ((axes[0], "decode_tps", "Decode tokens/s (higher is better)", 1.0, "tokens/s"),
                                         (axes[1], "ttft_s", "Time to first token (lower is better)", 1000.0, "ms")):
+        top = 0.0
         for i, (k, b) in enumerate(bars.items()):
             xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(cats))]
             med = [(v or 0) * scale for v in b[key]]
             err = [[max(0.0, (m or 0) * scale - (lo or m or 0) * scale) for m, lo in zip(b[key], b[key + "_min"])],
                    [max(0.0, (hi or m or 0) * scale - (m or 0) * scale) for m, hi in zip(b[key], b[key + "_max"])]]
-            ax.bar(xs, med, width, yerr=err, capsize=3, label=k)
+            ax.bar(xs, med, width, yerr=err, capsize=3, label=k, color=colors[k])
+            top = max([top, *[(hi or 0) * scale for hi in b[key + "_max"]]])
+        ax.set_ylim(0, top * 1.25 or 1)  # room for the legend above the bars
         ax.set_xticks(range(len(cats)))
         ax.set_xticklabels(cats, rotation=20, ha="right")
         ax.set_ylabel(unit)
         ax.set_title(title)
-        ax.legend()
+        ax.legend(loc="upper right", ncol=max(1, len(bars)), fontsize=9)
     ax = axes[2]
     if curves:
-        for k, c in curves.items():
-            ax.plot(c["turn"], [(v or 0) * 1000 for v in c["ttft_s"]], marker="o", label=f"{k} TTFT")
-        ax.set_xlabel("turn")
-        ax.set_ylabel("TTFT (ms)")
-        ax.set_title("Multi-turn TTFT (flat = KV cache reused)")
         ax2 = ax.twinx()
         for k, c in curves.items():
-            ax2.plot(c["turn"], c["prompt_tokens"], linestyle=":", alpha=0.6, label=f"{k} prompt tokens")
+            ax.plot(c["turn"], [(v or 0) * 1000 for v in c["ttft_s"]], marker="o", color=colors[k], label=f"{k} TTFT")
+            ax2.plot(c["turn"], c["prompt_tokens"], linestyle=":", color=colors[k], alpha=0.7,
+                     label=f"{k} prompt tokens")
             if all(v is not None for v in c["prefill_tokens"]):
-                ax2.plot(c["turn"], c["prefill_tokens"], linestyle="--", alpha=0.6, label=f"{k} prefilled")
-        ax2.set_ylabel("tokens")
+                ax2.plot(c["turn"], c["prefill_tokens"], linestyle="--", color=colors[k], alpha=0.7,
+                         label=f"{k} prefilled tokens")
+        ax.set_xlabel("turn")
+        ax.set_ylabel("TTFT (ms)")
+        ax2.set_ylabel("tokens (dotted: prompt, dashed: prefilled)")
+        ax.set_title("Multi-turn TTFT (flat = KV cache reused)")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
     else:
         ax.text(0.5, 0.5, "multi-turn: not measured", ha="center", va="center")
         ax.set_axis_off()
     model = (report.get("model") or {}).get("model_id", "?")
-    fig.suptitle(f"exo-rkllm benchmark — {model} — {report.get('pacing', '')} — {report.get('date', '')}", fontsize=10)
+    sim = "SIMULATED, RK3588-like pacing" if "SIMULATED" in str(report.get("pacing", "")) else report.get("pacing", "")
+    fig.suptitle(f"exo-rkllm benchmark — {model} — {sim} — {report.get('date', '')}", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

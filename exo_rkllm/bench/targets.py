@@ -456,6 +456,8 @@ class ExoApiTarget:
         """The engine's summary of one finished request (matched by exo's request id)."""
         for attempt in range(3):
             status = await self._status()
+            if status is not None:
+                self.engine_status = status  # the latest: runtime and version are known once a model ran
             for run in (status or {}).get("recent") or []:
                 if isinstance(run, dict) and run.get("request_id") == request_id:
                     return run
@@ -528,8 +530,6 @@ class ExoApiTarget:
 
     async def close(self) -> None:
         if self._session is not None:
-            if self.engine_status is not None:  # the runtime and its version are known once a model ran
-                self.engine_status = await self._status() or self.engine_status
             await self._session.close()
             self._session = None
 
