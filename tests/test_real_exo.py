@@ -161,10 +161,18 @@ async def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(exo):
         assert ok["finish"] == "stop"
 
 
-async def test_no_request_state_is_left_behind(exo):
+async def test_no_request_state_is_left_behind_after_200_requests(exo):
     async with aiohttp.ClientSession() as s:
-        for i in range(20):
-            await stream_chat(s, exo.api, user(f"n{i} [[sim:tokens=2]]"))
+        for i in range(200):
+            if i % 20 == 0:  # ends on exo's --max-generate-tokens, runtime aborted
+                res = await stream_chat(s, exo.api, user(f"n{i} [[sim:tokens=100]]"))
+                assert res["finish"] == "length"
+            elif i % 3 == 0:
+                async with s.post(f"{exo.api}/v1/chat/completions",
+                                  json={"model": DEMO_ID, "messages": user(f"n{i} [[sim:tokens=2]]")}) as r:
+                    assert r.status == 200
+            else:
+                await stream_chat(s, exo.api, user(f"n{i} [[sim:tokens=2]]"))
         await asyncio.sleep(0.3)
         async with s.get(f"{exo.api}/v1/rkllm/status") as r:
             status = await r.json()
