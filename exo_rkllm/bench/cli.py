@@ -5,10 +5,10 @@
     exo-rkllm bench --compare --start-exo      # on a board: raw runtime, then exo started for the run
     exo-rkllm bench --target rkllama --url http://localhost:8080 --model qwen2.5:3b
 
-Defaults are chosen so the simulator run finishes in under two minutes:
-3 repetitions after 1 warm-up, answers capped at 16 tokens, a 10-turn
-conversation, 4 parallel clients. On a board, `--max-tokens 0` measures full
-answers.
+Defaults: 1 warm-up then 3 repetitions of each prompt, a 10-turn conversation,
+4 parallel clients. Answers are capped at 10 tokens with --sim (so the whole
+comparison, exo included, finishes in under two minutes) and at 64 tokens
+otherwise; `--max-tokens 0` measures full answers.
 """
 from __future__ import annotations
 
