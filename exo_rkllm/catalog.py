@@ -160,10 +160,14 @@ class Catalog:
             self.refresh()
             entry = self.find(name)
         if entry is None:
-            available = ", ".join(e.model_id for e in self.servable()) or "none"
+            available = ", ".join(e.model_id for e in self.servable())
             if not self.config.models_dir.is_dir():
                 raise ModelNotFound(f"unknown model {name!r}: the models folder {self.config.models_dir} does not "
                                     "exist (set RKLLM_MODELS_DIR, or run `exo-rkllm demo` for a simulator model)")
+            if not available:
+                raise ModelNotFound(f"unknown model {name!r}: {self.config.models_dir} has no servable model "
+                                    "(put .rkllm models there, see the README's 'Model layout', set "
+                                    "RKLLM_MODELS_DIR, or run `exo-rkllm demo` for a simulator model)")
             raise ModelNotFound(f"unknown model {name!r}; models in {self.config.models_dir}: {available}")
         if entry.problem:
             raise ModelUnavailable(f"model {entry.model_id!r} cannot be served: {entry.problem}")

@@ -92,7 +92,7 @@ def test_missing_and_empty_models_folder(tmp_path):
     with pytest.raises(ModelNotFound, match="does not exist.*exo-rkllm demo"):
         catalog(tmp_path / "absent").resolve("x")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFound, match="models in .*: none"):
+    with pytest.raises(ModelNotFound, match="has no servable model.*exo-rkllm demo"):
         catalog(tmp_path / "empty").resolve("x")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from typing import Any
 
@@ -25,9 +26,17 @@ MAX_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
-def exo(tmp_path_factory, demo_models_dir):
+def exo(tmp_path_factory, demo_model_dir):
     workdir = tmp_path_factory.mktemp("exo")
-    proc = start_exo(EXO_PYTHON, workdir, demo_models_dir,
+    models = workdir / "models"
+    shutil.copytree(demo_model_dir, models / demo_model_dir.name)
+    broken = models / "BrokenModelfile"
+    shutil.copytree(demo_model_dir, broken)
+    (broken / "Modelfile").write_text('FROM="missing-file.rkllm"\n')
+    notok = models / "NoTokenizer"
+    notok.mkdir()
+    shutil.copy(next(demo_model_dir.glob("*.rkllm")), notok / "m.rkllm")
+    proc = start_exo(EXO_PYTHON, workdir, models,
                      {"RKLLM_SIM_DECODE_MS": "20", "RKLLM_SIM_PREFILL_MS": "1", "RKLLM_SIM_PREFILL_BASE_MS": "10",
                       "RKLLM_SIM_LOAD_MS": "200"},
                      ["--max-generate-tokens", str(MAX_TOKENS)])
@@ -152,6 +161,10 @@ async def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(exo):
         async with s.post(f"{exo.api}/v1/chat/completions", json={"model": DEMO_ID, "messages": user("word " * 5000)}) as r:
             body = await r.json()
             assert r.status == 400 and "context of 4096 tokens" in body["error"]["message"], body
+        for model, reason in (("BrokenModelfile", "no such file"), ("NoTokenizer", "missing tokenizer")):
+            async with s.post(f"{exo.api}/v1/chat/completions", json={"model": model, "messages": user("x")}) as r:
+                body = await r.json()
+                assert r.status == 409 and reason in body["error"]["message"], body
         res = await stream_chat(s, exo.api, user("error please [[sim:error_at=4]]"))
         assert res["finish"] == "error" and "token 4" in res["chunks"][-1]["error"]["message"]
         async with s.post(f"{exo.api}/v1/chat/completions",
@@ -179,3 +192,20 @@ async def test_no_request_state_is_left_behind_after_200_requests(exo):
     assert status["streams"] == 0 and status["queued"] == 0 and status["running"] is None
     assert status["plugin"] == {"active": 0, "failures": 0, "texts": 0}
     assert status["engine"] == {"contexts": 0}
+
+
+def test_empty_models_folder_starts_and_says_what_to_do(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = start_exo(EXO_PYTHON, tmp_path, tmp_path / "empty", {})
+    try:
+        async def check():
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"{proc.api}/v1/models") as r:
+                    assert (await r.json())["data"] == []
+                async with s.post(f"{proc.api}/v1/chat/completions", json={"messages": user("hi")}) as r:
+                    body = await r.json()
+                    assert r.status == 404 and "exo-rkllm demo" in body["error"]["message"]
+        asyncio.run(check())
+        assert "no servable .rkllm model" in proc.log_text()
+    finally:
+        proc.stop()
