@@ -41,6 +41,7 @@ def make_report(exo_measured: bool = True) -> dict:
            "targets": {"runtime": rt, "exo": exo}, "notes": ["simulated runtime"]}
     if exo_measured:
         rep["comparison"] = results.compare_sections(rt["standard"], exo["standard"])
+        rep["comparison"]["concurrency"] = results.concurrency_baseline(rt["standard"], exo["concurrency"])
     else:
         rep["comparison_reason"] = "exo not measured: cannot import exo"
     return rep
@@ -79,6 +80,9 @@ def test_markdown_multi_turn_and_concurrency():
     row = _row(cc, "exo")
     assert row[1:7] == ["2", "7.69", "1.95 s", "2.54 s", "850 ms", "1435 ms"]
     assert row[7] == "2/2 own ✅"
+    # runtime medians Math 1.33 s + Creative 1.29 s = 2.62 s back to back; exo took 2.60 s
+    assert "in 2.60 s; the same requests back to back on the raw runtime take 2.62 s" in cc
+    assert "0.99× (-0.02 s)" in cc
 
 
 def test_exo_not_measured_is_said_not_blank():

@@ -123,3 +123,14 @@ def test_determinism_and_references():
     assert results.references_from(section) == {"Math": {"t"}, "Creative": {"t"}}
     varied = results.standard_section(CATS, RUNTIME[:2] + [dict(RUNTIME[2], text="other")] + RUNTIME[3:])
     assert results.is_deterministic(varied) is False
+
+
+def test_concurrency_baseline_sums_runtime_medians():
+    section = results.standard_section(CATS, RUNTIME)  # medians: Math 1.33 s, Creative 1.29 s
+    conc = {"wall_s": 5.5, "results": [{"category": "Math"}, {"category": "Creative"}, {"category": "Math"},
+                                       {"category": "Creative"}]}
+    base = results.concurrency_baseline(section, conc)
+    assert base["runtime_serial_s"] == pytest.approx(2 * 1.33 + 2 * 1.29)
+    assert base["ratio"] == pytest.approx(5.5 / 5.24)
+    assert base["delta_s"] == pytest.approx(0.26)
+    assert results.concurrency_baseline(section, {"wall_s": 1.0, "results": [{"category": "Unknown"}]}) is None

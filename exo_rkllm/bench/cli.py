@@ -149,7 +149,12 @@ async def _run(args: argparse.Namespace, config: Config, local: LocalModel | Non
                 sections["exo"] = await run_target(target, settings, counter, progress)
             finally:
                 if proc is not None:
+                    code = proc.proc.poll() if proc.proc is not None else None
                     await proc.stop()
+            if proc is not None and code is not None:
+                sections["exo"].setdefault("errors", []).append(
+                    f"the exo process ended during the run (exit code {code}; a negative code is the signal that "
+                    f"ended it, e.g. -15 = SIGTERM from outside the bench); see {proc.log_path}")
             if sections["exo"].get("status") != "measured" and proc is not None:
                 sections["exo"].setdefault("reason", "")
                 sections["exo"]["exo_log_tail"] = proc.log_tail(30)
@@ -267,6 +272,8 @@ def _main(args: argparse.Namespace, t0: float) -> int:
     if rt and exo:
         if rt.get("status") == "measured" and exo.get("status") == "measured":
             report["comparison"] = results.compare_sections(rt["standard"], exo["standard"])
+            if exo.get("concurrency"):
+                report["comparison"]["concurrency"] = results.concurrency_baseline(rt["standard"], exo["concurrency"])
         else:
             missing = [k for k, s in (("runtime", rt), ("exo", exo)) if s.get("status") != "measured"]
             report["comparison_reason"] = f"{' and '.join(missing)} not measured: " + "; ".join(

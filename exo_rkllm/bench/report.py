@@ -201,6 +201,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += _table(["Target", "Clients", "Throughput (tok/s)", "p50 latency", "p95 latency", "p50 TTFT",
                          "p95 TTFT", "Own answer check"], rows)
         lines.append("")
+        base = (report.get("comparison") or {}).get("concurrency")
+        if base and base.get("ratio") is not None:
+            lines.append(f"- exo served the {cc.get('exo', {}).get('clients', '?')} clients in {base['exo_wall_s']:.2f} s; "
+                         f"the same requests back to back on the raw runtime take {base['runtime_serial_s']:.2f} s "
+                         f"(sum of its median response times): {base['ratio']:.2f}× ({base['delta_s']:+.2f} s). "
+                         "One NPU runs one generation at a time, so 1.00× is the best possible.")
         for k, c in cc.items():
             if c.get("note"):
                 lines.append(f"- {k}: {c['note']}.")

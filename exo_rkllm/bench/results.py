@@ -107,6 +107,23 @@ def compare_sections(runtime: Sequence[Mapping[str, Any]], exo: Sequence[Mapping
     return {"per_category": per_category, "all": overall}
 
 
+def concurrency_baseline(runtime: Sequence[Mapping[str, Any]], concurrency: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What N parallel clients through exo cost against the same requests run back to back on the raw runtime.
+
+    One NPU runs one generation at a time, so the best exo can do is the sum of
+    the runtime's median response times for the clients' prompts; the ratio of
+    exo's wall time to that sum is the concurrency overhead.
+    """
+    medians = {row["category"]: ((row.get("summary") or {}).get("response_s") or {}).get("median") for row in runtime}
+    needed = [medians.get(c.get("category")) for c in concurrency.get("results", [])]
+    if not needed or any(m is None for m in needed):
+        return None
+    serial = float(sum(needed))  # type: ignore[arg-type]
+    wall = concurrency.get("wall_s")
+    return {"exo_wall_s": wall, "runtime_serial_s": serial, "ratio": metrics.ratio(wall, serial),
+            "delta_s": None if wall is None else wall - serial}
+
+
 def multi_turn_section(turns: Sequence[Mapping[str, Any]], *, prefill_visible: bool, note: str = "") -> dict[str, Any]:
     """Per turn: the context the prompt had, what was actually prefilled, TTFT; plus how much the cache saved."""
     rows = [dict(t) for t in turns]
