@@ -62,34 +62,58 @@ class ExoProcess:
         return self.log.read_text(errors="replace")
 
 
-def start_exo(python: str, workdir: Path, models_dir: Path, env_extra: dict[str, str],
-              extra_args: list[str] = (), timeout: float = 120.0) -> ExoProcess:
-    node_port, api_port = free_port(), free_port()
-    node_id = f"rkllm-test-{node_port}"
-    peers = workdir / "peers.json"
-    peers.write_text(json.dumps({"peers": {node_id: {"address": "127.0.0.1", "port": node_port,
-                                                     "device_capabilities": {"model": "test", "chip": "test",
-                                                                             "memory": 16000,
-                                                                             "flops": {"fp32": 0, "fp16": 0,
-                                                                                       "int8": 0}}}}}))
+def _capabilities(memory: int) -> dict:
+    return {"model": "test", "chip": "test", "memory": memory, "flops": {"fp32": 0, "fp16": 0, "int8": 0}}
+
+
+def _launch(python: str, workdir: Path, models_dir: Path, env_extra: dict[str, str], node_id: str, node_port: int,
+            peers: Path, extra_args: list[str]) -> ExoProcess:
+    api_port = free_port()
     env = {**os.environ, "RKLLM_BACKEND": "sim", "RKLLM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1",
-           "EXO_HOME": str(workdir / "exo-home"), "PYTHONUNBUFFERED": "1", **env_extra}
-    log = workdir / "exo.log"
+           "EXO_HOME": str(workdir / f"exo-home-{node_id}"), "PYTHONUNBUFFERED": "1", **env_extra}
+    log = workdir / f"exo-{node_id}.log"
     proc = subprocess.Popen(
         [python, "-m", "exo.main", "--inference-engine", "rkllm", "--disable-tui", "--discovery-module", "manual",
          "--discovery-config-path", str(peers), "--node-id", node_id, "--node-port", str(node_port),
          "--chatgpt-api-port", str(api_port), *extra_args],
         cwd=workdir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    exo = ExoProcess(proc, f"http://127.0.0.1:{api_port}", log)
+    return ExoProcess(proc, f"http://127.0.0.1:{api_port}", log)
+
+
+def _wait_ready(nodes: list[ExoProcess], timeout: float, path: str = "/v1/models") -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exo exited with {proc.returncode}:\n{exo.log_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{exo.api}/v1/models", timeout=2) as r:
-                if r.status == 200:
-                    return exo
-        except OSError:
-            time.sleep(0.5)
-    exo.stop()
-    raise RuntimeError(f"exo did not answer within {timeout} s:\n{exo.log_text()[-3000:]}")
+    pending = list(nodes)
+    while pending and time.monotonic() < deadline:
+        for exo in list(pending):
+            if exo.proc.poll() is not None:
+                raise RuntimeError(f"exo exited with {exo.proc.returncode}:\n{exo.log_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{exo.api}{path}", timeout=2) as r:
+                    if r.status == 200:
+                        pending.remove(exo)
+            except OSError:
+                pass
+        time.sleep(0.5)
+    if pending:
+        for exo in nodes:
+            exo.stop()
+        raise RuntimeError(f"exo did not answer within {timeout} s:\n{pending[0].log_text()[-3000:]}")
+
+
+def start_ring(python: str, workdir: Path, models_dir: Path, n: int, env_extra: dict[str, str],
+               extra_args: list[str] = (), timeout: float = 180.0) -> list[ExoProcess]:
+    """n exo nodes on loopback that know each other (manual discovery), started in parallel."""
+    ports = [free_port() for _ in range(n)]
+    ids = [f"rkllm-test-{p}" for p in ports]
+    peers = workdir / "peers.json"
+    peers.write_text(json.dumps({"peers": {i: {"address": "127.0.0.1", "port": p,
+                                               "device_capabilities": _capabilities(16000 - 1000 * k)}
+                                           for k, (i, p) in enumerate(zip(ids, ports))}}))
+    nodes = [_launch(python, workdir, models_dir, env_extra, i, p, peers, list(extra_args)) for i, p in zip(ids, ports)]
+    _wait_ready(nodes, timeout)
+    return nodes
+
+
+def start_exo(python: str, workdir: Path, models_dir: Path, env_extra: dict[str, str],
+              extra_args: list[str] = (), timeout: float = 120.0) -> ExoProcess:
+    return start_ring(python, workdir, models_dir, 1, env_extra, extra_args, timeout)[0]
