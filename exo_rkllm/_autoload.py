@@ -55,8 +55,9 @@ class _PatchingLoader:
         return getattr(self._loader, name)
 
 
-def install() -> None:
-    if os.environ.get("EXO_RKLLM_AUTOLOAD", "1").strip().lower() in ("0", "false", "no", "off"):
+def install(force: bool = False) -> None:
+    """Register the hook (at start-up, unless EXO_RKLLM_AUTOLOAD=0; always when `force`)."""
+    if not force and os.environ.get("EXO_RKLLM_AUTOLOAD", "1").strip().lower() in ("0", "false", "no", "off"):
         return
     if any(isinstance(f, _ExoHook) for f in sys.meta_path):
         return

@@ -22,6 +22,17 @@ from .config import Config
 from .errors import RKLLMError
 
 
+def legacy_exo_location() -> Path | None:
+    """Where legacy exo is installed, or None (the unrelated PyPI 'exo' does not count)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("exo")
+    if spec is None or not spec.origin:
+        return None
+    root = Path(spec.origin).parent
+    return root if (root / "orchestration" / "node.py").exists() else None
+
+
 def _config(args: argparse.Namespace) -> Config:
     return Config.from_env(models_dir=Path(args.models_dir).expanduser() if args.models_dir else None,
                            backend=args.backend)
@@ -59,7 +70,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     import asyncio
-    import importlib.util
 
     from .catalog import Catalog
     from .runtime.factory import create_runtime
@@ -83,11 +93,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if not servable:
         problems += 1
         print(f"[!!] no servable model in {config.models_dir}: see README 'Model layout' or run `exo-rkllm demo`")
-    spec = importlib.util.find_spec("exo")
-    legacy = spec is not None and spec.origin and (Path(spec.origin).parent / "orchestration" / "node.py").exists()
+    legacy = legacy_exo_location()
     if legacy:
         hooked = any(type(f).__name__ == "_ExoHook" for f in sys.meta_path)
-        print(f"[{'ok' if hooked else '!!'}] legacy exo found at {Path(spec.origin).parent}" +
+        print(f"[{'ok' if hooked else '!!'}] legacy exo found at {legacy}" +
               ("" if hooked else "; the exo_rkllm.pth hook is not active: reinstall exo-rkllm with pip"))
         problems += 0 if hooked else 1
     else:
@@ -105,6 +114,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["RKLLM_BACKEND"] = args.backend
     if args.models_dir:
         os.environ["RKLLM_MODELS_DIR"] = str(Path(args.models_dir).expanduser())
+    if legacy_exo_location() is None:
+        print("exo-rkllm: legacy exo is not installed in this Python (the PyPI package named 'exo' is another "
+              "project): see the README's 'Install and run'", file=sys.stderr)
+        return 2
     plugin.install()
     exo_args = list(args.exo_args)
     if exo_args[:1] == ["--"]:
@@ -112,13 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if "--inference-engine" not in exo_args:
         exo_args = ["--inference-engine", "rkllm", *exo_args]
     sys.argv = ["exo", *exo_args]
-    try:
-        runpy.run_module("exo.main", run_name="__main__")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("exo"):
-            print("exo-rkllm: legacy exo is not installed in this Python: see README 'Install'", file=sys.stderr)
-            return 2
-        raise
+    runpy.run_module("exo.main", run_name="__main__")
     return 0
 
 
@@ -143,17 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("models", help="list models").set_defaults(func=cmd_models)
     sub.add_parser("doctor", help="check the setup").set_defaults(func=cmd_doctor)
-    serve = sub.add_parser("serve", help="start exo with the rkllm engine; extra arguments go to exo")
-    serve.add_argument("exo_args", nargs=argparse.REMAINDER)
-    serve.set_defaults(func=cmd_serve)
-    bench = sub.add_parser("bench", help="run the benchmark suite; arguments go to it", add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=cmd_bench)
+    sub.add_parser("serve", help="start exo with the rkllm engine; the arguments after it go to exo",
+                   add_help=False).set_defaults(func=cmd_serve)
+    sub.add_parser("bench", help="run the benchmark suite; the arguments after it go to it",
+                   add_help=False).set_defaults(func=cmd_bench)
     return parser
 
 
+PASSTHROUGH = {"serve": "exo_args", "bench": "bench_args"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `serve` and `bench` hand everything after them, flags included, to exo / the benchmark.
+    cut = next((i for i, a in enumerate(argv) if a in PASSTHROUGH), None)
+    rest = argv[cut + 1:] if cut is not None else []
+    args = build_parser().parse_args(argv[: cut + 1] if cut is not None else argv)
+    if cut is not None:
+        setattr(args, PASSTHROUGH[argv[cut]], rest)
     try:
         return int(args.func(args) or 0)
     except RKLLMError as exc:

@@ -65,7 +65,7 @@ def install() -> None:
     """Hook into exo: patch the exo modules already imported, and the rest when they are."""
     from . import _autoload
 
-    _autoload.install()
+    _autoload.install(force=True)
     for name in _autoload._TARGETS:
         module = sys.modules.get(name)
         if module is not None:
@@ -343,6 +343,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         refused = _check_model(engine, name)
         if refused is not None:
             return refused
+        _apply_modelfile_system(request, data, engine, name, self.system_prompt)
         http = _HttpRequest()
         token = _current.set(http)
         watcher = asyncio.ensure_future(_watch_disconnect(request, http, engine))
@@ -452,6 +453,21 @@ def _check_model(engine: RKLLMInferenceEngine, name: str) -> Any:
     except RKLLMError as exc:
         return _error(exc.http_status, str(exc), "model_not_found" if exc.http_status == 404 else "model_unavailable")
     return None
+
+
+def _apply_modelfile_system(request: Any, data: dict[str, Any], engine: RKLLMInferenceEngine, name: str,
+                            api_system_prompt: str | None) -> None:
+    """The Modelfile's SYSTEM, as rkllama applies it: only when the request has no system message
+    and exo has no --system-prompt of its own. exo reads the body again, so it is rewritten."""
+    entry = engine.catalog.find(name)
+    system = entry.system_prompt if entry is not None else None
+    if not system or api_system_prompt or any(m.get("role") == "system" for m in data["messages"]):
+        return
+    if not hasattr(request, "_read_bytes"):  # aiohttp keeps the body it read here
+        log.debug("cannot add the Modelfile SYSTEM prompt with this aiohttp version")
+        return
+    data["messages"].insert(0, {"role": "system", "content": system})
+    request._read_bytes = json.dumps(data).encode()
 
 
 async def _watch_disconnect(request: Any, http: _HttpRequest, engine: RKLLMInferenceEngine) -> None:

@@ -33,6 +33,10 @@ def exo(tmp_path_factory, demo_model_dir):
     broken = models / "BrokenModelfile"
     shutil.copytree(demo_model_dir, broken)
     (broken / "Modelfile").write_text('FROM="missing-file.rkllm"\n')
+    system = models / "WithSystem"
+    shutil.copytree(demo_model_dir, system)
+    modelfile = (system / "Modelfile").read_text().replace('SYSTEM=""', 'SYSTEM="[[sim:text=the Modelfile system prompt was applied]]"')
+    (system / "Modelfile").write_text(modelfile)
     notok = models / "NoTokenizer"
     notok.mkdir()
     shutil.copy(next(demo_model_dir.glob("*.rkllm")), notok / "m.rkllm")
@@ -87,7 +91,16 @@ def user(text: str) -> list[dict[str, str]]:
 async def test_models_lists_only_this_engines_models(exo):
     async with aiohttp.ClientSession() as s, s.get(f"{exo.api}/v1/models") as r:
         ids = [m["id"] for m in (await r.json())["data"]]
-    assert ids == [DEMO_ID]
+    assert ids == [DEMO_ID, "withsystem"]  # the broken models are not offered
+
+
+async def test_modelfile_system_prompt_is_applied_unless_the_request_has_one(exo):
+    async with aiohttp.ClientSession() as s:
+        res = await stream_chat(s, exo.api, user("hello"), model="withsystem")
+        assert res["text"] == "the Modelfile system prompt was applied"
+        own = [{"role": "system", "content": "[[sim:text=my own system prompt]]"}] + user("hello")
+        res = await stream_chat(s, exo.api, own, model="withsystem")
+        assert res["text"] == "my own system prompt"
 
 
 @pytest.mark.parametrize("prompt", ["Say something [[sim:tokens=30]]", "Autre chose, s'il te plaît [[sim:tokens=35]]",
