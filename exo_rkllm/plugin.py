@@ -340,17 +340,20 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         name = data.get("model") or self.default_model
         if name.startswith("gpt-"):
             name = self.default_model
-        refused = _check_model(engine, name)
+        entry, refused = await asyncio.to_thread(_check_model, engine, name)  # may scan disk, load a tokenizer
         if refused is not None:
             return refused
+        register_model_cards([entry])  # a model added while exo runs becomes an exo model now
         _apply_modelfile_system(request, data, engine, name, self.system_prompt)
         http = _HttpRequest()
         token = _current.set(http)
         watcher = asyncio.ensure_future(_watch_disconnect(request, http, engine))
         try:
             response = await original_chat(self, request)
-        except asyncio.CancelledError:
-            _release(self, engine, http, "the API timed out (--chatgpt-api-response-timeout)")
+        except BaseException:
+            # Client gone (aiohttp may cancel us), the API's own timeout, or a bug in exo's handler:
+            # whatever exo did not finish must not keep the NPU.
+            _release(self, engine, http, "the API timed out or the handler failed")
             raise
         finally:
             watcher.cancel()
@@ -444,15 +447,15 @@ def _size(entry: ModelEntry) -> int:
         return 0
 
 
-def _check_model(engine: RKLLMInferenceEngine, name: str) -> Any:
-    """None if `name` can be served; else the error response that says why."""
+def _check_model(engine: RKLLMInferenceEngine, name: str) -> tuple[ModelEntry | None, Any]:
+    """(entry, None) if `name` can be served; else (None, the error response that says why)."""
     try:
         entry = engine.catalog.resolve(name)
-        register_model_cards([entry])
         engine.model_for(entry.model_id)  # tokenizer problems surface here, before exo's 500
     except RKLLMError as exc:
-        return _error(exc.http_status, str(exc), "model_not_found" if exc.http_status == 404 else "model_unavailable")
-    return None
+        code = "model_not_found" if exc.http_status == 404 else "model_unavailable"
+        return None, _error(exc.http_status, str(exc), code)
+    return entry, None
 
 
 def _apply_modelfile_system(request: Any, data: dict[str, Any], engine: RKLLMInferenceEngine, name: str,
