@@ -166,7 +166,8 @@ def _notes(report: dict[str, Any], config: Config, settings: BenchSettings) -> l
     env = report["environment"]
     if config.backend == "sim":
         notes.append("simulated runtime: the figures show the simulator's RK3588-like pacing plus the real software "
-                     "path (templating, tokenizing, exo's API and engine), not NPU speed")
+                     "path (templating and tokenizing; through exo also its API, the engine and the scheduler), "
+                     "not NPU speed")
     load = (env.get("loadavg_at_start") or [None])[0]
     if load is not None and env.get("cpus") and load > 0.5 * env["cpus"]:
         notes.append(f"the host was busy (load average {load} on {env['cpus']} CPUs): timings are noisy, trust "

@@ -214,7 +214,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 lines.append(f"- {k}: answers varied between repetitions (sampling), so a mismatch is "
                              "`unverified`, not a failure; only cross-talk fails the check.")
     else:
-        lines.append(NOT_MEASURED)
+        clients = (report.get("settings") or {}).get("clients")
+        why = "skipped (--clients 0)" if clients == 0 else \
+            "no target that serves concurrent clients was measured (in --compare, only exo runs this part)"
+        lines.append(f"{NOT_MEASURED}: {why}")
     lines.append("")
     lines.append("## How these numbers were measured")
     lines.append("")
