@@ -10,6 +10,7 @@ import os
 import sys
 
 _TARGETS = (
+    "exo.helpers",
     "exo.inference.inference_engine",
     "exo.inference.tokenizers",
     "exo.orchestration.node",

@@ -167,8 +167,13 @@ class RKLLMInferenceEngine:
         return list(self._scheduler.streams) if self._scheduler else []
 
     async def shutdown(self) -> None:
+        """Abandon every request, stop the NPU, release the runtime (rkllm_destroy)."""
+        pending = 0
         if self._scheduler is not None:
+            pending = len(self._scheduler.streams)
             await self._scheduler.close()
+        self._contexts.clear()
+        log.info("rkllm engine stopped: %d unfinished request(s) cancelled, runtime released", pending)
 
     # -- internals ---------------------------------------------------------------------------------
     def _resolve_model(self, model_id: str) -> _Model:

@@ -214,6 +214,24 @@ def _broadcast(request_id: str, payload: dict[str, Any]) -> None:
 _node: Any = None
 
 
+# -- patches: exo.helpers ----------------------------------------------------------------------------
+def _patch_helpers(module: types.ModuleType) -> None:
+    original = module.shutdown
+
+    async def shutdown(signal: Any, loop: Any, server: Any) -> None:
+        # exo cancels every task and stops its server; first stop the NPU and release the runtime.
+        engine = _engine
+        if engine is not None:
+            try:
+                await asyncio.wait_for(engine.shutdown(), timeout=10)
+            except Exception as exc:
+                log.error("rkllm engine did not shut down cleanly: %r", exc)
+        await original(signal, loop, server)
+
+    shutdown.__wrapped__ = original  # type: ignore[attr-defined]
+    module.shutdown = shutdown
+
+
 # -- patches: exo.inference.inference_engine ------------------------------------------------------
 def _patch_inference_engine(module: types.ModuleType) -> None:
     original: Callable[..., Any] = module.get_inference_engine
@@ -532,6 +550,7 @@ def plugin_state_sizes() -> dict[str, int]:
 
 
 _PATCHERS: dict[str, Callable[[types.ModuleType], None]] = {
+    "exo.helpers": _patch_helpers,
     "exo.inference.inference_engine": _patch_inference_engine,
     "exo.inference.tokenizers": _patch_tokenizers,
     "exo.orchestration.node": _patch_node,

@@ -207,6 +207,21 @@ async def test_no_request_state_is_left_behind_after_200_requests(exo):
     assert status["engine"] == {"contexts": 0}
 
 
+async def test_zz_shutdown_stops_the_npu_and_releases_the_runtime(exo):
+    """Runs last in this module: it stops the shared exo, with a generation in flight."""
+    async with aiohttp.ClientSession() as s:
+        task = asyncio.create_task(stream_chat(s, exo.api, user("[[sim:tokens=400]]")))
+        for _ in range(200):
+            async with s.get(f"{exo.api}/v1/rkllm/status") as r:
+                if (await r.json()).get("running"):
+                    break
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(exo.stop)  # SIGTERM: exo's own shutdown path
+        task.cancel()
+    log = exo.log_text()
+    assert "rkllm engine stopped: 1 unfinished request(s) cancelled, runtime released" in log, log[-2000:]
+
+
 def test_empty_models_folder_starts_and_says_what_to_do(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = start_exo(EXO_PYTHON, tmp_path, tmp_path / "empty", {})
