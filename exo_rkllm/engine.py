@@ -17,6 +17,7 @@ plugin.py, which tells the engine when exo has finished or abandoned a request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -94,10 +95,14 @@ class RKLLMInferenceEngine:
     async def infer_prompt(self, request_id: str, shard: Any, prompt: str,
                            inference_state: Optional[dict] = None) -> tuple[np.ndarray, Optional[dict]]:
         tokens = await self.encode(shard, prompt)
-        return await self.infer_tensor(request_id, shard, tokens.reshape(1, -1), inference_state)
+        return await self._infer(request_id, shard, tokens.reshape(1, -1), inference_state, prompt)
 
     async def infer_tensor(self, request_id: str, shard: Any, input_data: np.ndarray,
                            inference_state: Optional[dict] = None) -> tuple[np.ndarray, Optional[dict]]:
+        return await self._infer(request_id, shard, input_data, inference_state, None)
+
+    async def _infer(self, request_id: str, shard: Any, input_data: np.ndarray, inference_state: Optional[dict],
+                     prompt_text: str | None) -> tuple[np.ndarray, Optional[dict]]:
         await self.ensure_shard(shard)
         if not shard.is_first_layer():
             return input_data, inference_state  # the model ran on the layer-0 node already
@@ -108,7 +113,7 @@ class RKLLMInferenceEngine:
             if request_id in scheduler.ended:  # exo is still stepping a request that has ended
                 return self._eos(model), inference_state
             try:
-                stream = self._start(scheduler, request_id, model, input_data)
+                stream = self._start(scheduler, request_id, model, input_data, prompt_text)
             except RKLLMError as exc:  # queue full, prompt longer than the context...
                 self._notify_failure(request_id, exc)
                 raise
@@ -204,12 +209,30 @@ class RKLLMInferenceEngine:
         except Exception as exc:  # the request that needs it will report the error
             log.error("could not preload %s: %s", spec.model_id, exc)
 
-    def _start(self, scheduler: Scheduler, request_id: str, model: _Model, input_data: np.ndarray) -> RequestStream:
+    def _start(self, scheduler: Scheduler, request_id: str, model: _Model, input_data: np.ndarray,
+               prompt_text: str | None) -> RequestStream:
         prompt = [int(t) for t in np.asarray(input_data).reshape(-1)]
         context = self._contexts.pop(request_id, None)
+        realign = None
+        if prompt_text is not None:
+            realign = functools.partial(self._realign, model.tokenizer, prompt_text)
         return scheduler.submit(request_id, model.spec, prompt, stop_ids=model.stop_ids,
                                 messages=context.messages if context else None,
-                                tools=context.tools if context else None)
+                                tools=context.tools if context else None, realign=realign)
+
+    @staticmethod
+    def _realign(tokenizer: Any, prompt_text: str, cached: Sequence[int]) -> tuple[int, ...] | None:
+        """The prompt as the cached tokens plus its remaining text, if the cache spells its beginning.
+
+        The cache holds the previous prompt and the tokens the model generated; the new prompt
+        holds that answer as text, which the tokenizer may split differently (a leading newline
+        merging with the template's). Text is what the model saw, so continuing from the cached
+        tokens and feeding only the new text keeps the conversation identical."""
+        cached_text = tokenizer.decode(list(cached), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if not cached_text or not prompt_text.startswith(cached_text) or len(prompt_text) == len(cached_text):
+            return None
+        rest = tokenizer.encode(prompt_text[len(cached_text):], add_special_tokens=False)
+        return tuple(int(t) for t in cached) + tuple(int(t) for t in rest)
 
     async def _next(self, scheduler: Scheduler, stream: RequestStream, model: _Model, first: bool) -> np.ndarray:
         request_id = stream.request_id

@@ -14,7 +14,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .config import Config
 from .errors import ContextOverflow, GenerationError, QueueFull, RequestCancelled, RKLLMError
@@ -22,6 +22,9 @@ from .runtime.base import ChatMessage, FinishEvent, GenerationInput, ModelSpec, 
 from .streams import RequestStream, StreamState
 
 log = logging.getLogger("exo_rkllm.scheduler")
+
+
+Realign = Callable[[Sequence[int]], "tuple[int, ...] | None"]
 
 
 @dataclass
@@ -32,6 +35,7 @@ class _Job:
     messages: tuple[ChatMessage, ...] | None = None
     tools: tuple[Any, ...] | None = None
     max_new_tokens: int = 0
+    realign: Realign | None = None  # same text as the prompt, but extending the cached tokens
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,13 @@ class Scheduler:
     # -- requests --------------------------------------------------------------------------------
     def submit(self, request_id: str, spec: ModelSpec, prompt_tokens: Sequence[int], *,
                stop_ids: frozenset[int] = frozenset(), messages: tuple[ChatMessage, ...] | None = None,
-               tools: tuple[Any, ...] | None = None, max_new_tokens: int = 0) -> RequestStream:
-        """Queue a generation; returns its stream at once. Raises QueueFull / ContextOverflow."""
+               tools: tuple[Any, ...] | None = None, max_new_tokens: int = 0,
+               realign: Realign | None = None) -> RequestStream:
+        """Queue a generation; returns its stream at once. Raises QueueFull / ContextOverflow.
+
+        `realign(cached_tokens)` may return the prompt's text tokenized so that it extends the
+        cache: a follow-up turn re-tokenizes the previous answer, which does not always give
+        back the tokens the model generated, and would otherwise cost a full prefill."""
         if self._closed:
             raise RequestCancelled("the engine is shutting down")
         if request_id in self.streams:
@@ -89,7 +98,7 @@ class Scheduler:
         self._start()
         stream = RequestStream(request_id, prompt, spec.model_id, on_close=self._on_stream_closed)
         self.streams[request_id] = stream
-        self._queue.append(_Job(stream, spec, stop_ids, messages, tools, max_new_tokens))
+        self._queue.append(_Job(stream, spec, stop_ids, messages, tools, max_new_tokens, realign))
         self._wakeup.set()
         position = len(self._queue) + (1 if self._running else 0)
         log.debug("request %s queued (position %d, %d prompt tokens)", request_id, position, len(prompt))
@@ -176,23 +185,26 @@ class Scheduler:
                 if job.stream.open:
                     await self._run(job)
 
-    def _plan(self, prompt: tuple[int, ...]) -> tuple[tuple[int, ...], bool, bool]:
-        """(tokens to feed, keep_history, clear the cache first) for this prompt and cache."""
+    def _plan(self, job: _Job) -> tuple[tuple[int, ...], tuple[int, ...], bool, bool]:
+        """(prompt as run, tokens to feed, keep_history, clear the cache first)."""
+        prompt = job.stream.prompt_tokens
         caps = self.runtime.capabilities
         if not caps.token_input or not caps.keep_history:
-            return prompt, False, False
+            return prompt, prompt, False, False
         if self.config.kv_reuse and self._kv:
             reused = split_prompt(prompt, self._kv)
             if 0 < reused < len(prompt):
-                return prompt[reused:], True, False
+                return prompt, prompt[reused:], True, False
+            aligned = job.realign(self._kv) if job.realign is not None else None
+            if aligned and 0 < split_prompt(aligned, self._kv) < len(aligned) < job.spec.max_context_len:
+                return aligned, aligned[len(self._kv):], True, False
         if not caps.clear_kv_cache:
-            return prompt, False, False
-        return prompt, True, self._kv != []
+            return prompt, prompt, False, False
+        return prompt, prompt, True, self._kv != []
 
     async def _run(self, job: _Job) -> None:
         stream, spec = job.stream, job.spec
-        prompt = stream.prompt_tokens
-        feed, keep, clear = self._plan(prompt)
+        prompt, feed, keep, clear = self._plan(job)
         if clear:
             await self.runtime.clear_kv_cache()
             self._kv = []
@@ -227,7 +239,7 @@ class Scheduler:
             else:
                 stream.finish(finish.stats)
                 if keep:
-                    self._kv = self._kv_after(job, emitted)
+                    self._kv = self._kv_after(job, prompt, emitted)
         finally:
             self._running = None
         if stream.state is StreamState.CLOSED:
@@ -240,13 +252,13 @@ class Scheduler:
             now - stream.created_at, outcome))
         log.debug("request %s %s: %d tokens", stream.request_id, outcome, len(emitted))
 
-    def _kv_after(self, job: _Job, emitted: list[int]) -> list[int] | None:
+    def _kv_after(self, job: _Job, prompt_run: tuple[int, ...], emitted: list[int]) -> list[int] | None:
         """What the cache holds after a clean run: the prompt and every token fed back.
 
         A token ending the answer (EOS) is sampled but never fed; on a length stop the last
         emitted token was not fed either. If the backend can report the cache length, trust
         nothing that disagrees with it."""
-        prompt = list(job.stream.prompt_tokens)
+        prompt = list(prompt_run)
         content = list(emitted)
         ended_on_stop = bool(content) and content[-1] in job.stop_ids
         while content and content[-1] in job.stop_ids:

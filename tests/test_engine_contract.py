@@ -238,3 +238,21 @@ async def test_unread_generation_is_aborted_after_the_idle_timeout(demo_models_d
     assert runtime.inner.runs[-1].aborted
     assert engine.active_requests() == []
     assert answer.request_id in engine._scheduler.ended
+
+
+async def test_follow_up_turn_reuses_the_cache_when_the_answer_retokenizes_differently(demo_models_dir):
+    engine, runtime = make_engine(demo_models_dir)
+    ring = ExoRing([engine])
+    first = await ring.complete(DEMO_ID, user("turn one [[sim:text=\n\nNew lines first, then text.]]"), DEMO_LAYERS)
+    convo = user("turn one [[sim:text=\n\nNew lines first, then text.]]") + [
+        {"role": "assistant", "content": first.streamed_text}, {"role": "user", "content": "turn two"}]
+    tok = engine.model_for(DEMO_ID).tokenizer
+    full = tok.encode(tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True))
+    cached = runtime.inner.kv_tokens
+    assert list(full[: len(cached)]) != list(cached), "the retokenized history must differ from the cache"
+    second = await ring.complete(DEMO_ID, convo, DEMO_LAYERS)
+    inp = runtime.inputs[-1]
+    assert inp.keep_history and len(inp.token_ids) < 20, "only the new turn may be prefilled"
+    cold, _ = make_engine(demo_models_dir, kv_reuse=False)
+    again = await ExoRing([cold]).complete(DEMO_ID, convo, DEMO_LAYERS)
+    assert again.streamed_text == second.streamed_text

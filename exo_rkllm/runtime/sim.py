@@ -304,13 +304,16 @@ class SimRuntime:
         return found
 
     def _answer_ids(self, context: list[int]) -> list[int]:
-        """The token ids this context generates: same context, same answer, on every run."""
+        """The token ids this context generates: same conversation, same answer, on every run."""
         tok = self._tok
         directives = self._directives(context)
         eos = [int(tok.eos_token_id)]
         if "text" in directives:
             return tok.encode(directives["text"], add_special_tokens=False) + eos
-        digest = hashlib.sha256(json.dumps(context).encode()).digest()
+        # Seeded by the context's text, not its ids: the same conversation gives the same answer
+        # however its tokens were split (as with a real model at temperature 0, nearly).
+        text = tok.decode(context, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
         rng = random.Random(digest)
         want = int(directives["tokens"]) if "tokens" in directives else rng.randint(24, 64)
         parts: list[str] = []
