@@ -103,7 +103,7 @@ async def test_modelfile_system_prompt_is_applied_unless_the_request_has_one(exo
         assert res["text"] == "my own system prompt"
 
 
-@pytest.mark.parametrize("prompt", ["Say something [[sim:tokens=30]]", "Autre chose, s'il te plaît [[sim:tokens=35]]",
+@pytest.mark.parametrize("prompt", ["Say something [[sim:tokens=38]]", "Autre chose, s'il te plaît [[sim:tokens=39]]",
                                     "hi [[sim:text= Hé 世界 🤖👩‍💻 ¿qué?  \t日本語 🇫🇷]]"])
 async def test_streamed_and_full_answers_are_the_runtime_text(exo, demo_spec, demo_tokenizer, prompt):
     messages = user(prompt)
