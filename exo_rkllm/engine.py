@@ -17,6 +17,7 @@ plugin.py, which tells the engine when exo has finished or abandoned a request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from .tokenizer import load_tokenizer, stop_token_ids
 log = logging.getLogger("exo_rkllm.engine")
 
 FailureListener = Callable[[str, RKLLMError], None]
+MAX_CONTEXTS = 256
+CONTEXT_WAIT_S = 2.0  # how long a messages-only backend waits for a request's messages from the API node
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,8 @@ class RKLLMInferenceEngine:
         self._scheduler_lock = asyncio.Lock()
         self._shard_lock = asyncio.Lock()
         self._models: dict[str, _Model] = {}
-        self._contexts: dict[str, RequestContext] = {}
+        self._contexts: collections.OrderedDict[str, RequestContext] = collections.OrderedDict()
+        self._context_waiters: dict[str, asyncio.Event] = {}
         self._failure_listeners: list[FailureListener] = []
 
     # -- exo's abstract methods ------------------------------------------------------------------
@@ -112,6 +116,8 @@ class RKLLMInferenceEngine:
         if stream is None:
             if request_id in scheduler.ended:  # exo is still stepping a request that has ended
                 return self._eos(model), inference_state
+            if not scheduler.runtime.capabilities.token_input and request_id not in self._contexts:
+                await self._wait_for_context(request_id)
             try:
                 stream = self._start(scheduler, request_id, model, input_data, prompt_text)
             except RKLLMError as exc:  # queue full, prompt longer than the context...
@@ -151,7 +157,14 @@ class RKLLMInferenceEngine:
 
     # -- what the plugin tells us ------------------------------------------------------------------
     def set_request_context(self, request_id: str, context: RequestContext) -> None:
+        """Keep a request's original messages (for backends that template themselves). Bounded:
+        a node that never runs the request (not layer 0) drops it when exo ends it, or when old."""
         self._contexts[request_id] = context
+        while len(self._contexts) > MAX_CONTEXTS:
+            self._contexts.popitem(last=False)
+        waiter = self._context_waiters.get(request_id)
+        if waiter is not None:
+            waiter.set()
 
     def finish_request(self, request_id: str, reason: str = "finished by exo") -> None:
         """exo has ended the request (EOS, max tokens): stop the NPU work if any is left."""
@@ -252,6 +265,18 @@ class RKLLMInferenceEngine:
             self._end(scheduler, request_id)
             return self._eos(model)
         return np.array([[token]], dtype=np.int64)
+
+    async def _wait_for_context(self, request_id: str) -> None:
+        """In a ring the messages come from the node that took the HTTP request, as an exo
+        status message that may arrive just after the prompt itself."""
+        waiter = self._context_waiters.setdefault(request_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(waiter.wait(), CONTEXT_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning("request %s: its chat messages never arrived; the %s backend needs them", request_id,
+                        self._scheduler.runtime.capabilities.backend if self._scheduler else "runtime")
+        finally:
+            self._context_waiters.pop(request_id, None)
 
     def _notify_failure(self, request_id: str, exc: RKLLMError) -> None:
         for listener in self._failure_listeners:

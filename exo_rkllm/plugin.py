@@ -39,6 +39,7 @@ from .errors import RKLLMError
 log = logging.getLogger("exo_rkllm.plugin")
 
 CANCEL_STATUS = "exo_rkllm_cancel"
+CONTEXT_STATUS = "exo_rkllm_context"
 FAILED_STATUS = "exo_rkllm_failed"
 DISCONNECT_POLL_S = 0.1
 
@@ -94,7 +95,7 @@ def on_token(engine: RKLLMInferenceEngine, request_id: str, tokens: Any, is_fini
 
 
 def on_opaque_status(engine: RKLLMInferenceEngine, request_id: str, status: str) -> None:
-    """Cancellations and failures sent by other nodes of the ring (and by this one)."""
+    """Cancellations, failures and request messages sent by the nodes of the ring (this one included)."""
     if "exo_rkllm_" not in status:
         return
     try:
@@ -105,6 +106,10 @@ def on_opaque_status(engine: RKLLMInferenceEngine, request_id: str, status: str)
     rid = data.get("request_id") or request_id
     if kind == CANCEL_STATUS:
         engine.cancel_request(rid, data.get("reason", "cancelled by a peer"))
+    elif kind == CONTEXT_STATUS and isinstance(data.get("messages"), list):
+        tools = data.get("tools")
+        engine.set_request_context(rid, RequestContext(messages_from_openai(data["messages"]),
+                                                       tuple(tools) if tools else None))
     elif kind == FAILED_STATUS and rid in _active and rid not in _failures:
         _failures[rid] = RKLLMError(data.get("message", "the request failed"))
 
@@ -333,9 +338,14 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
             if http is not None:
                 http.request_ids.append(request_id)
                 _active[request_id] = http
-            engine.set_request_context(request_id, RequestContext(
-                messages_from_openai(chat_request.messages),
-                tuple(chat_request.tools) if chat_request.tools else None))
+            context = RequestContext(messages_from_openai(chat_request.messages),
+                                     tuple(chat_request.tools) if chat_request.tools else None)
+            engine.set_request_context(request_id, context)
+            if node.peers:  # the node running the model may be another one (and exo's gRPC cannot
+                # carry a non-tensor inference_state on Linux), so send the messages as a status
+                _broadcast(request_id, {"type": CONTEXT_STATUS, "request_id": request_id,
+                                        "messages": [{"role": m.role, "content": m.content} for m in context.messages],
+                                        "tools": list(context.tools) if context.tools else None})
             if upstream:
                 upstream(request_id, chat_request, prompt)
 

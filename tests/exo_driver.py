@@ -17,6 +17,7 @@ streamed chunks through the same CompletionText the plugin patches into exo.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ class ExoRing:
         tokenizer = engine.model_for(model_id).tokenizer
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         answer = self.answers[request_id] = Answer(request_id)
+        self._share_messages(api_node, request_id, messages)
         base = Shard(model_id, 0, 0, n_layers)
         await self.process_prompt(api_node, base, prompt, request_id)
         return answer
@@ -174,6 +176,24 @@ class ExoRing:
             answer.finish_reason = finish
             answer.finished_at = time.monotonic()
             answer.finished.set()
+
+    def _share_messages(self, api_node: int, request_id: str, messages: list[dict[str, Any]]) -> None:
+        """What the plugin does with a request's messages: keep them on the API node, and send them
+        to the other nodes as an exo status message, which arrives a little after the prompt."""
+        from exo_rkllm.engine import RequestContext, messages_from_openai
+
+        self.engines[api_node].set_request_context(request_id, RequestContext(messages_from_openai(messages)))
+        status = json.dumps({"type": plugin.CONTEXT_STATUS, "request_id": request_id, "messages": messages})
+
+        async def deliver() -> None:
+            await asyncio.sleep(0.05)
+            for i, engine in enumerate(self.engines):
+                if i != api_node:
+                    plugin.on_opaque_status(engine, request_id, status)
+
+        task = asyncio.create_task(deliver())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def abandon(self, request_id: str, reason: str = "client disconnected") -> None:
         """What the plugin does when the HTTP client goes away: cancel on every node."""

@@ -59,3 +59,29 @@ def make_engine(models_dir: Path, timing: SimTiming | None = None, **config: Any
 
 def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
+
+
+class MessagesRuntime(RecordingRuntime):
+    """A backend that takes chat messages and templates them itself, as an rkllama server does
+    (capabilities.token_input is False); generation is the simulator's, on the templated prompt."""
+
+    def __init__(self, inner: Any, tokenizer: Any) -> None:
+        super().__init__(inner)
+        import dataclasses
+
+        self.capabilities = dataclasses.replace(inner.capabilities, backend="messages", token_input=False,
+                                                keep_history=False, clear_kv_cache=False)
+        self.tokenizer = tokenizer
+        self.received: dict[str, Any] = {}
+
+    async def generate(self, inp: GenerationInput) -> AsyncIterator[RuntimeEvent]:
+        from exo_rkllm.errors import GenerationError
+
+        if inp.messages is None:
+            raise GenerationError("this backend needs the request's chat messages")
+        self.received[inp.request_id] = inp.messages
+        messages = [{"role": m.role, "content": m.content} for m in inp.messages]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tuple(self.tokenizer.encode(prompt))
+        async for event in super().generate(GenerationInput(inp.request_id, ids)):
+            yield event

@@ -256,3 +256,25 @@ async def test_follow_up_turn_reuses_the_cache_when_the_answer_retokenizes_diffe
     cold, _ = make_engine(demo_models_dir, kv_reuse=False)
     again = await ExoRing([cold]).complete(DEMO_ID, convo, DEMO_LAYERS)
     assert again.streamed_text == second.streamed_text
+
+
+@pytest.mark.parametrize("n_nodes,api_node", [(1, 0), (2, 1), (3, 2)])
+async def test_messages_backend_gets_the_original_messages_from_any_api_node(demo_models_dir, demo_tokenizer,
+                                                                             n_nodes, api_node):
+    from exo_rkllm.runtime.sim import SimRuntime
+    from support import MessagesRuntime
+    from exo_rkllm.config import Config
+    from exo_rkllm.engine import RKLLMInferenceEngine
+
+    cfg = Config(backend="sim", models_dir=demo_models_dir)
+    runtime = MessagesRuntime(SimRuntime(SimTiming.instant()), demo_tokenizer)
+    engines = [RKLLMInferenceEngine(config=cfg, runtime=runtime)] + [make_engine(demo_models_dir)[0]
+                                                                     for _ in range(n_nodes - 1)]
+    ring = ExoRing(engines)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "[[sim:text=Só 一次 ✅]]"}]
+    answer = await ring.complete(DEMO_ID, messages, DEMO_LAYERS, api_node=api_node)
+    assert answer.streamed_text == "Só 一次 ✅"
+    got = runtime.received[answer.request_id]
+    assert [(m.role, m.content) for m in got] == [(m["role"], m["content"]) for m in messages]
+    await ring.drain()
+    assert all(e._contexts == {} for e in engines), "no node may keep the messages after the request"
