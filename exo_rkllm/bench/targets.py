@@ -52,6 +52,15 @@ class ChatResult:
     server: dict[str, Any] = field(default_factory=dict)  # counters the server itself reported
     notes: list[str] = field(default_factory=list)
 
+    def add_text(self, t: float, text: str) -> None:
+        """Record a piece of answer text that arrived at time `t` (empty pieces count for nothing)."""
+        if not text:
+            return
+        self.content_chunks += 1
+        self.text += text
+        if self.t_first is None:
+            self.t_first = t
+
 
 # -- token counting ----------------------------------------------------------------------------
 class TokenCounter:
@@ -276,11 +285,7 @@ class RuntimeTarget:
                     continue
                 generated.append(ev.token_id)
                 res.token_times.append(now)
-                if ev.text:
-                    res.content_chunks += 1
-                    res.text += ev.text
-                    if res.t_first is None:
-                        res.t_first = now
+                res.add_text(now, ev.text)
             elif isinstance(ev, FinishEvent):
                 stats = ev.stats
                 if ev.aborted:
@@ -377,18 +382,12 @@ class ExoStreamAccumulator:
             # the text it still held back (a character cut by the cap decodes to U+FFFD), or "".
             if isinstance(content, str) and content in self.stop_texts:
                 self.eos_echoed = True
-            elif isinstance(content, str) and content:
-                res.content_chunks += 1
-                res.text += content
-                if res.t_first is None:
-                    res.t_first = t
+            elif isinstance(content, str):
+                res.add_text(t, content)
             return
         res.token_times.append(t)  # exo's contract: each chunk is one token
-        if isinstance(content, str) and content:
-            res.content_chunks += 1
-            res.text += content
-            if res.t_first is None:
-                res.t_first = t
+        if isinstance(content, str):
+            res.add_text(t, content)
 
     def finish(self, t_end: float) -> ChatResult:
         self.res.t_end = t_end
@@ -613,13 +612,8 @@ class RkllamaStreamAccumulator:
         self._token(t, piece or "")
 
     def _token(self, t: float, piece: str) -> None:
-        res = self.res
-        res.token_times.append(t)
-        if piece:
-            res.content_chunks += 1
-            res.text += piece
-            if res.t_first is None:
-                res.t_first = t
+        self.res.token_times.append(t)
+        self.res.add_text(t, piece)
 
     def finish(self, t_end: float) -> ChatResult:
         self.res.t_end = t_end
