@@ -40,3 +40,23 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line).strip()
     assert command in readme
+
+
+def test_readme_defaults_match_the_code():
+    readme = (ROOT / "README.md").read_text()
+    defaults = Config()
+    for s in SETTINGS:
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{s.env}` |"))
+        shown = row.split("|")[2].strip().strip("`")
+        value = getattr(defaults, s.attr)
+        if isinstance(value, bool):
+            expected = "1" if value else "0"
+        elif value is None or value == "":
+            expected = "—"
+        elif isinstance(value, Path):
+            expected = "~/" + str(value.relative_to(Path.home())) if value.is_relative_to(Path.home()) else str(value)
+        elif isinstance(value, float) and value.is_integer():
+            expected = str(int(value))
+        else:
+            expected = str(value)
+        assert shown == expected, f"README says {s.env} defaults to {shown!r}, the code to {expected!r}"
