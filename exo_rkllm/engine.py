@@ -123,7 +123,7 @@ class RKLLMInferenceEngine:
             except RKLLMError as exc:  # queue full, prompt longer than the context...
                 self._notify_failure(request_id, exc)
                 raise
-        return await self._next(scheduler, stream, model, first=not stream.tokens), inference_state
+        return await self._next(scheduler, stream, model, first=stream.delivered == 0), inference_state
 
     async def load_checkpoint(self, shard: Any, path: str) -> None:
         await self.ensure_shard(shard)

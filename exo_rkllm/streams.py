@@ -51,6 +51,7 @@ class RequestStream:
         self.finished_at: float | None = None
         self.last_read_at = self.created_at
         self.readers = 0
+        self.delivered = 0  # tokens exo has taken
         self.prefilled = 0  # tokens the runtime actually had to prefill (after KV reuse)
         self._queue: asyncio.Queue[int | _End | BaseException] = asyncio.Queue()
         self._on_close = on_close
@@ -108,6 +109,7 @@ class RequestStream:
         if isinstance(item, BaseException):
             self._queue.put_nowait(item)
             raise item
+        self.delivered += 1
         return item
 
     def close(self, reason: str) -> None:
