@@ -1,0 +1,106 @@
+"""The messages between exo's process and the runtime worker process.
+
+One socket pair, pickled dataclasses, one message per event. Commands carry a
+sequence number; replies and generation events carry the number of the command
+they answer, so a late event of an aborted generation can never be taken for
+one of the next. Token messages are flat (no nested objects) because they are
+the only per-token traffic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ... import errors
+from ..base import CallState, FinishEvent, GenerationInput, TokenEvent
+from .backend import NativeSettings
+from .library import RuntimeIdentity
+
+
+@dataclass
+class RemoteError:
+    """An exception raised in the worker, by class name (one of exo_rkllm.errors) and message."""
+
+    kind: str
+    message: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "RemoteError":
+        if isinstance(exc, errors.RKLLMError):
+            return cls(type(exc).__name__, str(exc))
+        return cls("GenerationError", f"the runtime worker failed: {exc!r}")
+
+    def exception(self) -> errors.RKLLMError:
+        kind = getattr(errors, self.kind, None)
+        if not (isinstance(kind, type) and issubclass(kind, errors.RKLLMError)):
+            kind = errors.GenerationError
+        return kind(self.message)
+
+
+# -- parent -> worker ---------------------------------------------------------------------------------------
+@dataclass
+class Configure:
+    """First message: which library, which layout, which settings."""
+
+    identity: RuntimeIdentity
+    settings: NativeSettings
+
+
+@dataclass
+class Call:
+    """A control operation answered by one Reply: load, unload, clear_kv_cache, kv_cache_len, close."""
+
+    seq: int
+    op: str
+    arg: Any = None
+
+
+@dataclass
+class Generate:
+    seq: int
+    inp: GenerationInput
+
+
+@dataclass
+class Abort:
+    seq: int  # of the Generate to stop
+
+
+# -- worker -> parent ---------------------------------------------------------------------------------------
+@dataclass
+class Hello:
+    pid: int
+    error: RemoteError | None = None
+
+
+@dataclass
+class Reply:
+    seq: int
+    value: Any = None
+    error: RemoteError | None = None
+
+
+@dataclass
+class Token:
+    seq: int
+    token_id: int
+    text: str
+    state: int
+    at: float
+
+    def event(self) -> TokenEvent:
+        return TokenEvent(self.token_id, self.text, CallState(self.state), self.at)
+
+
+@dataclass
+class Finished:
+    seq: int
+    event: FinishEvent
+    kv_len: int | None
+
+
+@dataclass
+class Failed:
+    seq: int
+    error: RemoteError
+    kv_len: int | None

@@ -1,0 +1,445 @@
+"""Crash isolation: the native runtime in a child process owned by this backend.
+
+exo's process never loads librkllmrt.so. A worker process (worker.py) does,
+and this class speaks to it over a socket pair. If the worker dies (segfault
+or abort inside the vendor library, the kernel's OOM killer), the request in
+flight fails with an error that says so, a new worker is started at once and
+the model reloaded, and the next request runs normally. exo itself never sees
+the signal.
+
+A reader thread receives the worker's messages and hands them to the event
+loop (generation events through EventBridge, replies by resolving futures), so
+no asyncio machinery is tied to the worker's lifetime.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+from multiprocessing.connection import Connection
+
+from ...errors import GenerationError, ModelLoadError, RKLLMError, RuntimeUnavailable
+from ..base import EventBridge, FinishEvent, GenerationInput, ModelSpec, ProgressFn, RuntimeEvent
+from .backend import NativeSettings, capabilities_for
+from .ipc import Abort, Call, Configure, Failed, Finished, Generate, Hello, Reply, Token
+from .library import RuntimeIdentity
+
+log = logging.getLogger("exo_rkllm.native")
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # the folder holding exo_rkllm/
+
+_SIGNAL_MEANING = {
+    signal.SIGSEGV: "segmentation fault",
+    signal.SIGABRT: "abort",
+    signal.SIGBUS: "bus error",
+    signal.SIGILL: "illegal instruction",
+    signal.SIGFPE: "arithmetic error",
+    signal.SIGKILL: "killed, e.g. by the kernel's out-of-memory killer",
+    signal.SIGTERM: "terminated",
+}
+
+
+def describe_exit(rc: int | None) -> str:
+    """A worker's exit status in words."""
+    if rc is None:
+        return "stopped responding"
+    if rc < 0:
+        try:
+            sig = signal.Signals(-rc)
+        except ValueError:
+            return f"was killed by signal {-rc}"
+        meaning = _SIGNAL_MEANING.get(sig)
+        return f"was killed by {sig.name}" + (f" ({meaning})" if meaning else "")
+    return f"exited with status {rc}"
+
+
+class _Worker:
+    """One worker process, its socket and its reader thread."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
+        self.proc = proc
+        self.conn = conn
+        self.pid = proc.pid
+        self.alive = True
+        self.stopping = False
+        self.exit_code: int | None = None
+        self.pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
+        self._send_lock = threading.Lock()
+        self.reader: threading.Thread | None = None
+
+    def send(self, msg: Any) -> None:
+        """Raises GenerationError if the worker is gone."""
+        try:
+            with self._send_lock:
+                self.conn.send(msg)
+        except (OSError, ValueError) as exc:
+            raise GenerationError(f"the RKLLM runtime worker (pid {self.pid}) is gone: {exc}") from exc
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+
+    def stop(self, timeout: float) -> None:
+        """Wait for the process to exit (it was asked to), kill it after `timeout`, reap everything."""
+        self.stopping = True
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("the RKLLM runtime worker (pid %d) did not exit: killing it", self.pid)
+            self.kill()
+            self.proc.wait()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        if self.reader is not None and self.reader is not threading.current_thread():
+            self.reader.join(timeout)
+
+
+@dataclass
+class _Generation:
+    seq: int
+    bridge: EventBridge
+    worker: _Worker
+    started: float = field(default_factory=time.monotonic)
+
+
+def _settle(fut: asyncio.Future[Any], msg: Reply) -> None:
+    if fut.done():
+        return
+    if msg.error is not None:
+        fut.set_exception(msg.error.exception())
+    else:
+        fut.set_result(msg.value)
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class IsolatedRuntime:
+    """The `native` backend with librkllmrt.so in a worker process (RKLLM_NATIVE_ISOLATION=1, the default)."""
+
+    START_TIMEOUT = 60.0  # seconds for a worker to load the library and say hello
+    ABORT_GRACE = 10.0  # seconds a worker may take to stop after an abort before it is killed
+    CLOSE_TIMEOUT = 15.0
+
+    def __init__(self, identity: RuntimeIdentity, settings: NativeSettings, *, python: str | None = None) -> None:
+        self.identity = identity
+        self.settings = settings
+        self.python = python or sys.executable
+        self.capabilities = capabilities_for(identity)
+        self.restarts = 0
+        self.last_death: str | None = None
+        self._worker: _Worker | None = None
+        self._spec: ModelSpec | None = None
+        self._kv_len: int | None = None
+        self._gen: _Generation | None = None
+        self._seq = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._restart: asyncio.Future[None] | None = None
+        self._closed = False
+
+    # -- protocol ------------------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> ModelSpec | None:
+        return self._spec
+
+    @property
+    def worker_pid(self) -> int | None:
+        worker = self._worker
+        return worker.pid if worker is not None and worker.alive else None
+
+    def is_running(self) -> bool:
+        return self._gen is not None
+
+    def kv_cache_len(self) -> int | None:
+        """What the worker last reported (after each run and clear); None when it cannot tell."""
+        return self._kv_len if self._spec is not None else None
+
+    async def load(self, model: ModelSpec, progress: ProgressFn | None = None) -> None:
+        worker = await self._ensure_worker()
+        self._spec, self._kv_len = None, None  # a crash during the load must not reload the old model
+        if progress:
+            progress(f"loading {Path(model.path).name}", 0.0)
+        try:
+            kv_len = await self._call(worker, "load", model)
+        except ModelLoadError:
+            raise
+        except RKLLMError as exc:
+            if not worker.alive:
+                raise ModelLoadError(f"the RKLLM runtime crashed while loading {model.path}: {exc}") from exc
+            raise
+        self._spec, self._kv_len = model, kv_len
+        if progress:
+            progress(f"loaded {Path(model.path).name}", 1.0)
+
+    async def unload(self) -> None:
+        worker = self._worker
+        self._spec, self._kv_len = None, None
+        if worker is not None and worker.alive:
+            await self._call(worker, "unload")
+
+    async def abort(self) -> None:
+        gen = self._gen
+        if gen is not None and gen.worker.alive:
+            with contextlib.suppress(GenerationError):
+                gen.worker.send(Abort(gen.seq))
+
+    async def clear_kv_cache(self) -> None:
+        worker = await self._ensure_worker()
+        self._kv_len = None
+        self._kv_len = await self._call(worker, "clear_kv_cache")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._restart is not None and not self._restart.done():
+            self._restart.cancel()
+            with contextlib.suppress(BaseException):
+                await self._restart
+        worker, self._worker = self._worker, None
+        self._spec = None
+        if worker is None:
+            return
+        worker.stopping = True
+        if worker.alive:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._call(worker, "close"), self.CLOSE_TIMEOUT)
+        await asyncio.to_thread(worker.stop, self.CLOSE_TIMEOUT)
+
+    async def generate(self, inp: GenerationInput) -> AsyncIterator[RuntimeEvent]:
+        worker = await self._ensure_worker()
+        if self._spec is None:
+            raise GenerationError("no model is loaded")
+        if self._gen is not None:
+            raise GenerationError("the runtime is busy: one generation at a time per context")
+        gen = _Generation(next(self._seq), EventBridge(asyncio.get_running_loop()), worker)
+        self._gen, self._kv_len = gen, None
+        ended = False
+        try:
+            worker.send(Generate(gen.seq, inp))
+            if not worker.alive:  # died between the check and the send: the exit handler may have missed us
+                raise GenerationError(f"the RKLLM runtime worker {self.last_death or 'died'}")
+            while True:
+                item = await gen.bridge.get()
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                if isinstance(item, FinishEvent):
+                    ended = True
+                    yield item
+                    return
+                yield item
+        finally:
+            if not ended and worker.alive:
+                await self._stop_generation(gen)
+            gen.bridge.close()
+            if self._gen is gen:
+                self._gen = None
+
+    async def _stop_generation(self, gen: _Generation) -> None:
+        """The consumer left early: abort, and wait until the worker is idle again (or kill it)."""
+        with contextlib.suppress(GenerationError):
+            gen.worker.send(Abort(gen.seq))
+
+        async def drain() -> None:
+            while True:
+                item = await gen.bridge.get()
+                if isinstance(item, (BaseException, FinishEvent)):
+                    return
+
+        try:
+            await asyncio.wait_for(drain(), self.ABORT_GRACE)
+        except asyncio.TimeoutError:
+            log.error("the RKLLM runtime did not stop within %.0f s of an abort: killing its worker (pid %d)",
+                      self.ABORT_GRACE, gen.worker.pid)
+            gen.worker.kill()
+
+    # -- the worker ----------------------------------------------------------------------------------------
+    async def _ensure_worker(self) -> _Worker:
+        if self._closed:
+            raise GenerationError("the runtime was closed")
+        self._loop = asyncio.get_running_loop()
+        restart = self._restart
+        if restart is not None and not restart.done():
+            with contextlib.suppress(RKLLMError):
+                await asyncio.shield(restart)
+        worker = self._worker
+        if worker is not None and worker.alive:
+            return worker
+        # No live worker and no restart under way (first use, or a restart that failed).
+        spec, self._spec = self._spec, None
+        worker = await self._spawn()
+        if spec is not None:
+            self._kv_len = await self._call(worker, "load", spec)
+            self._spec = spec
+        return worker
+
+    async def _spawn(self) -> _Worker:
+        worker = await asyncio.to_thread(self._spawn_blocking)
+        self._worker = worker
+        return worker
+
+    def _spawn_blocking(self) -> _Worker:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+        cmd = [self.python, "-m", "exo_rkllm.runtime.native.worker", "--fd", str(child_sock.fileno())]
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        except OSError as exc:
+            parent_sock.close()
+            child_sock.close()
+            raise RuntimeUnavailable(f"cannot start the RKLLM runtime worker ({self.python}): {exc}") from exc
+        child_sock.close()
+        conn = Connection(parent_sock.detach())
+        worker = _Worker(proc, conn)
+        try:
+            conn.send(Configure(self.identity, self.settings))
+            if not conn.poll(self.START_TIMEOUT):
+                raise RuntimeUnavailable(f"the RKLLM runtime worker did not start within {self.START_TIMEOUT:.0f} s")
+            hello = conn.recv()
+        except (EOFError, OSError) as exc:
+            worker.kill()
+            rc = proc.wait()
+            conn.close()
+            raise RuntimeUnavailable(f"the RKLLM runtime worker {describe_exit(rc)} while loading "
+                                     f"{self.identity.path}") from exc
+        except RuntimeUnavailable:
+            worker.kill()
+            proc.wait()
+            conn.close()
+            raise
+        if not isinstance(hello, Hello) or hello.error is not None:
+            worker.stop(5)
+            if isinstance(hello, Hello) and hello.error is not None:
+                raise hello.error.exception()
+            raise RuntimeUnavailable(f"the RKLLM runtime worker answered {hello!r}")
+        worker.reader = threading.Thread(target=self._read, args=(worker,), name=f"rkllm-worker-{proc.pid}",
+                                         daemon=True)
+        worker.reader.start()
+        log.info("RKLLM runtime %s (%s) running in worker process %d", self.identity.version, self.identity.path,
+                 proc.pid)
+        return worker
+
+    def _read(self, worker: _Worker) -> None:
+        """The reader thread: every message from the worker, then its exit."""
+        while True:
+            try:
+                msg = worker.conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # noqa: BLE001 - an undecodable message must not stop the reader
+                log.exception("bad message from the RKLLM runtime worker")
+                continue
+            try:
+                self._on_message(worker, msg)
+            except Exception:  # noqa: BLE001
+                log.exception("handling a message from the RKLLM runtime worker failed")
+        worker.alive = False
+        try:
+            worker.exit_code = worker.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.exit_code = worker.proc.wait()
+        self._on_exit(worker)
+
+    def _on_message(self, worker: _Worker, msg: Any) -> None:
+        gen = self._gen
+        if isinstance(msg, Token):
+            if gen is not None and gen.seq == msg.seq:
+                gen.bridge.push(msg.event())
+        elif isinstance(msg, Finished):
+            if gen is not None and gen.seq == msg.seq:
+                self._kv_len = msg.kv_len
+                gen.bridge.push(msg.event)
+        elif isinstance(msg, Failed):
+            if gen is not None and gen.seq == msg.seq:
+                self._kv_len = msg.kv_len
+                gen.bridge.push(msg.error.exception())
+        elif isinstance(msg, Reply):
+            entry = worker.pending.pop(msg.seq, None)
+            if entry is not None:
+                loop, fut = entry
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_settle, fut, msg)
+
+    def _on_exit(self, worker: _Worker) -> None:
+        """On the reader thread, once the worker process is gone."""
+        expected = worker.stopping or self._closed
+        how = describe_exit(worker.exit_code)
+        spec = self._spec
+        if expected:
+            err: RKLLMError = GenerationError(f"the RKLLM runtime worker (pid {worker.pid}) was stopped")
+        else:
+            self.last_death = how
+            self._kv_len = None
+            log.error("the RKLLM runtime worker (pid %d) %s%s", worker.pid, how,
+                      "; restarting it" + (f" and reloading {spec.model_id}" if spec else ""))
+            err = GenerationError(
+                f"the RKLLM runtime crashed: its worker process (pid {worker.pid}) {how}. exo is unaffected; the "
+                "worker is being restarted" + (f" with {spec.model_id} reloaded" if spec else "") +
+                ", so the next request can run")
+        for loop, fut in list(worker.pending.values()):
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_fail, fut, err)
+        worker.pending.clear()
+        gen = self._gen
+        if gen is not None and gen.worker is worker:
+            gen.bridge.push(err)
+        with contextlib.suppress(OSError):
+            worker.conn.close()
+        loop = self._loop
+        if not expected and loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._schedule_restart, worker)
+
+    def _schedule_restart(self, dead: _Worker) -> None:
+        if self._closed or self._worker is not dead:
+            return
+        self._worker = None
+        if self._restart is None or self._restart.done():
+            self._restart = asyncio.ensure_future(self._restart_worker())
+            self._restart.add_done_callback(self._restart_done)
+
+    async def _restart_worker(self) -> None:
+        self.restarts += 1
+        spec, self._spec = self._spec, None
+        worker = await self._spawn()
+        if spec is not None:
+            self._kv_len = await self._call(worker, "load", spec)
+            self._spec = spec
+            log.info("RKLLM runtime worker restarted (pid %d) with %s reloaded", worker.pid, spec.model_id)
+
+    def _restart_done(self, task: asyncio.Future[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("restarting the RKLLM runtime worker failed: %s (the next request tries again)", exc)
+
+    async def _call(self, worker: _Worker, op: str, arg: Any = None) -> Any:
+        loop = asyncio.get_running_loop()
+        seq = next(self._seq)
+        fut: asyncio.Future[Any] = loop.create_future()
+        worker.pending[seq] = (loop, fut)
+        try:
+            worker.send(Call(seq, op, arg))
+        except GenerationError:
+            worker.pending.pop(seq, None)
+            raise
+        if not worker.alive and worker.pending.pop(seq, None) is not None:
+            raise GenerationError(f"the RKLLM runtime worker (pid {worker.pid}) {describe_exit(worker.exit_code)}")
+        return await fut
