@@ -102,11 +102,14 @@ def write_fake_model(path: Path, tokenizer: Any, answers: Iterable[str | Sequenc
 
 def write_fake_model_folder(models_dir: Path, name: str, tokenizer_dir: Path, tokenizer: Any,
                             answers: Iterable[str | Sequence[int]], *, file_name: str | None = None,
-                            modelfile: dict[str, str] | None = None, **settings: Any) -> Path:
-    """A model folder in rkllama's layout (tokenizer files, Modelfile, .rkllm) served by the fake."""
+                            modelfile: dict[str, str] | None = None, copy_tokenizer: bool = True,
+                            **settings: Any) -> Path:
+    """A model folder in rkllama's layout (tokenizer files, Modelfile, .rkllm) served by the fake.
+    With copy_tokenizer=False only config.json is copied (the tokenizer then comes from
+    RKLLM_TOKENIZER_DIR, which lets tests share one loaded tokenizer)."""
     folder = Path(models_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
-    for file in TOKENIZER_FILES:
+    for file in TOKENIZER_FILES if copy_tokenizer else ("config.json",):
         if (Path(tokenizer_dir) / file).is_file():
             shutil.copy2(Path(tokenizer_dir) / file, folder / file)
     file_name = file_name or f"{name.lower()}-rk3588-w8a8-fake.rkllm"
