@@ -7,9 +7,9 @@ flight fails with an error that says so, a new worker is started at once and
 the model reloaded, and the next request runs normally. exo itself never sees
 the signal.
 
-A reader thread receives the worker's messages and hands them to the event
-loop (generation events through EventBridge, replies by resolving futures), so
-no asyncio machinery is tied to the worker's lifetime.
+The event loop reads the worker's socket itself (add_reader): a token costs
+one wake-up of exo's loop, with no thread in between, and the worker's death
+shows up as the end of that socket. Everything on this side runs on the loop.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Any, AsyncIterator
 from multiprocessing.connection import Connection
 
 from ...errors import GenerationError, ModelLoadError, RKLLMError, RuntimeUnavailable
-from ..base import EventBridge, FinishEvent, GenerationInput, ModelSpec, ProgressFn, RuntimeEvent
+from ..base import FinishEvent, GenerationInput, ModelSpec, ProgressFn, RuntimeEvent
 from .backend import NativeSettings, capabilities_for
 from .ipc import Abort, Call, Configure, Failed, Finished, Generate, Hello, Reply, Token
 from .library import RuntimeIdentity
@@ -65,18 +65,19 @@ def describe_exit(rc: int | None) -> str:
 
 
 class _Worker:
-    """One worker process, its socket and its reader thread."""
+    """One worker process and its socket, read by the event loop it is attached to."""
 
     def __init__(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
         self.proc = proc
         self.conn = conn
+        self.fd = conn.fileno()
         self.pid = proc.pid
         self.alive = True
         self.stopping = False
         self.exit_code: int | None = None
-        self.pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._send_lock = threading.Lock()
-        self.reader: threading.Thread | None = None
 
     def send(self, msg: Any) -> None:
         """Raises GenerationError if the worker is gone."""
@@ -90,25 +91,32 @@ class _Worker:
         with contextlib.suppress(OSError):
             self.proc.kill()
 
-    def stop(self, timeout: float) -> None:
-        """Wait for the process to exit (it was asked to), kill it after `timeout`, reap everything."""
-        self.stopping = True
+    def wait(self, timeout: float) -> int:
+        """The exit status, killing the process if it has not exited within `timeout`."""
         try:
-            self.proc.wait(timeout)
+            return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             log.warning("the RKLLM runtime worker (pid %d) did not exit: killing it", self.pid)
             self.kill()
-            self.proc.wait()
+            return self.proc.wait()
+
+    def detach(self) -> None:
+        """Stop reading the socket (on the loop thread, or once that loop has stopped)."""
+        loop, self.loop = self.loop, None
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self.fd)
+
+    def close(self) -> None:
+        self.detach()
         with contextlib.suppress(OSError):
             self.conn.close()
-        if self.reader is not None and self.reader is not threading.current_thread():
-            self.reader.join(timeout)
 
 
 @dataclass
 class _Generation:
     seq: int
-    bridge: EventBridge
+    queue: asyncio.Queue[Any]
     worker: _Worker
     started: float = field(default_factory=time.monotonic)
 
@@ -120,11 +128,6 @@ def _settle(fut: asyncio.Future[Any], msg: Reply) -> None:
         fut.set_exception(msg.error.exception())
     else:
         fut.set_result(msg.value)
-
-
-def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
 
 
 class IsolatedRuntime:
@@ -146,7 +149,6 @@ class IsolatedRuntime:
         self._kv_len: int | None = None
         self._gen: _Generation | None = None
         self._seq = itertools.count(1)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._restart: asyncio.Future[None] | None = None
         self._closed = False
 
@@ -217,7 +219,9 @@ class IsolatedRuntime:
         if worker.alive:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._call(worker, "close"), self.CLOSE_TIMEOUT)
-        await asyncio.to_thread(worker.stop, self.CLOSE_TIMEOUT)
+        worker.close()
+        worker.exit_code = await asyncio.to_thread(worker.wait, self.CLOSE_TIMEOUT)
+        worker.alive = False
 
     async def generate(self, inp: GenerationInput) -> AsyncIterator[RuntimeEvent]:
         worker = await self._ensure_worker()
@@ -225,15 +229,13 @@ class IsolatedRuntime:
             raise GenerationError("no model is loaded")
         if self._gen is not None:
             raise GenerationError("the runtime is busy: one generation at a time per context")
-        gen = _Generation(next(self._seq), EventBridge(asyncio.get_running_loop()), worker)
+        gen = _Generation(next(self._seq), asyncio.Queue(), worker)
         self._gen, self._kv_len = gen, None
         ended = False
         try:
             worker.send(Generate(gen.seq, inp))
-            if not worker.alive:  # died between the check and the send: the exit handler may have missed us
-                raise GenerationError(f"the RKLLM runtime worker {self.last_death or 'died'}")
             while True:
-                item = await gen.bridge.get()
+                item = await gen.queue.get()
                 if isinstance(item, BaseException):
                     ended = True
                     raise item
@@ -245,7 +247,6 @@ class IsolatedRuntime:
         finally:
             if not ended and worker.alive:
                 await self._stop_generation(gen)
-            gen.bridge.close()
             if self._gen is gen:
                 self._gen = None
 
@@ -256,7 +257,7 @@ class IsolatedRuntime:
 
         async def drain() -> None:
             while True:
-                item = await gen.bridge.get()
+                item = await gen.queue.get()
                 if isinstance(item, (BaseException, FinishEvent)):
                     return
 
@@ -271,13 +272,13 @@ class IsolatedRuntime:
     async def _ensure_worker(self) -> _Worker:
         if self._closed:
             raise GenerationError("the runtime was closed")
-        self._loop = asyncio.get_running_loop()
         restart = self._restart
         if restart is not None and not restart.done():
             with contextlib.suppress(RKLLMError):
                 await asyncio.shield(restart)
         worker = self._worker
         if worker is not None and worker.alive:
+            self._attach(worker)
             return worker
         # No live worker and no restart under way (first use, or a restart that failed).
         spec, self._spec = self._spec, None
@@ -290,7 +291,17 @@ class IsolatedRuntime:
     async def _spawn(self) -> _Worker:
         worker = await asyncio.to_thread(self._spawn_blocking)
         self._worker = worker
+        self._attach(worker)
         return worker
+
+    def _attach(self, worker: _Worker) -> None:
+        """Read the worker's socket on the running loop (again, if a previous loop has ended)."""
+        loop = asyncio.get_running_loop()
+        if worker.loop is loop:
+            return
+        worker.detach()
+        worker.loop = loop
+        loop.add_reader(worker.fd, self._on_readable, worker)
 
     def _spawn_blocking(self) -> _Worker:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -314,70 +325,78 @@ class IsolatedRuntime:
         except (EOFError, OSError) as exc:
             worker.kill()
             rc = proc.wait()
-            conn.close()
+            worker.close()
             raise RuntimeUnavailable(f"the RKLLM runtime worker {describe_exit(rc)} while loading "
                                      f"{self.identity.path}") from exc
         except RuntimeUnavailable:
             worker.kill()
             proc.wait()
-            conn.close()
+            worker.close()
             raise
         if not isinstance(hello, Hello) or hello.error is not None:
-            worker.stop(5)
+            worker.close()
+            worker.wait(5)
             if isinstance(hello, Hello) and hello.error is not None:
                 raise hello.error.exception()
             raise RuntimeUnavailable(f"the RKLLM runtime worker answered {hello!r}")
-        worker.reader = threading.Thread(target=self._read, args=(worker,), name=f"rkllm-worker-{proc.pid}",
-                                         daemon=True)
-        worker.reader.start()
         log.info("RKLLM runtime %s (%s) running in worker process %d", self.identity.version, self.identity.path,
                  proc.pid)
         return worker
 
-    def _read(self, worker: _Worker) -> None:
-        """The reader thread: every message from the worker, then its exit."""
-        while True:
-            try:
-                msg = worker.conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception:  # noqa: BLE001 - an undecodable message must not stop the reader
-                log.exception("bad message from the RKLLM runtime worker")
-                continue
-            try:
-                self._on_message(worker, msg)
-            except Exception:  # noqa: BLE001
-                log.exception("handling a message from the RKLLM runtime worker failed")
-        worker.alive = False
+    def _on_readable(self, worker: _Worker) -> None:
+        """The worker's socket is readable (on the loop): every message waiting, or its end."""
         try:
-            worker.exit_code = worker.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+            while worker.alive and worker.conn.poll(0):
+                msg = worker.conn.recv()
+                try:
+                    self._on_message(worker, msg)
+                except Exception:  # noqa: BLE001 - one bad message must not stop the reading
+                    log.exception("handling a message from the RKLLM runtime worker failed")
+        except (EOFError, OSError):
+            self._lost(worker)
+        except Exception:  # noqa: BLE001 - undecodable: the stream is unusable, treat as lost
+            log.exception("bad message from the RKLLM runtime worker (pid %d)", worker.pid)
             worker.kill()
-            worker.exit_code = worker.proc.wait()
-        self._on_exit(worker)
+            self._lost(worker)
 
     def _on_message(self, worker: _Worker, msg: Any) -> None:
         gen = self._gen
         if isinstance(msg, Token):
             if gen is not None and gen.seq == msg.seq:
-                gen.bridge.push(msg.event())
+                gen.queue.put_nowait(msg.event())
         elif isinstance(msg, Finished):
             if gen is not None and gen.seq == msg.seq:
                 self._kv_len = msg.kv_len
-                gen.bridge.push(msg.event)
+                gen.queue.put_nowait(msg.event)
         elif isinstance(msg, Failed):
             if gen is not None and gen.seq == msg.seq:
                 self._kv_len = msg.kv_len
-                gen.bridge.push(msg.error.exception())
+                gen.queue.put_nowait(msg.error.exception())
         elif isinstance(msg, Reply):
-            entry = worker.pending.pop(msg.seq, None)
-            if entry is not None:
-                loop, fut = entry
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_settle, fut, msg)
+            fut = worker.pending.pop(msg.seq, None)
+            if fut is not None:
+                _settle(fut, msg)
+
+    def _lost(self, worker: _Worker) -> None:
+        """The socket ended: the worker exited or died. Reap it, then tell whoever waits."""
+        if not worker.alive:
+            return
+        worker.alive = False
+        worker.detach()
+        if worker.stopping:  # close() asked for this and reaps the process itself
+            return
+        task = asyncio.ensure_future(self._reap(worker))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged inside
+
+    async def _reap(self, worker: _Worker) -> None:
+        try:
+            worker.exit_code = await asyncio.to_thread(worker.wait, 5.0)
+        finally:
+            with contextlib.suppress(OSError):
+                worker.conn.close()
+            self._on_exit(worker)
 
     def _on_exit(self, worker: _Worker) -> None:
-        """On the reader thread, once the worker process is gone."""
         expected = worker.stopping or self._closed
         how = describe_exit(worker.exit_code)
         spec = self._spec
@@ -392,19 +411,15 @@ class IsolatedRuntime:
                 f"the RKLLM runtime crashed: its worker process (pid {worker.pid}) {how}. exo is unaffected; the "
                 "worker is being restarted" + (f" with {spec.model_id} reloaded" if spec else "") +
                 ", so the next request can run")
-        for loop, fut in list(worker.pending.values()):
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_fail, fut, err)
+        for fut in list(worker.pending.values()):
+            if not fut.done():
+                fut.set_exception(err)
         worker.pending.clear()
         gen = self._gen
         if gen is not None and gen.worker is worker:
-            gen.bridge.push(err)
-        with contextlib.suppress(OSError):
-            worker.conn.close()
-        loop = self._loop
-        if not expected and loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._schedule_restart, worker)
+            gen.queue.put_nowait(err)
+        if not expected:
+            self._schedule_restart(worker)
 
     def _schedule_restart(self, dead: _Worker) -> None:
         if self._closed or self._worker is not dead:
@@ -431,15 +446,15 @@ class IsolatedRuntime:
             log.error("restarting the RKLLM runtime worker failed: %s (the next request tries again)", exc)
 
     async def _call(self, worker: _Worker, op: str, arg: Any = None) -> Any:
-        loop = asyncio.get_running_loop()
+        if not worker.alive:
+            raise GenerationError(f"the RKLLM runtime worker (pid {worker.pid}) {describe_exit(worker.exit_code)}")
+        self._attach(worker)
         seq = next(self._seq)
-        fut: asyncio.Future[Any] = loop.create_future()
-        worker.pending[seq] = (loop, fut)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        worker.pending[seq] = fut
         try:
             worker.send(Call(seq, op, arg))
         except GenerationError:
             worker.pending.pop(seq, None)
             raise
-        if not worker.alive and worker.pending.pop(seq, None) is not None:
-            raise GenerationError(f"the RKLLM runtime worker (pid {worker.pid}) {describe_exit(worker.exit_code)}")
         return await fut
