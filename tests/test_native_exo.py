@@ -102,6 +102,7 @@ async def test_crash_on_the_fifth_token_through_exo(fake_lib, tmp_path, demo_mod
         ok = await ring.complete(model_id, user("a normal question"), LAYERS)
         assert ok.finish_reason == "stop" and ok.streamed_text == MULTIBYTE
         assert runtime.inner.restarts == 1
+        assert [line.split()[0] for line in trace(tmp_path)].count("init") == 2  # reloaded once, not twice
     finally:
         await engine.shutdown()
 

@@ -122,6 +122,7 @@ def write_fake_model_folder(models_dir: Path, name: str, tokenizer_dir: Path, to
 # Answers the developer setup serves: multi-byte text everywhere, as in real chats.
 DEMO_ANSWERS = (
     "Hello from the fake RKLLM runtime! 你好，世界 🤖 — the NPU is pretending, the bytes are real.",
-    "Rockchip 芯片上的神经网络处理器很快。日本語のテキストも大丈夫です。👩‍💻 writes code; 🇫🇷 🇯🇵 flags too.",
+    "Rockchip 芯片上的神经网络处理器很快。日本語のテキストも大丈夫です。"
+    "👩‍💻 writes code; 🇫🇷 🇯🇵 flags too.",
     "Ça marche très bien, même à Noël. Größe, Straße. ¿Qué tal? Ελληνικά, Кириллица, हिन्दी ✅",
 )

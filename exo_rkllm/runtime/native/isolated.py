@@ -430,13 +430,19 @@ class IsolatedRuntime:
             self._restart.add_done_callback(self._restart_done)
 
     async def _restart_worker(self) -> None:
+        """A new worker, with the model reloaded. `loaded` keeps naming the model meanwhile, so the
+        scheduler does not load it a second time: its next call simply waits for this."""
         self.restarts += 1
-        spec, self._spec = self._spec, None
-        worker = await self._spawn()
-        if spec is not None:
-            self._kv_len = await self._call(worker, "load", spec)
-            self._spec = spec
-            log.info("RKLLM runtime worker restarted (pid %d) with %s reloaded", worker.pid, spec.model_id)
+        spec = self._spec
+        try:
+            worker = await self._spawn()
+            if spec is not None:
+                self._kv_len = await self._call(worker, "load", spec)
+                log.info("RKLLM runtime worker restarted (pid %d) with %s reloaded", worker.pid, spec.model_id)
+        except BaseException:
+            if self._spec is spec:
+                self._spec = None  # the scheduler will load it again (and see why it fails)
+            raise
 
     def _restart_done(self, task: asyncio.Future[None]) -> None:
         if task.cancelled():
