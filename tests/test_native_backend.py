@@ -181,6 +181,22 @@ async def test_abort_stops_the_npu_at_once(fake_lib, tmp_path, demo_tokenizer, d
     await rt.close()
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_is_running_is_read_as_each_release_documents_it(fake_lib, tmp_path, demo_tokenizer, demo_model_dir,
+                                                               version) -> None:
+    rt = native(fake_lib, version)
+    await rt.load(spec_for(fake_model(tmp_path, demo_tokenizer, version, decode_ms=20), demo_model_dir))
+    assert rt.session.runtime_is_running() is False
+    async for event in rt.generate(GenerationInput("r", tuple(prompt_ids(demo_tokenizer, "go")))):
+        if isinstance(event, TokenEvent):
+            raw = rt.session.fn["rkllm_is_running"](rt.session._handle)
+            assert raw == (1 if version == "1.3.0" else 0)  # 1.3.0 flipped the documented meaning
+            assert rt.session.runtime_is_running() is True
+            await rt.abort()
+    assert rt.session.runtime_is_running() is False
+    await rt.close()
+
+
 async def test_consumer_leaving_early_aborts_the_run(fake_lib, tmp_path, demo_tokenizer, demo_model_dir) -> None:
     rt = native(fake_lib, "1.2.3")
     await rt.load(spec_for(fake_model(tmp_path, demo_tokenizer, "1.2.3", [MULTIBYTE * 4], decode_ms=50),

@@ -155,6 +155,32 @@ async def test_load_errors_travel_back_with_their_type(fake_lib, tmp_path, demo_
     await rt.close()
 
 
+@pytest.mark.parametrize("how", ["abort", "consumer leaves"])
+async def test_a_runtime_that_ignores_abort_is_killed_and_replaced(fake_lib, tmp_path, demo_tokenizer,
+                                                                   demo_model_dir, how) -> None:
+    rt = isolated(fake_lib)
+    rt.ABORT_GRACE = 0.5
+    await rt.load(spec_for(fake_model(tmp_path, demo_tokenizer, "1.2.3", [MULTIBYTE * 6], decode_ms=50,
+                                      ignore_abort=True), demo_model_dir))
+    hung_pid = rt.worker_pid
+    gen = rt.generate(GenerationInput("r", tuple(prompt_ids(demo_tokenizer, "go"))))
+    await gen.__anext__()
+    started = time.monotonic()
+    if how == "abort":
+        await rt.abort()
+        with pytest.raises(GenerationError, match="stopped responding.*did not stop within 0.5 s of an abort"):
+            async for _ in gen:
+                pass
+    else:
+        await gen.aclose()
+    assert 0.4 < time.monotonic() - started < 3.0
+    assert rt.worker_pid != hung_pid
+    await rt.load(spec_for(fake_model(tmp_path, demo_tokenizer, "1.2.3", name="sane.rkllm"), demo_model_dir))
+    tokens, _ = await run(rt, prompt_ids(demo_tokenizer, "next"))
+    assert text_of(tokens) == MULTIBYTE
+    await rt.close()
+
+
 def test_exit_descriptions() -> None:
     assert describe_exit(-11) == "was killed by SIGSEGV (segmentation fault)"
     assert "out-of-memory" in describe_exit(-9)

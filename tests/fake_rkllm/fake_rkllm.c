@@ -27,7 +27,8 @@
  *   error_at=N [error_if_input_has=<id>]   report ERROR at the Nth generated token
  *   crash_at=N [crash_if_input_has=<id>] crash_mode=segv|abort|kill|exit
  *   waiting_style=empty|partial|restate    what text a WAITING callback carries
- *   finish_after_abort=0|1  emit_eos=0|1  crash_on_load=0|1  trace=<file> (one line per API call)
+ *   finish_after_abort=0|1  emit_eos=0|1  crash_on_load=0|1  ignore_abort=0|1 (a hung runtime)
+ *   trace=<file> (one line per API call)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -329,7 +330,7 @@ typedef struct {
     int piece_cap;
     double load_ms, prefill_base_ms, prefill_ms, decode_ms;
     int error_at, error_if_input_has, crash_at, crash_if_input_has, crash_mode;
-    int waiting_style, finish_after_abort, emit_eos;
+    int waiting_style, finish_after_abort, emit_eos, ignore_abort;
     char trace[1024];
 
     /* init parameters */
@@ -499,6 +500,7 @@ static int load_model(FakeContext *ctx, const char *path) {
                                                                                                    : WAIT_EMPTY;
         } else if (!strcmp(key, "finish_after_abort")) ctx->finish_after_abort = atoi(val);
         else if (!strcmp(key, "emit_eos")) ctx->emit_eos = atoi(val);
+        else if (!strcmp(key, "ignore_abort")) ctx->ignore_abort = atoi(val);
         else if (!strcmp(key, "trace")) snprintf(ctx->trace, sizeof ctx->trace, "%s", val);
         else if (!strcmp(key, "crash_on_load")) crash_on_load = atoi(val);
     }
@@ -778,7 +780,7 @@ EXPORT int rkllm_abort(LLMHandle handle) {
     if (!ctx) return -1;
     pthread_mutex_lock(&ctx->mu);
     int was_running = ctx->running;
-    if (ctx->running) ctx->abort_flag = 1;
+    if (ctx->running && !ctx->ignore_abort) ctx->abort_flag = 1; /* ignore_abort: a hung runtime */
     pthread_cond_broadcast(&ctx->cv);
     pthread_mutex_unlock(&ctx->mu);
     trace(ctx, "abort running=%d", was_running);

@@ -444,6 +444,14 @@ class NativeSession:
             run.abort_sent = True
         self.fn["rkllm_abort"](handle)
 
+    def runtime_is_running(self) -> bool | None:
+        """rkllm_is_running, read the way this release documents it (the meaning flipped in 1.3.0);
+        for diagnostics only: the backend knows a run has ended when rkllm_run returns."""
+        handle = self._handle
+        if not handle.value:
+            return None
+        return self.fn["rkllm_is_running"](handle) == self.layout.IS_RUNNING_MEANS_RUNNING
+
     def _abort_from_callback(self, run: _Run) -> None:
         """rkllm_abort from inside the callback could wait on the very thread it runs on: ask from
         another thread, once."""

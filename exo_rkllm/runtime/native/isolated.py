@@ -75,6 +75,7 @@ class _Worker:
         self.alive = True
         self.stopping = False
         self.exit_code: int | None = None
+        self.killed_because: str | None = None  # set when we kill it (a runtime that ignores abort)
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._send_lock = threading.Lock()
@@ -87,7 +88,9 @@ class _Worker:
         except (OSError, ValueError) as exc:
             raise GenerationError(f"the RKLLM runtime worker (pid {self.pid}) is gone: {exc}") from exc
 
-    def kill(self) -> None:
+    def kill(self, because: str | None = None) -> None:
+        if because and self.killed_because is None:
+            self.killed_because = because
         with contextlib.suppress(OSError):
             self.proc.kill()
 
@@ -119,6 +122,7 @@ class _Generation:
     queue: asyncio.Queue[Any]
     worker: _Worker
     started: float = field(default_factory=time.monotonic)
+    watchdog: asyncio.TimerHandle | None = None  # kills a worker whose runtime ignores an abort
 
 
 def _settle(fut: asyncio.Future[Any], msg: Reply) -> None:
@@ -193,10 +197,20 @@ class IsolatedRuntime:
             await self._call(worker, "unload")
 
     async def abort(self) -> None:
+        """Ask the runtime to stop. If it has not stopped ABORT_GRACE seconds later (a hung vendor
+        library), its worker is killed: the generation then ends with an error and the worker restarts."""
         gen = self._gen
         if gen is not None and gen.worker.alive:
             with contextlib.suppress(GenerationError):
                 gen.worker.send(Abort(gen.seq))
+            if gen.watchdog is None:
+                gen.watchdog = asyncio.get_running_loop().call_later(self.ABORT_GRACE, self._abort_overdue, gen)
+
+    def _abort_overdue(self, gen: _Generation) -> None:
+        if self._gen is gen and gen.worker.alive:
+            log.error("the RKLLM runtime did not stop within %g s of an abort: killing its worker (pid %d)",
+                      self.ABORT_GRACE, gen.worker.pid)
+            gen.worker.kill(f"did not stop within {self.ABORT_GRACE:g} s of an abort and was killed")
 
     async def clear_kv_cache(self) -> None:
         worker = await self._ensure_worker()
@@ -247,6 +261,8 @@ class IsolatedRuntime:
         finally:
             if not ended and worker.alive:
                 await self._stop_generation(gen)
+            if gen.watchdog is not None:
+                gen.watchdog.cancel()
             if self._gen is gen:
                 self._gen = None
 
@@ -264,14 +280,17 @@ class IsolatedRuntime:
         try:
             await asyncio.wait_for(drain(), self.ABORT_GRACE)
         except asyncio.TimeoutError:
-            log.error("the RKLLM runtime did not stop within %.0f s of an abort: killing its worker (pid %d)",
-                      self.ABORT_GRACE, gen.worker.pid)
-            gen.worker.kill()
+            self._abort_overdue(gen)
+            with contextlib.suppress(asyncio.TimeoutError):  # until its death is handled and a restart under way
+                await asyncio.wait_for(drain(), 5.0)
 
     # -- the worker ----------------------------------------------------------------------------------------
     async def _ensure_worker(self) -> _Worker:
         if self._closed:
             raise GenerationError("the runtime was closed")
+        worker = self._worker
+        if worker is not None and worker.alive and worker.proc.poll() is not None:
+            self._lost(worker)  # exited, and its socket's end not read yet: handle it now
         restart = self._restart
         if restart is not None and not restart.done():
             with contextlib.suppress(RKLLMError):
@@ -385,6 +404,13 @@ class IsolatedRuntime:
         worker.detach()
         if worker.stopping:  # close() asked for this and reaps the process itself
             return
+        code = worker.proc.poll()
+        if code is not None:  # already gone: handle it at once
+            worker.exit_code = code
+            with contextlib.suppress(OSError):
+                worker.conn.close()
+            self._on_exit(worker)
+            return
         task = asyncio.ensure_future(self._reap(worker))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged inside
 
@@ -398,7 +424,7 @@ class IsolatedRuntime:
 
     def _on_exit(self, worker: _Worker) -> None:
         expected = worker.stopping or self._closed
-        how = describe_exit(worker.exit_code)
+        how = worker.killed_because or describe_exit(worker.exit_code)
         spec = self._spec
         if expected:
             err: RKLLMError = GenerationError(f"the RKLLM runtime worker (pid {worker.pid}) was stopped")
@@ -407,8 +433,9 @@ class IsolatedRuntime:
             self._kv_len = None
             log.error("the RKLLM runtime worker (pid %d) %s%s", worker.pid, how,
                       "; restarting it" + (f" and reloading {spec.model_id}" if spec else ""))
+            what = "stopped responding" if worker.killed_because else "crashed"
             err = GenerationError(
-                f"the RKLLM runtime crashed: its worker process (pid {worker.pid}) {how}. exo is unaffected; the "
+                f"the RKLLM runtime {what}: its worker process (pid {worker.pid}) {how}. exo is unaffected; the "
                 "worker is being restarted" + (f" with {spec.model_id} reloaded" if spec else "") +
                 ", so the next request can run")
         for fut in list(worker.pending.values()):
