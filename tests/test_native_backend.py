@@ -197,6 +197,23 @@ async def test_is_running_is_read_as_each_release_documents_it(fake_lib, tmp_pat
     await rt.close()
 
 
+async def test_abort_during_prefill_or_before_the_run_starts(fake_lib, tmp_path, demo_tokenizer,
+                                                             demo_model_dir) -> None:
+    rt = native(fake_lib, "1.2.3")
+    await rt.load(spec_for(fake_model(tmp_path, demo_tokenizer, "1.2.3", prefill_base_ms=2000), demo_model_dir))
+    for delay in (0.0, 0.05):
+        async def stop() -> None:
+            await asyncio.sleep(delay)
+            await rt.abort()
+
+        started = time.monotonic()
+        task = asyncio.create_task(stop())
+        tokens, finish = await run(rt, prompt_ids(demo_tokenizer, "go"))
+        await task
+        assert finish.aborted and tokens == [] and time.monotonic() - started < 1.0
+    await rt.close()
+
+
 async def test_consumer_leaving_early_aborts_the_run(fake_lib, tmp_path, demo_tokenizer, demo_model_dir) -> None:
     rt = native(fake_lib, "1.2.3")
     await rt.load(spec_for(fake_model(tmp_path, demo_tokenizer, "1.2.3", [MULTIBYTE * 4], decode_ms=50),

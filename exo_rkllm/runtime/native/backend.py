@@ -372,9 +372,10 @@ class NativeSession:
         self.closed = True
 
     # -- generation -----------------------------------------------------------------------------------
-    def run(self, inp: GenerationInput, emit: EmitFn) -> FinishEvent:
+    def run(self, inp: GenerationInput, emit: EmitFn, cancelled: threading.Event | None = None) -> FinishEvent:
         """One generation, blocking until rkllm_run returns. `emit` gets every token event, on the
-        runtime's callback thread; it must be quick and must not block."""
+        runtime's callback thread; it must be quick and must not block. `cancelled` covers an abort
+        asked for before this thread got here (`abort` alone finds nothing running yet)."""
         if not self._run_lock.acquire(blocking=False):
             raise GenerationError("the runtime is busy: one generation at a time per context")
         try:
@@ -404,7 +405,11 @@ class NativeSession:
             run = _Run(emit, limit)
             with self._state_lock:
                 self._run = run
+                if cancelled is not None and cancelled.is_set():
+                    run.aborted = True
             try:
+                if run.aborted:  # aborted before the runtime even started
+                    return self._finish(run, 0, len(inp.token_ids))
                 rc = self.fn["rkllm_run"](self._handle, ctypes.byref(rin), ctypes.byref(infer), None)
             finally:
                 with self._state_lock:
@@ -442,6 +447,18 @@ class NativeSession:
                 return
             run.aborted = True
             run.abort_sent = True
+        self.fn["rkllm_abort"](handle)
+        # An abort that lands just before rkllm_run has marked itself running is lost by the runtime:
+        # say it once more shortly after (harmless if the run has ended by then).
+        timer = threading.Timer(0.05, self._abort_again, args=(run,))
+        timer.daemon = True
+        timer.start()
+
+    def _abort_again(self, run: _Run) -> None:
+        with self._state_lock:
+            if self._run is not run or not self._handle.value:
+                return
+            handle = self._handle
         self.fn["rkllm_abort"](handle)
 
     def runtime_is_running(self) -> bool | None:
@@ -550,14 +567,14 @@ class NativeRuntime:
     def __init__(self, library: RKLLMLibrary, settings: NativeSettings | None = None) -> None:
         self.session = NativeSession(library, settings)
         self.capabilities = self.session.capabilities
-        self._thread: threading.Thread | None = None
+        self._cancel: threading.Event | None = None  # the running generation's
 
     @property
     def loaded(self) -> ModelSpec | None:
         return self.session.spec
 
     def is_running(self) -> bool:
-        return self.session.running or (self._thread is not None and self._thread.is_alive())
+        return self.session.running
 
     def kv_cache_len(self) -> int | None:
         return self.session.kv_cache_len()
@@ -573,6 +590,9 @@ class NativeRuntime:
         await asyncio.to_thread(self.session.unload)
 
     async def abort(self) -> None:
+        cancel = self._cancel
+        if cancel is not None:
+            cancel.set()
         self.session.abort()
 
     async def clear_kv_cache(self) -> None:
@@ -584,21 +604,21 @@ class NativeRuntime:
     async def generate(self, inp: GenerationInput) -> AsyncIterator[RuntimeEvent]:
         if self.session.closed:
             raise GenerationError("the runtime was closed")
-        if self.is_running():
+        if self.session.running:
             raise GenerationError("the runtime is busy: one generation at a time per context")
         bridge = EventBridge(asyncio.get_running_loop())
         session = self.session
+        cancel = self._cancel = threading.Event()
 
         def run_on_thread() -> None:
             try:
-                bridge.push(session.run(inp, bridge.push))
+                bridge.push(session.run(inp, bridge.push, cancel))
             except RKLLMError as exc:
                 bridge.push(exc)
             except BaseException as exc:  # noqa: BLE001 - reported to the consumer, not lost on a thread
                 bridge.push(GenerationError(f"the native runtime failed: {exc!r}"))
 
         thread = threading.Thread(target=run_on_thread, name="rkllm-run", daemon=True)
-        self._thread = thread
         thread.start()
         try:
             while True:
@@ -611,5 +631,8 @@ class NativeRuntime:
         finally:
             bridge.close()
             if thread.is_alive():  # the consumer left early: stop the NPU now, wait for rkllm_run to return
+                cancel.set()
                 session.abort()
                 await asyncio.to_thread(thread.join)
+            if self._cancel is cancel:
+                self._cancel = None

@@ -37,6 +37,7 @@ class Worker:
         self._send_lock = threading.Lock()
         self._gen_thread: threading.Thread | None = None
         self._gen_seq: int | None = None
+        self._gen_cancel = threading.Event()
 
     def send(self, msg: Any) -> None:
         with self._send_lock:
@@ -54,6 +55,7 @@ class Worker:
                     self._start_generation(msg)
                 elif isinstance(msg, Abort):
                     if msg.seq == self._gen_seq:
+                        self._gen_cancel.set()  # in case the generation thread has not reached rkllm_run
                         self.session.abort()
                 elif isinstance(msg, Call):
                     if not self._call(msg):
@@ -95,10 +97,12 @@ class Worker:
                                                                      "time per context"), None))
             return
         self._gen_seq = msg.seq
-        self._gen_thread = threading.Thread(target=self._generate, args=(msg,), name="rkllm-run", daemon=True)
+        self._gen_cancel = threading.Event()
+        self._gen_thread = threading.Thread(target=self._generate, args=(msg, self._gen_cancel), name="rkllm-run",
+                                            daemon=True)
         self._gen_thread.start()
 
-    def _generate(self, msg: Generate) -> None:
+    def _generate(self, msg: Generate, cancelled: threading.Event) -> None:
         seq, send = msg.seq, self.send
 
         def emit(event: Any) -> None:  # on the runtime's callback thread
@@ -106,7 +110,7 @@ class Worker:
 
         try:
             try:
-                finish = self.session.run(msg.inp, emit)
+                finish = self.session.run(msg.inp, emit, cancelled)
             except BaseException as exc:  # noqa: BLE001
                 send(Failed(seq, RemoteError.of(exc), self.session.kv_cache_len()))
             else:
@@ -130,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable()  # a crash in the runtime prints the Python stacks before the process dies
-    logging.basicConfig(level=os.environ.get("RKLLM_LOG_LEVEL", "INFO").upper(),
+    level = getattr(logging, os.environ.get("RKLLM_LOG_LEVEL", "INFO").strip().upper(), logging.INFO)
+    logging.basicConfig(level=level if isinstance(level, int) else logging.INFO,
                         format="exo-rkllm worker %(process)d: %(levelname)s %(message)s", stream=sys.stderr)
     conn = Connection(args.fd)
     try:
