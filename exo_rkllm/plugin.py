@@ -24,7 +24,6 @@ import contextvars
 import json
 import logging
 import sys
-import time
 import types
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable

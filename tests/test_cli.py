@@ -1,7 +1,6 @@
 """The exo-rkllm command: demo model, models listing, doctor, argument hand-off to exo."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 

@@ -173,6 +173,31 @@ class EventBridge:
         self._closed.set()
 
 
+async def stream_from_thread(target: Callable[[EventBridge], None], stop: Callable[[], None],
+                             name: str = "rkllm-run") -> AsyncIterator[RuntimeEvent]:
+    """Run `target(bridge)` on its own thread, as the blocking `rkllm_run` must be, and yield what
+    it pushes until a FinishEvent (an exception pushed is raised). If the consumer leaves early,
+    `stop()` is called (the runtime's abort) and the thread is waited for, so the context is idle
+    again before the next generation. Callers that re-yield must close it with
+    contextlib.aclosing, or an early exit would wait for garbage collection to stop the run."""
+    bridge = EventBridge(asyncio.get_running_loop())
+    thread = threading.Thread(target=target, args=(bridge,), name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = await bridge.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, FinishEvent):
+                return
+    finally:
+        bridge.close()
+        if thread.is_alive():
+            stop()
+            await asyncio.to_thread(thread.join)
+
+
 def utf8_complete_prefix(data: bytes) -> int:
     """Length of the longest prefix of `data` that does not end inside a UTF-8 character.
 

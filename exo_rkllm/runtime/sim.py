@@ -17,6 +17,7 @@ Nth token), `[[sim:text=...]]` (answer exactly this text).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from typing import Any, AsyncIterator, Callable
 from ..errors import GenerationError, ModelLoadError
 from ..tokenizer import load_tokenizer, stop_token_ids, token_bytes
 from .base import (CallState, Capabilities, EventBridge, FinishEvent, GenerationInput, GenerationStats,
-                   ModelSpec, ProgressFn, RuntimeEvent, TokenEvent, utf8_complete_prefix)
+                   ModelSpec, ProgressFn, RuntimeEvent, TokenEvent, stream_from_thread, utf8_complete_prefix)
 
 log = logging.getLogger("exo_rkllm.sim")
 
@@ -186,26 +187,15 @@ class SimRuntime:
             raise GenerationError("no model is loaded")
         if not self._lock.acquire(blocking=False):
             raise GenerationError("the runtime is busy: one generation at a time per context")
-        bridge = EventBridge(asyncio.get_running_loop())
         self._abort.clear()
         self._running.set()
         record = SimRunRecord(inp.request_id, inp.keep_history, len(self._kv), tuple(inp.token_ids))
         self.runs.append(record)
-        thread = threading.Thread(target=self._run, args=(inp, bridge, record), name="rkllm-sim-run", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = await bridge.get()
-                if isinstance(item, BaseException):
-                    raise item
+        # a consumer that leaves early stops the run like rkllm_abort would
+        events = stream_from_thread(lambda bridge: self._run(inp, bridge, record), self._abort.set, "rkllm-sim-run")
+        async with contextlib.aclosing(events):
+            async for item in events:
                 yield item
-                if isinstance(item, FinishEvent):
-                    return
-        finally:
-            bridge.close()
-            if thread.is_alive():  # consumer left early: stop the run like rkllm_abort would
-                self._abort.set()
-                await asyncio.to_thread(thread.join)
 
     # -- the runtime thread ----------------------------------------------------------------
     def _check_open(self) -> None:

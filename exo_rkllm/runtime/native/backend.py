@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 from ...config import Config
 from ...errors import ConfigError, GenerationError, ModelLoadError, RKLLMError
 from ..base import (CallState, Capabilities, EventBridge, FinishEvent, GenerationInput, GenerationStats, ModelSpec,
-                    ProgressFn, RuntimeEvent, TokenEvent, utf8_complete_prefix)
+                    ProgressFn, RuntimeEvent, TokenEvent, stream_from_thread, utf8_complete_prefix)
 from . import abi
 from .library import RKLLMLibrary, RuntimeIdentity
 
@@ -606,11 +606,10 @@ class NativeRuntime:
             raise GenerationError("the runtime was closed")
         if self.session.running:
             raise GenerationError("the runtime is busy: one generation at a time per context")
-        bridge = EventBridge(asyncio.get_running_loop())
         session = self.session
         cancel = self._cancel = threading.Event()
 
-        def run_on_thread() -> None:
+        def run_on_thread(bridge: EventBridge) -> None:
             try:
                 bridge.push(session.run(inp, bridge.push, cancel))
             except RKLLMError as exc:
@@ -618,21 +617,14 @@ class NativeRuntime:
             except BaseException as exc:  # noqa: BLE001 - reported to the consumer, not lost on a thread
                 bridge.push(GenerationError(f"the native runtime failed: {exc!r}"))
 
-        thread = threading.Thread(target=run_on_thread, name="rkllm-run", daemon=True)
-        thread.start()
+        def stop() -> None:  # the consumer left early: stop the NPU now
+            cancel.set()
+            session.abort()
+
         try:
-            while True:
-                item = await bridge.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, FinishEvent):
-                    return
+            async with contextlib.aclosing(stream_from_thread(run_on_thread, stop)) as events:
+                async for item in events:
+                    yield item
         finally:
-            bridge.close()
-            if thread.is_alive():  # the consumer left early: stop the NPU now, wait for rkllm_run to return
-                cancel.set()
-                session.abort()
-                await asyncio.to_thread(thread.join)
             if self._cancel is cancel:
                 self._cancel = None
