@@ -1,0 +1,67 @@
+"""The `rkllama` backend: exo's requests served by a local rkllama server over HTTP.
+
+`create(config)` builds the runtime (it does not fail when the server is down: the
+server may come up later, and each request then reports a clear error);
+`probe(config)` is the quick reachability check `RKLLM_BACKEND=auto` uses;
+`list_remote_models` / `remote_model_name` let the catalog offer the server's models.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ...config import Config
+from ...errors import RKLLMError
+from .backend import RkllamaRuntime, wire_messages
+from .client import API_EARLY, API_OLLAMA, RkllamaClient, ServerInfo, match_remote_name
+from .text_tokens import TextToTokens
+
+log = logging.getLogger("exo_rkllm.rkllama")
+
+PROBE_TIMEOUT_S = 2.0
+
+__all__ = ["API_EARLY", "API_OLLAMA", "RkllamaClient", "RkllamaRuntime", "ServerInfo", "TextToTokens", "create",
+           "list_remote_models", "match_remote_name", "probe", "remote_model_name", "wire_messages"]
+
+
+def _client(config: Config, *, quick: bool = False) -> RkllamaClient:
+    connect = min(config.server_connect_timeout, PROBE_TIMEOUT_S) if quick else config.server_connect_timeout
+    return RkllamaClient(config.rkllama_url, connect_timeout=connect,
+                         first_token_timeout=config.server_first_token_timeout,
+                         chunk_timeout=PROBE_TIMEOUT_S if quick else config.server_chunk_timeout)
+
+
+async def create(config: Config) -> RkllamaRuntime:
+    runtime = RkllamaRuntime(config)
+    try:
+        info = await asyncio.wait_for(runtime.client.info(), config.server_connect_timeout + PROBE_TIMEOUT_S)
+        log.info("rkllama backend: server at %s (%s)", info.url, info.label)
+    except (RKLLMError, asyncio.TimeoutError) as exc:
+        log.warning("rkllama backend: %s; requests will fail until the server is up", exc)
+    return runtime
+
+
+async def probe(config: Config) -> bool:
+    """True if an rkllama server (either API generation) answers at the configured URL, within ~2 s."""
+    client = _client(config, quick=True)
+    try:
+        await asyncio.wait_for(client.info(), PROBE_TIMEOUT_S * 2)
+        return True
+    except (RKLLMError, asyncio.TimeoutError, OSError):
+        return False
+    finally:
+        await client.close()
+
+
+async def list_remote_models(config: Config) -> list[str]:
+    """The model names the rkllama server offers (raises RuntimeUnavailable if it is down)."""
+    client = _client(config)
+    try:
+        return await client.list_models()
+    finally:
+        await client.close()
+
+
+async def remote_model_name(config: Config, model_id: str, remote_name: str | None = None) -> str | None:
+    """The server's name for exo's `model_id` (or the catalog's `remote_name`), or None."""
+    return match_remote_name(await list_remote_models(config), remote_name, model_id)

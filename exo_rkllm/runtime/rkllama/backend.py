@@ -1,0 +1,386 @@
+"""RkllamaRuntime: the Runtime protocol on top of an rkllama server.
+
+The server templates every conversation itself and has no raw-prompt mode, so
+this backend never sends exo's templated prompt: it sends the request's
+original messages (system prompt and tools included) to `/api/chat`, or to
+`/generate` on the early API, and the server's template is the only one
+applied. The streamed text is turned into the model's token ids as each piece
+arrives (text_tokens.py), so exo gets tokens as fast as the server sends text
+and decodes them back into exactly the server's text.
+
+A request exo abandons is closed at once on our side. What happens at the
+server depends on what it can do: a server with model workers is told to
+unload the model (its only way to stop a running generation; the next request
+loads it again), while an older one-model server cannot stop at all, so the
+client reads the rest of the abandoned answer in the background and discards
+it: otherwise that answer's text would leak into the next request (those
+servers share one token list between requests). The next generation waits for
+either clean-up to finish.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+from ...config import Config
+from ...errors import GenerationError, ModelLoadError, ModelNotFound, RKLLMError
+from ...tokenizer import load_tokenizer
+from ..base import (Capabilities, ChatMessage, FinishEvent, GenerationInput, GenerationStats, ModelSpec,
+                    ProgressFn, RuntimeEvent, TokenEvent)
+from .client import (API_EARLY, ChatStream, RkllamaClient, ServerInfo, ServerNotLoaded, StreamBroken,
+                     match_remote_name, parse_chunk, render_tool_calls)
+from .text_tokens import TextToTokens
+
+log = logging.getLogger("exo_rkllm.rkllama")
+
+MESSAGES_REQUIRED = (
+    "the rkllama backend needs the request's chat messages (rkllama applies the chat template itself and has "
+    "no raw-prompt mode, so exo's templated prompt cannot be sent); this request reached the backend without "
+    "them: it did not come through exo's ChatGPT API on a node running the exo-rkllm plugin"
+)
+
+
+class _Aborted(Exception):
+    """Internal: abort() was called while a generation waited on the server."""
+
+
+def _text_of(content: object) -> str:
+    """OpenAI clients may send content as a list of parts; rkllama's templates expect a string."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping):
+                if part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+            elif isinstance(part, str):
+                parts.append(part)
+            else:
+                text = getattr(part, "text", None)
+                if isinstance(text, str):
+                    parts.append(text)
+        return "".join(parts)
+    return str(content)
+
+
+def wire_messages(messages: Sequence[ChatMessage], early: bool) -> list[dict[str, Any]]:
+    """The conversation as rkllama takes it.
+
+    The early API prepends its own system prompt and refuses two messages of one role in a
+    row (its template check), so there a system message is folded into the first user
+    message and consecutive messages of one role are joined. Newer servers move a system
+    message to the front themselves and take the conversation as it is."""
+    out = [{"role": str(m.role), "content": _text_of(m.content)} for m in messages]
+    if not early:
+        return out
+    system = "\n\n".join(m["content"] for m in out if m["role"] == "system" and m["content"])
+    rest = [m for m in out if m["role"] != "system"]
+    if system:
+        for m in rest:
+            if m["role"] == "user":
+                m["content"] = f"{system}\n\n{m['content']}"
+                break
+        else:
+            rest.insert(0, {"role": "user", "content": system})
+    merged: list[dict[str, Any]] = []
+    for m in rest:
+        if merged and merged[-1]["role"] == m["role"]:
+            merged[-1]["content"] += "\n\n" + m["content"]
+        else:
+            merged.append(dict(m))
+    return merged
+
+
+class RkllamaRuntime:
+    """The `rkllama` backend: one rkllama server, one model of it at a time."""
+
+    def __init__(self, config: Config, client: RkllamaClient | None = None) -> None:
+        self.config = config
+        self.client = client or RkllamaClient(
+            config.rkllama_url, connect_timeout=config.server_connect_timeout,
+            first_token_timeout=config.server_first_token_timeout, chunk_timeout=config.server_chunk_timeout)
+        self.capabilities = Capabilities(backend="rkllama", version="", token_input=False, keep_history=False,
+                                         clear_kv_cache=False)
+        self._model: ModelSpec | None = None
+        self._tok: Any = None
+        self._remote: str | None = None
+        self._names: dict[str, str] = {}  # model_id -> server name
+        self._abort_fut: asyncio.Future[None] | None = None
+        self._running = False
+        self._cleanup: asyncio.Task[None] | None = None
+        self.closed = False
+        # Figures for tests and benchmarks: the last generation's timings (monotonic seconds).
+        self.last_request_at: float | None = None
+        self.last_first_piece_at: float | None = None
+        self.cleanups = 0
+
+    # -- protocol -------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> ModelSpec | None:
+        return self._model
+
+    @property
+    def remote_name(self) -> str | None:
+        """The server's name of the loaded model."""
+        return self._remote
+
+    async def load(self, model: ModelSpec, progress: ProgressFn | None = None) -> None:
+        self._check_open()
+        await self._settle()
+        if model.tokenizer_dir is None:
+            raise ModelLoadError(f"the rkllama backend needs the tokenizer of {model.model_id} to turn the server's "
+                                 "text into tokens: put tokenizer.json and tokenizer_config.json in the model "
+                                 "folder, or set RKLLM_TOKENIZER_DIR")
+        if progress:
+            progress(f"asking rkllama at {self.client.url} for {model.model_id}", 0.0)
+        tok = await asyncio.to_thread(load_tokenizer, model.tokenizer_dir, self.config.allow_network)
+        info = await self.client.info()
+        name = await self.resolve_name(model)
+        try:
+            await self.client.load(name)
+        except ModelLoadError:
+            self._names.pop(model.model_id, None)
+            raise
+        self._model, self._tok, self._remote = model, tok, name
+        self.capabilities = Capabilities(backend="rkllama", version=info.label, token_input=False,
+                                         keep_history=False, clear_kv_cache=False)
+        if progress:
+            progress(f"{name} ready on rkllama ({info.label})", 1.0)
+
+    async def unload(self) -> None:
+        await self.abort()
+        await self._settle()
+        if self._remote is not None:
+            await self.client.unload(self._remote)
+        self._model, self._tok, self._remote = None, None, None
+
+    async def abort(self) -> None:
+        fut = self._abort_fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def clear_kv_cache(self) -> None:
+        """Nothing to do: rkllama manages its own cache and this backend never keeps history."""
+
+    async def close(self) -> None:
+        """Stop our generation and let go of the server. The model stays loaded there: the
+        server may serve other clients, and it is theirs to unload."""
+        if self.closed:
+            return
+        await self.abort()
+        task = self._cleanup
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 2.0)
+            except (asyncio.TimeoutError, Exception):
+                task.cancel()
+        self.closed = True
+        await self.client.close()
+
+    async def generate(self, inp: GenerationInput) -> AsyncIterator[RuntimeEvent]:
+        self._check_open()
+        if inp.messages is None:
+            raise GenerationError(MESSAGES_REQUIRED)
+        if self._model is None or self._tok is None:
+            raise GenerationError("no model is loaded")
+        if self._running:
+            raise GenerationError("the rkllama backend is busy: one generation at a time")
+        self._running = True
+        loop = asyncio.get_running_loop()
+        abort_fut: asyncio.Future[None] = loop.create_future()
+        self._abort_fut = abort_fut
+        stream: ChatStream | None = None
+        info: ServerInfo | None = None
+        finished = False
+        try:
+            try:
+                await self._race(self._settle(), abort_fut, None, "")
+                started = time.monotonic()
+                self.last_request_at, self.last_first_piece_at = started, None
+                deadline = started + self.client.first_token_timeout
+                stream, info = await self._race(self._open(inp), abort_fut, self.client.first_token_timeout,
+                                                self._first_token_error())
+            except _Aborted:
+                finished = True
+                yield FinishEvent(GenerationStats(), aborted=True)
+                return
+            conv = TextToTokens(self._tok)
+            first_at: float | None = None
+            last_at = started
+            emitted = 0
+            prompt_tokens = 0
+            while True:
+                if first_at is None:
+                    timeout, error = max(0.0, deadline - time.monotonic()), self._first_token_error()
+                else:
+                    timeout = self.client.chunk_timeout
+                    error = (f"the rkllama server at {self.client.url} sent nothing for {timeout:g} s in the middle "
+                             "of an answer (RKLLM_SERVER_CHUNK_TIMEOUT)")
+                try:
+                    data = await self._race(stream.read(), abort_fut, timeout, error)
+                except _Aborted:
+                    finished = True
+                    yield FinishEvent(self._stats(prompt_tokens, started, first_at, last_at, emitted), aborted=True)
+                    return
+                objects = stream.parser.feed(data) if data else stream.parser.finish()
+                done = False
+                for obj in objects:
+                    chunk = parse_chunk(stream.api, obj)
+                    text = chunk.text
+                    if chunk.tool_calls:
+                        text += render_tool_calls(chunk.tool_calls)
+                    pieces = conv.push(text) if text else []
+                    if chunk.done:
+                        pieces += conv.flush()
+                        prompt_tokens = int(chunk.counters.get("prompt_eval_count") or 0)
+                        done = True
+                    now = time.monotonic()
+                    for piece in pieces:
+                        if first_at is None:
+                            first_at = self.last_first_piece_at = now
+                        last_at = now
+                        emitted += 1
+                        yield TokenEvent(piece.token_id, piece.text, piece.state)
+                    if done:
+                        break
+                if not done and stream.eof:
+                    if stream.api != API_EARLY:
+                        raise StreamBroken(f"the rkllama server at {self.client.url} ended the answer without its "
+                                           "final line (done: true); did it crash?")
+                    done = True  # the early API just ends the stream after the last token
+                    for piece in conv.flush():
+                        emitted += 1
+                        yield TokenEvent(piece.token_id, piece.text, piece.state)
+                if done:
+                    finished = True
+                    stream.release()
+                    stream = None
+                    yield FinishEvent(self._stats(prompt_tokens, started, first_at, last_at, emitted))
+                    return
+        finally:
+            self._running = False
+            if self._abort_fut is abort_fut:
+                self._abort_fut = None
+            if stream is not None:
+                # Aborted, failed or abandoned mid-answer: the server may still be generating.
+                self._stop_at_server(stream, info, "aborted" if finished else "ended early")
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise GenerationError("the rkllama runtime was closed")
+
+    def _first_token_error(self) -> str:
+        return (f"the rkllama server at {self.client.url} sent no answer within "
+                f"{self.client.first_token_timeout:g} s (RKLLM_SERVER_FIRST_TOKEN_TIMEOUT; it includes loading the "
+                "model and the prompt)")
+
+    @staticmethod
+    def _stats(prompt_tokens: int, started: float, first_at: float | None, last_at: float, emitted: int) -> GenerationStats:
+        first = first_at if first_at is not None else last_at
+        return GenerationStats(prefill_tokens=prompt_tokens, prefill_ms=(first - started) * 1000,
+                               decode_tokens=emitted, decode_ms=max(0.0, last_at - first) * 1000)
+
+    async def _race(self, aw: Any, abort_fut: asyncio.Future[None], timeout: float | None, error: str) -> Any:
+        """Await `aw` unless abort() or the timeout comes first."""
+        task = asyncio.ensure_future(aw)
+        try:
+            done, _ = await asyncio.wait((task, abort_fut), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        task.add_done_callback(_consume)
+        if abort_fut.done():
+            raise _Aborted()
+        raise GenerationError(error)
+
+    async def _open(self, inp: GenerationInput) -> tuple[ChatStream, ServerInfo]:
+        """Send the conversation. A server that lost its model (it restarted) gets it loaded again,
+        once; one that restarted with another API generation is detected afresh."""
+        assert self._model is not None
+        for attempt in (1, 2):
+            info = await self.client.info()
+            name = await self.resolve_name(self._model)
+            messages = wire_messages(inp.messages or (), early=info.api == API_EARLY)
+            tools = inp.tools if info.api != API_EARLY else None
+            if inp.tools and info.api == API_EARLY:
+                log.warning("the early rkllama API takes no tools: the request's tools are not sent")
+            try:
+                return await self.client.open_chat(name, messages, tools), info
+            except ServerNotLoaded:
+                if attempt == 2:
+                    raise
+                log.warning("rkllama at %s lost its model (restarted?): loading %s again", self.client.url, name)
+                await self.client.load(name)
+            except ModelNotFound:
+                self._names.pop(self._model.model_id, None)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def resolve_name(self, model: ModelSpec) -> str:
+        """The server's name for `model`: the catalog's remote_name if the server has it, else the
+        model id or folder name matched against the server's list."""
+        cached = self._names.get(model.model_id)
+        if cached is not None:
+            return cached
+        names = await self.client.list_models()
+        name = match_remote_name(names, model.remote_name, model.model_id, model.path.parent.name, model.path.stem)
+        if name is None:
+            shown = ", ".join(names) if names else "none"
+            raise ModelNotFound(f"the rkllama server at {self.client.url} has no model {model.remote_name or model.model_id!r} "
+                                f"(it has: {shown}); name the server's model in the Modelfile with "
+                                f"RKLLAMA_NAME=\"...\" or copy the model folder into rkllama's models folder")
+        self._names[model.model_id] = name
+        return name
+
+    def _stop_at_server(self, stream: ChatStream, info: ServerInfo | None, why: str) -> None:
+        """An answer we stopped reading: free the server for the next request."""
+        self.cleanups += 1
+        if stream.eof:
+            stream.release()
+            return
+        if info is not None and info.workers:
+            stream.close()
+            name = self._remote
+            log.info("rkllama: answer %s; unloading %s at the server to stop its generation", why, name)
+            self._cleanup = asyncio.ensure_future(self.client.unload(name))
+        else:
+            log.info("rkllama: answer %s; this server cannot stop a generation, reading the rest of it", why)
+            self._cleanup = asyncio.ensure_future(self._drain(stream))
+
+    async def _drain(self, stream: ChatStream) -> None:
+        """Read an abandoned answer to its end (bounded), so the server is idle for the next one."""
+        limit = time.monotonic() + self.client.first_token_timeout
+        try:
+            while not stream.eof and time.monotonic() < limit:
+                await asyncio.wait_for(stream.read(), self.client.chunk_timeout)
+        except (asyncio.TimeoutError, RKLLMError, Exception) as exc:
+            log.debug("rkllama: draining an abandoned answer ended: %r", exc)
+        finally:
+            stream.close()
+
+    async def _settle(self) -> None:
+        task = self._cleanup
+        if task is None:
+            return
+        try:
+            await asyncio.shield(task)
+        except Exception as exc:
+            log.debug("rkllama clean-up failed: %r", exc)
+        finally:
+            if self._cleanup is task:
+                self._cleanup = None
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

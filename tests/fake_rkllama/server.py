@@ -1,0 +1,762 @@
+"""A stand-in rkllama server (NotPunchnox/rkllama) on aiohttp, generating with the simulated runtime.
+
+It follows what rkllama's own code does, generation by generation (written from reading
+its tags 0.0.1/0.0.4 and its main branch, in our own words):
+
+`api="early"` (to Feb 2025): `GET /` welcome JSON, `/models`, `/current_model`
+    (`{"model_name"}` / 404), `/load_model` (400 while one is loaded), `/unload_model`,
+    `/generate`. The server prepends its own system prompt ("Tu es un assistant
+    artificiel.") and refuses two messages of one role in a row with an uncaught
+    exception (HTTP 500, an HTML page). `/generate` streams only with `"stream": true`
+    (its non-stream branch crashes: 500), as text/plain: one whole `rkllm_chat` object per
+    token followed by a blank line, `finish_reason` null throughout, and no closing object:
+    the stream just ends. `/api/*` is 404.
+`api="ollama-single"` (Mar-Aug 2025): the early routes plus `/api/version` ("0.5.1"),
+    `/api/tags`, `/api/show`, `/api/chat`, `/api/generate`; still one model, switched on demand.
+`api="ollama"` (Aug 2025 on, with model workers): `/api/version` ("0.0.74"), `/api/ps`,
+    `/v1/models`, `/current_models`, `/load_model` and `/unload_model` taking
+    `{"model_name"}`; early `/generate` answers 400 (its global model is never set).
+
+`/api/chat` and `/api/generate` stream NDJSON (`stream` defaults to true): one line per
+piece, `{"model", "created_at", "message": {"role": "assistant", "content"}, "done": false}`
+(`"response"` for generate), then a last line with `"done": true`, `"done_reason"` and the
+counters. System messages are moved to the front, tools go to the chat template, and with
+tools the first pieces are held back while a `<tool_call>` may be coming; a tool call is
+sent as `message.tool_calls` with `done_reason: "tool_calls"`.
+
+The server templates every request with the model's tokenizer (add_generation_prompt) and
+feeds the token ids to the simulator; each callback text becomes one piece (a character
+split over two tokens arrives whole, as rkllama's callback joins it). Every request is
+recorded (path, body, templated prompt, pieces sent, timings) for tests to inspect.
+
+What a client cannot stop: a client that goes away does not stop the generation. The
+one-model generations share one token list between requests, so an abandoned answer's
+remaining text is read by the next request (and a request started meanwhile finds the
+runtime busy and returns what happens to be in the list); the worker generation runs
+generations one after another, so the next request waits. `/unload_model` on the worker
+generation waits for the running generation (up to `unload_grace_s`, 30 s in rkllama)
+and then stops it.
+
+One simplification: the worker generation also holds one model at a time (loading another
+unloads the first); rkllama can keep several in memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from exo_rkllm.errors import RKLLMError
+from exo_rkllm.runtime.base import FinishEvent, GenerationInput, ModelSpec, TokenEvent
+from exo_rkllm.runtime.sim import SimRuntime, SimTiming
+from exo_rkllm.tokenizer import has_tokenizer_files, load_tokenizer
+
+log = logging.getLogger("fake_rkllama")
+
+APIS = ("early", "ollama-single", "ollama")
+EARLY_SYSTEM = "Tu es un assistant artificiel."
+VERSIONS = {"ollama-single": "0.5.1", "ollama": "0.0.74"}
+TOOL_WAIT_PIECES = 100  # rkllama holds back this many pieces while a tool call may be coming
+
+
+@dataclass
+class Faults:
+    """One-shot faults: each applies to the next generation request, then clears itself."""
+
+    fail_after: int | None = None  # drop the connection after N pieces (a crash mid-answer)
+    malformed_after: int | None = None  # send one broken line after N pieces, then go on
+    error_after: int | None = None  # send {"error": ...} after N pieces and end the answer
+    first_token_delay_s: float = 0.0  # a slow prefill before the first piece
+    http_error: tuple[int, Any] | None = None  # answer the request with this status and body
+
+    def take(self) -> "Faults":
+        taken = Faults(self.fail_after, self.malformed_after, self.error_after, self.first_token_delay_s,
+                       self.http_error)
+        self.fail_after = self.malformed_after = self.error_after = None
+        self.first_token_delay_s = 0.0
+        self.http_error = None
+        return taken
+
+
+@dataclass
+class Received:
+    """One request as the server saw it, and what it sent back."""
+
+    path: str
+    body: Any
+    model: str | None = None
+    prompt: str | None = None  # the templated prompt the server built (None: not a generation)
+    prompt_ids: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    status: int = 200
+    received_at: float = field(default_factory=time.monotonic)
+    first_piece_at: float | None = None
+    finished_at: float | None = None
+    disconnected: bool = False
+    tool_calls: list[Any] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+@dataclass
+class _Model:
+    name: str
+    folder: Path
+    file: Path
+    modelfile: dict[str, str]
+
+
+class _Run:
+    """One generation on the simulated NPU: a task that turns callback events into pieces."""
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+        self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+        self.error: str | None = None
+        self.prompt_tokens = 0
+        self.count = 0
+
+    @property
+    def done(self) -> bool:
+        return self.task is not None and self.task.done()
+
+
+class FakeRkllama:
+    """The server's state: models folder, the one loaded model, the simulated runtime, records."""
+
+    def __init__(self, models_dir: Path, api: str = "ollama", timing: SimTiming | None = None, *,
+                 early_final_object: bool = False, unload_grace_s: float = 30.0,
+                 early_system: str | None = EARLY_SYSTEM) -> None:
+        if api not in APIS:
+            raise ValueError(f"api must be one of {APIS}")
+        self.models_dir = Path(models_dir)
+        self.api = api
+        self.timing = timing or SimTiming.instant()
+        self.early_final_object = early_final_object
+        self.unload_grace_s = unload_grace_s
+        self.early_system = early_system
+        self.faults = Faults()
+        self.received: list[Received] = []
+        self.loads: list[str] = []
+        self.unloads: list[str] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh process: nothing loaded, nothing running."""
+        self.sim = SimRuntime(self.timing)
+        self.current: _Model | None = None
+        self.global_text: collections.deque[str] = collections.deque()  # one-model generations
+        self.text_added = asyncio.Event()
+        self.worker_lock = asyncio.Lock()  # worker generation: one generation after another
+        self.active: _Run | None = None
+        self._seq = 0
+
+    # -- models ----------------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and any(p.glob("*.rkllm")))
+
+    def find(self, name: str) -> _Model | None:
+        name = name.split("/", 1)[1] if "/" in name else name  # Ollama namespaces
+        folder = self.models_dir / name
+        files = sorted(folder.glob("*.rkllm")) if folder.is_dir() else []
+        if not files:
+            return None
+        modelfile: dict[str, str] = {}
+        mf = folder / "Modelfile"
+        if mf.is_file():
+            for line in mf.read_text(encoding="utf-8").splitlines():
+                if "=" in line and not line.lstrip().startswith("#"):
+                    key, value = line.split("=", 1)
+                    modelfile[key.strip().upper()] = value.strip().strip('"')
+        wanted = modelfile.get("FROM")
+        file = folder / wanted if wanted and (folder / wanted).is_file() else files[0]
+        return _Model(name, folder, file, modelfile)
+
+    def tokenizer(self, model: _Model) -> Any:
+        sub = model.folder / "tokenizer"  # where rkllama's newer versions keep the tokenizer
+        return load_tokenizer(sub if has_tokenizer_files(sub) else model.folder)
+
+    async def load(self, name: str) -> str | None:
+        """Load `name`, replacing the current model; returns an error text or None."""
+        model = self.find(name)
+        if model is None:
+            return f"Model directory '{name}' not found."
+        if self.current is not None:
+            await self.unload()
+        ctx = int(model.modelfile.get("MAX_CONTEXT_LEN") or 4096)
+        spec = ModelSpec(model_id=name, path=model.file, max_context_len=ctx, max_new_tokens=0,
+                         tokenizer_dir=model.folder)
+        try:
+            await self.sim.load(spec)
+        except RKLLMError as exc:
+            return str(exc)
+        self.current = model
+        self.loads.append(name)
+        return None
+
+    async def unload(self) -> None:
+        run = self.active
+        if run is not None and not run.done and run.task is not None:
+            if self.api == "ollama":  # stop_worker: the worker finishes its task first, then is killed
+                try:
+                    await asyncio.wait_for(asyncio.shield(run.task), self.unload_grace_s)
+                except asyncio.TimeoutError:
+                    await self.sim.abort()
+            else:  # rkllm_destroy under a running generation: the run ends
+                await self.sim.abort()
+            try:
+                await asyncio.wait_for(asyncio.shield(run.task), 5)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        if self.current is not None:
+            self.unloads.append(self.current.name)
+        await self.sim.unload()
+        self.current = None
+
+    # -- generation --------------------------------------------------------------------------------
+    def template(self, model: _Model, messages: list[dict[str, Any]], tools: Any = None,
+                 system: str = "") -> tuple[str, list[int]]:
+        """The prompt exactly as rkllama builds it: the model's chat template, once."""
+        tok = self.tokenizer(model)
+        msgs = [dict(m) for m in messages]
+        supports_system = "raise_exception('System role not supported')" not in (tok.chat_template or "")
+        if system and supports_system:
+            msgs = [{"role": "system", "content": system}] + msgs
+        if self.api == "early":
+            for i in range(1, len(msgs)):
+                if msgs[i]["role"] == msgs[i - 1]["role"]:
+                    raise ValueError("Les rôles doivent alterner entre 'user' et 'assistant'.")
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+        if tools:
+            kwargs["tools"] = tools
+        prompt = tok.apply_chat_template(msgs, **kwargs)
+        ids = [int(i) for i in tok(prompt, add_special_tokens=False)["input_ids"]]
+        return prompt, ids
+
+    def start_run(self, prompt_ids: list[int], delay_s: float) -> _Run:
+        self._seq += 1
+        run = _Run(f"fake-{self._seq}")
+        run.prompt_tokens = len(prompt_ids)
+        shared = self.api != "ollama"
+
+        async def body() -> None:
+            if self.api == "ollama":
+                await self.worker_lock.acquire()
+            if self.api == "ollama" or self.active is None or self.active.done:
+                self.active = run
+            try:
+                if delay_s:
+                    await asyncio.sleep(delay_s)
+                async for event in self.sim.generate(GenerationInput(run.rid, tuple(prompt_ids))):
+                    if isinstance(event, TokenEvent) and event.text:
+                        run.count += 1
+                        if shared:
+                            self.global_text.append(event.text)
+                            self.text_added.set()
+                        else:
+                            run.pieces.put_nowait(event.text)
+                    elif isinstance(event, FinishEvent):
+                        break
+            except RKLLMError as exc:  # busy, or the runtime reported ERROR: the answer just ends
+                run.error = str(exc)
+            finally:
+                if self.api == "ollama":
+                    self.worker_lock.release()
+                run.pieces.put_nowait(None)
+                self.text_added.set()
+
+        run.task = asyncio.ensure_future(body())
+        return run
+
+    async def pieces(self, run: _Run):
+        """The pieces a request's handler sends, as rkllama's handlers read them."""
+        if self.api == "ollama":  # the worker answers this request through its own pipe
+            while True:
+                piece = await run.pieces.get()
+                if piece is None:
+                    return
+                yield piece
+        else:  # the shared global_text list, read while this request's model thread is alive
+            while True:
+                while self.global_text:
+                    yield self.global_text.popleft()
+                if run.done:
+                    return
+                self.text_added.clear()
+                if self.global_text:
+                    continue
+                await self.text_added.wait()
+
+
+def _now() -> str:
+    return datetime.datetime.now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _tool_calls(text: str) -> list[dict[str, Any]]:
+    calls = []
+    for body in re.findall(r"<tool_call>(.*?)</tool_call>", text, re.S):
+        try:
+            obj = json.loads(body.strip())
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "name" in obj:
+            calls.append({"function": {"name": obj["name"], "arguments": obj.get("arguments", obj.get("parameters", {}))}})
+    return calls
+
+
+def create_app(state: FakeRkllama) -> web.Application:
+    """The aiohttp application speaking `state.api`."""
+    api = state.api
+    app = web.Application()
+    app["state"] = state
+    app["transports"] = set()
+    routes = web.RouteTableDef()
+
+    def record(request: web.Request, body: Any) -> Received:
+        rec = Received(request.path, body)
+        state.received.append(rec)
+        return rec
+
+    async def read_json(request: web.Request) -> Any:
+        try:
+            return await request.json(loads=json.loads)
+        except ValueError:
+            return None
+
+    def html_500() -> web.Response:
+        return web.Response(status=500, content_type="text/html",
+                            text="<!doctype html>\n<html lang=en>\n<title>500 Internal Server Error</title>\n"
+                                 "<h1>Internal Server Error</h1>\n<p>The server encountered an internal error and "
+                                 "was unable to complete your request.</p>\n")
+
+    # -- common routes --------------------------------------------------------------------------
+    @routes.get("/")
+    async def root(request: web.Request) -> web.Response:
+        if api == "early":
+            return web.json_response({"message": "Welcome to RKLLama !", "github": "https://github.com/notpunhnox/rk-llama"})
+        return web.json_response({"message": "Welcome to RKLLama with Ollama API compatibility!",
+                                  "github": "https://github.com/notpunhnox/rkllama"})
+
+    @routes.get("/models")
+    async def models(request: web.Request) -> web.Response:
+        if not state.models_dir.exists():
+            return web.json_response({"error": f"The models directory {state.models_dir} is not found."}, status=500)
+        return web.json_response({"models": state.model_names()})
+
+    @routes.post("/load_model")
+    async def load_model(request: web.Request) -> web.Response:
+        data = await read_json(request) or {}
+        record(request, data)
+        name = data.get("model_name")
+        if api == "ollama":
+            if name is None:
+                return web.json_response({"error": "Please enter the name of the model to be loaded."}, status=400)
+            if state.current is not None and state.current.name == name:
+                return web.json_response({"error": "A model is already loaded. Nothing to do."})
+        else:
+            if state.current is not None:
+                return web.json_response({"error": "A model is already loaded. Please unload it first."}, status=400)
+            if name is None:
+                return web.json_response({"error": "Please enter the name of the model to be loaded."}, status=400)
+        error = await state.load(name)
+        if error:
+            return web.json_response({"error": error}, status=400)
+        return web.json_response({"message": f"Model {name} loaded successfully."})
+
+    @routes.post("/unload_model")
+    async def unload_model(request: web.Request) -> web.Response:
+        data = await read_json(request) or {}
+        record(request, data)
+        if api == "ollama":
+            name = data.get("model_name")
+            if name is None:
+                return web.json_response({"error": "Please enter the name of the model to be unloaded."}, status=400)
+            if state.current is None or state.current.name != name:
+                return web.json_response({"error": f"No model {name} are currently loaded."}, status=400)
+            await state.unload()
+            return web.json_response({"message": f"Model {name} successfully unloaded!"})
+        if state.current is None:
+            return web.json_response({"error": "No models are currently loaded."}, status=400)
+        await state.unload()
+        return web.json_response({"message": "Model successfully unloaded!"})
+
+    @routes.post("/generate")
+    async def generate(request: web.Request) -> web.StreamResponse:
+        data = await read_json(request)
+        rec = record(request, data)
+        if api == "ollama" or state.current is None:  # newer servers never set the early global model
+            rec.status = 400
+            return web.json_response({"error": "No models are currently loaded."}, status=400)
+        if not data or "messages" not in data:
+            rec.status = 400
+            return web.json_response({"status": "error", "message": "Données JSON invalides !"}, status=400)
+        faults = state.faults.take()
+        if faults.http_error:
+            rec.status = faults.http_error[0]
+            return web.json_response(faults.http_error[1], status=faults.http_error[0])
+        try:
+            system = (state.early_system or "") if api == "early" else ""
+            rec.prompt, rec.prompt_ids = state.template(state.current, data["messages"], system=system)
+        except Exception:
+            rec.status = 500
+            return html_500()
+        if data.get("stream") is not True:  # the early non-stream branch dies on a NameError
+            rec.status = 500
+            return html_500()
+        rec.model = state.current.name
+        run = state.start_run(rec.prompt_ids, faults.first_token_delay_s)
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await resp.prepare(request)
+        obj = {"id": "rkllm_chat", "object": "rkllm_chat", "created": int(time.time()), "choices": [],
+               "usage": {"prompt_tokens": len(rec.prompt_ids), "completion_tokens": 0, "tokens_per_second": 0,
+                         "total_tokens": len(rec.prompt_ids)}}
+        started = time.monotonic()
+
+        def frame(piece: str, finish: str | None) -> bytes:
+            obj["choices"] = [{"role": "assistant", "content": piece, "logprobs": None, "finish_reason": finish}]
+            obj["usage"]["completion_tokens"] = len(rec.pieces)
+            obj["usage"]["tokens_per_second"] = len(rec.pieces) / max(1e-6, time.monotonic() - started)
+            return f"{json.dumps(obj)}\n\n".encode()
+
+        ok = await stream_pieces(request, resp, rec, run, faults, lambda p: frame(p, None),
+                                 lambda msg: json.dumps({"error": msg}).encode() + b"\n\n")
+        if ok and state.early_final_object:
+            await safe_write(resp, rec, frame("", "stop"))
+        return await finish(resp, rec)
+
+    # -- shared streaming ----------------------------------------------------------------------------
+    async def safe_write(resp: web.StreamResponse, rec: Received, data: bytes) -> bool:
+        if rec.disconnected:
+            return False
+        try:
+            await resp.write(data)
+            return True
+        except (ConnectionError, RuntimeError):
+            rec.disconnected = True
+            return False
+
+    async def finish(resp: web.StreamResponse, rec: Received) -> web.StreamResponse:
+        rec.finished_at = time.monotonic()
+        if not rec.disconnected:
+            try:
+                await resp.write_eof()
+            except (ConnectionError, RuntimeError):
+                rec.disconnected = True
+        return resp
+
+    async def stream_pieces(request: web.Request, resp: web.StreamResponse, rec: Received, run: _Run,
+                            faults: Faults, frame, error_frame, *, hold: int = 0) -> bool:
+        """Send the run's pieces; False if the answer did not end normally (fault, client gone).
+
+        A client that goes away is noticed at the next write, as with rkllama's Flask server,
+        and this handler stops reading; the generation itself goes on (see the module doc)."""
+        sent = 0
+
+        async def die() -> None:
+            transport = request.transport
+            if transport is not None:
+                transport.abort()  # the server failed: no terminating chunk
+            rec.disconnected = True
+            await state.sim.abort()
+
+        async def send(piece: str) -> bool:
+            nonlocal sent
+            if faults.fail_after is not None and sent >= faults.fail_after:
+                await die()
+                return False
+            if faults.error_after is not None and sent >= faults.error_after:
+                await safe_write(resp, rec, error_frame("simulated server failure"))
+                await state.sim.abort()
+                return False
+            if faults.malformed_after is not None and sent == faults.malformed_after:
+                faults.malformed_after = None
+                await safe_write(resp, rec, b'{"model": "broken", "message": {"role": "assis\n')
+            if rec.first_piece_at is None:
+                rec.first_piece_at = time.monotonic()
+            rec.pieces.append(piece)
+            sent += 1
+            return await safe_write(resp, rec, frame(piece))
+
+        held: list[str] = []
+        holding = hold > 0
+        async for piece in state.pieces(run):
+            if holding:  # rkllama waits for the first pieces of an answer that may be a tool call
+                held.append(piece)
+                if len(held) < hold or any("<tool_call>" in p for p in held):
+                    continue
+                holding = False
+                for p in held:
+                    if not await send(p):
+                        return False
+                held = []
+                continue
+            if not await send(piece):
+                return False
+        if held:
+            text = "".join(held)
+            calls = _tool_calls(text) if "<tool_call>" in text else []
+            if calls:
+                rec.tool_calls = calls
+                return True
+            for p in held:
+                if not await send(p):
+                    return False
+        if faults.fail_after is not None and sent >= faults.fail_after:
+            await die()
+            return False
+        return not rec.disconnected
+
+    # -- Ollama-style routes -----------------------------------------------------------------------------
+    async def ollama_generation(request: web.Request, chat: bool) -> web.StreamResponse:
+        data = await read_json(request) or {}
+        rec = record(request, data)
+        name = data.get("model")
+        if not name:
+            rec.status = 400
+            return web.json_response({"error": "Missing model name"}, status=400)
+        name = name.split("/", 1)[1] if "/" in name else name
+        stream = data.get("stream", True)
+        system = data.get("system", "") or ""
+        tools = data.get("tools") if chat else None
+        if chat:
+            messages = []
+            for m in data.get("messages") or []:
+                if m.get("role") == "system":
+                    system = m.get("content", "")
+                else:
+                    messages.append(m)
+        else:
+            prompt = data.get("prompt")
+            if not prompt:
+                if api == "ollama":  # Ollama's unload convention
+                    if state.current is not None and state.current.name == name:
+                        await state.unload()
+                    return web.json_response({"unload": True, "model": name})
+                rec.status = 400
+                return web.json_response({"error": "Missing prompt"}, status=400)
+            messages = [{"role": "user", "content": prompt}]
+        if state.current is None or state.current.name != name:
+            error = await state.load(name)
+            if error:
+                rec.status = 500
+                return web.json_response({"error": f"Failed to load model '{name}': {error}"}, status=500)
+        faults = state.faults.take()
+        if faults.http_error:
+            rec.status = faults.http_error[0]
+            return web.json_response(faults.http_error[1], status=faults.http_error[0])
+        try:
+            rec.prompt, rec.prompt_ids = state.template(state.current, messages, tools, system)
+        except Exception as exc:
+            rec.status = 500
+            return web.json_response({"error": str(exc)}, status=500)
+        rec.model = name
+        run = state.start_run(rec.prompt_ids, faults.first_token_delay_s)
+        started = time.monotonic()
+
+        def piece_obj(piece: str) -> dict[str, Any]:
+            obj: dict[str, Any] = {"model": name, "created_at": _now()}
+            if chat:
+                obj["message"] = {"role": "assistant", "content": piece}
+            else:
+                obj["response"] = piece
+            obj["done"] = False
+            return obj
+
+        def final_obj(content: str, reason: str) -> dict[str, Any]:
+            obj = piece_obj(content)
+            first = rec.first_piece_at or time.monotonic()
+            obj.update(done=True, done_reason=reason, total_duration=int((time.monotonic() - started) * 1e9),
+                       load_duration=int(0.1 * 1e9), prompt_eval_count=run.prompt_tokens,
+                       prompt_eval_duration=int((first - started) * 1e9), eval_count=run.count,
+                       eval_duration=int((time.monotonic() - first) * 1e9))
+            return obj
+
+        if not stream:
+            async for piece in state.pieces(run):
+                if rec.first_piece_at is None:
+                    rec.first_piece_at = time.monotonic()
+                rec.pieces.append(piece)
+            rec.finished_at = time.monotonic()
+            return web.json_response(final_obj(rec.text, "stop"))
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        ok = await stream_pieces(request, resp, rec, run, faults,
+                                 lambda p: (json.dumps(piece_obj(p)) + "\n").encode(),
+                                 lambda msg: (json.dumps({"error": msg}) + "\n").encode(),
+                                 hold=TOOL_WAIT_PIECES if tools else 0)
+        if ok:
+            if rec.tool_calls:
+                call = piece_obj("")
+                call["message"]["tool_calls"] = rec.tool_calls
+                await safe_write(resp, rec, (json.dumps(call) + "\n").encode())
+                await safe_write(resp, rec, (json.dumps(final_obj("", "tool_calls")) + "\n").encode())
+            else:
+                await safe_write(resp, rec, (json.dumps(final_obj("", "stop")) + "\n").encode())
+        return await finish(resp, rec)
+
+    if api != "early":
+        @routes.post("/api/chat")
+        async def api_chat(request: web.Request) -> web.StreamResponse:
+            return await ollama_generation(request, chat=True)
+
+        @routes.post("/api/generate")
+        async def api_generate(request: web.Request) -> web.StreamResponse:
+            return await ollama_generation(request, chat=False)
+
+        @routes.get("/api/version")
+        async def version(request: web.Request) -> web.Response:
+            return web.json_response({"version": VERSIONS[api]})
+
+        @routes.get("/api/tags")
+        async def tags(request: web.Request) -> web.Response:
+            out = []
+            for name in state.model_names():
+                model = state.find(name)
+                assert model is not None
+                st = model.file.stat()
+                out.append({"name": name, "model": name,
+                            "modified_at": datetime.datetime.fromtimestamp(st.st_mtime).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                            "size": st.st_size, "digest": "",
+                            "details": {"format": "rkllm", "family": "llama", "parameter_size": "Unknown",
+                                        "quantization_level": "Unknown"}})
+            return web.json_response({"models": out})
+
+        @routes.post("/api/show")
+        async def show(request: web.Request) -> web.Response:
+            data = await read_json(request) or {}
+            name = data.get("name") or data.get("model")
+            if not name:
+                return web.json_response({"error": "Missing model name"}, status=400)
+            model = state.find(name)
+            if model is None:
+                return web.json_response({"error": f"Model '{name}' not found"}, status=404)
+            text = "\n".join(f'{k}="{v}"' for k, v in model.modelfile.items())
+            return web.json_response({"modelfile": text, "parameters": "", "template": "",
+                                      "details": {"format": "rkllm", "family": "llama"}, "model_info": {}})
+
+    if api == "ollama":
+        @routes.get("/api/ps")
+        @routes.get("/current_models")
+        async def ps(request: web.Request) -> web.Response:
+            running = []
+            if state.current is not None:
+                running.append({"name": state.current.name, "model": state.current.name,
+                                "size": state.current.file.stat().st_size, "digest": None,
+                                "details": {"format": "rkllm", "family": "llama"}})
+            return web.json_response({"models": running})
+
+        @routes.get("/v1/models")
+        async def v1_models(request: web.Request) -> web.Response:
+            return web.json_response({"object": "list", "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": "rkllama"} for n in state.model_names()]})
+    else:
+        @routes.get("/current_model")
+        async def current_model(request: web.Request) -> web.Response:
+            if state.current is not None:
+                return web.json_response({"model_name": state.current.name})
+            return web.json_response({"error": "No models are currently loaded."}, status=404)
+
+    app.add_routes(routes)
+
+    @web.middleware
+    async def track(request: web.Request, handler: Any) -> web.StreamResponse:
+        transport = request.transport
+        if transport is not None:
+            app["transports"].add(transport)
+        try:
+            return await handler(request)
+        finally:
+            if transport is not None:
+                app["transports"].discard(transport)
+
+    app.middlewares.append(track)
+    return app
+
+
+class FakeRkllamaServer:
+    """Runs the fake on a TCP port; usable in-process (tests) and from the command line.
+
+    `down()` is a crash (connections dropped, then refused), `up()` a fresh start on the same
+    port (nothing loaded), `restart()` both."""
+
+    def __init__(self, models_dir: Path, api: str = "ollama", timing: SimTiming | None = None, *,
+                 host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
+        self.state = FakeRkllama(Path(models_dir), api, timing, **options)
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def received(self) -> list[Received]:
+        return self.state.received
+
+    @property
+    def faults(self) -> Faults:
+        return self.state.faults
+
+    def generations(self) -> list[Received]:
+        return [r for r in self.state.received if r.prompt is not None]
+
+    async def start(self) -> "FakeRkllamaServer":
+        await self.up()
+        return self
+
+    async def up(self) -> None:
+        if self._runner is not None:
+            return
+        self.state.reset()
+        try:
+            runner = web.AppRunner(create_app(self.state), access_log=None, shutdown_timeout=0.2)
+        except TypeError:
+            runner = web.AppRunner(create_app(self.state), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, shutdown_timeout=0.2)
+        await site.start()
+        if self.port == 0:
+            server = getattr(site, "_server", None)
+            self.port = server.sockets[0].getsockname()[1]
+        self._runner = runner
+
+    async def down(self) -> None:
+        """Crash: every connection dropped at once, the port refuses connections until up()."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        for transport in list(runner.app["transports"]):
+            transport.abort()
+        run = self.state.active
+        await self.state.sim.abort()
+        await runner.cleanup()
+        if run is not None and run.task is not None:
+            run.task.cancel()
+
+    async def restart(self) -> None:
+        await self.down()
+        await self.up()
+
+    async def stop(self) -> None:
+        await self.down()
+
+    async def __aenter__(self) -> "FakeRkllamaServer":
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
