@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime
 import json
 import logging
@@ -77,13 +78,13 @@ class Faults:
     error_after: int | None = None  # send {"error": ...} after N pieces and end the answer
     first_token_delay_s: float = 0.0  # a slow prefill before the first piece
     http_error: tuple[int, Any] | None = None  # answer the request with this status and body
+    stall_after: int | None = None  # go silent for stall_s after N pieces
+    stall_s: float = 0.0
 
     def take(self) -> "Faults":
-        taken = Faults(self.fail_after, self.malformed_after, self.error_after, self.first_token_delay_s,
-                       self.http_error)
-        self.fail_after = self.malformed_after = self.error_after = None
-        self.first_token_delay_s = 0.0
-        self.http_error = None
+        taken = dataclasses.replace(self)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.default)
         return taken
 
 
@@ -151,6 +152,7 @@ class FakeRkllama:
         self.received: list[Received] = []
         self.loads: list[str] = []
         self.unloads: list[str] = []
+        self.transports: set[Any] = set()  # connections of requests in progress (a crash drops them)
         self.reset()
 
     def reset(self) -> None:
@@ -211,17 +213,18 @@ class FakeRkllama:
     async def unload(self) -> None:
         run = self.active
         if run is not None and not run.done and run.task is not None:
-            if self.api == "ollama":  # stop_worker: the worker finishes its task first, then is killed
+            if self.api == "ollama":  # stop_worker: the worker finishes its task first, or is killed
                 try:
                     await asyncio.wait_for(asyncio.shield(run.task), self.unload_grace_s)
                 except asyncio.TimeoutError:
-                    await self.sim.abort()
-            else:  # rkllm_destroy under a running generation: the run ends
+                    pass
+            if not run.task.done():  # killed (or its runtime destroyed under it): the run ends now
                 await self.sim.abort()
-            try:
-                await asyncio.wait_for(asyncio.shield(run.task), 5)
-            except (asyncio.TimeoutError, Exception):
-                pass
+                run.task.cancel()
+                try:
+                    await run.task
+                except (asyncio.CancelledError, Exception):
+                    pass
         if self.current is not None:
             self.unloads.append(self.current.name)
         await self.sim.unload()
@@ -322,8 +325,6 @@ def create_app(state: FakeRkllama) -> web.Application:
     """The aiohttp application speaking `state.api`."""
     api = state.api
     app = web.Application()
-    app["state"] = state
-    app["transports"] = set()
     routes = web.RouteTableDef()
 
     def record(request: web.Request, body: Any) -> Received:
@@ -482,6 +483,9 @@ def create_app(state: FakeRkllama) -> web.Application:
                 await safe_write(resp, rec, error_frame("simulated server failure"))
                 await state.sim.abort()
                 return False
+            if faults.stall_after is not None and sent == faults.stall_after:
+                faults.stall_after = None
+                await asyncio.sleep(faults.stall_s)
             if faults.malformed_after is not None and sent == faults.malformed_after:
                 faults.malformed_after = None
                 await safe_write(resp, rec, b'{"model": "broken", "message": {"role": "assis\n')
@@ -509,8 +513,10 @@ def create_app(state: FakeRkllama) -> web.Application:
         if held:
             text = "".join(held)
             calls = _tool_calls(text) if "<tool_call>" in text else []
-            if calls:
+            if calls:  # sent as message.tool_calls; `pieces` keeps the model's text for the tests
                 rec.tool_calls = calls
+                rec.pieces = list(held)
+                rec.first_piece_at = time.monotonic()
                 return True
             for p in held:
                 if not await send(p):
@@ -676,12 +682,12 @@ def create_app(state: FakeRkllama) -> web.Application:
     async def track(request: web.Request, handler: Any) -> web.StreamResponse:
         transport = request.transport
         if transport is not None:
-            app["transports"].add(transport)
+            state.transports.add(transport)
         try:
             return await handler(request)
         finally:
             if transport is not None:
-                app["transports"].discard(transport)
+                state.transports.discard(transport)
 
     app.middlewares.append(track)
     return app
@@ -740,7 +746,7 @@ class FakeRkllamaServer:
         runner, self._runner = self._runner, None
         if runner is None:
             return
-        for transport in list(runner.app["transports"]):
+        for transport in list(self.state.transports):
             transport.abort()
         run = self.state.active
         await self.state.sim.abort()

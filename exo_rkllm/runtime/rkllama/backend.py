@@ -358,13 +358,15 @@ class RkllamaRuntime:
             self._cleanup = asyncio.ensure_future(self._drain(stream))
 
     async def _drain(self, stream: ChatStream) -> None:
-        """Read an abandoned answer to its end (bounded), so the server is idle for the next one."""
-        limit = time.monotonic() + self.client.first_token_timeout
+        """Read an abandoned answer to its end, so the server is idle for the next one. A read may
+        wait as long as a first piece may take: the answer may have been given up on for being slow."""
+        wait = max(self.client.first_token_timeout, self.client.chunk_timeout)
         try:
-            while not stream.eof and time.monotonic() < limit:
-                await asyncio.wait_for(stream.read(), self.client.chunk_timeout)
-        except (asyncio.TimeoutError, RKLLMError, Exception) as exc:
-            log.debug("rkllama: draining an abandoned answer ended: %r", exc)
+            while not stream.eof:
+                await asyncio.wait_for(stream.read(), wait)
+        except (asyncio.TimeoutError, Exception) as exc:
+            log.warning("rkllama: could not read an abandoned answer to its end (%r); the server may still be "
+                        "generating it and mix it into the next answer", exc)
         finally:
             stream.close()
 
