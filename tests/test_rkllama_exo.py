@@ -129,7 +129,7 @@ async def test_server_down_then_back(server, make_engine):
 
 
 async def test_abandoned_request_is_cancelled_at_the_server(make_server, make_engine, api):
-    server = await make_server(api, SimTiming(0, 0, 0, 10.0))
+    server = await make_server(api, SimTiming(0, 0, 0, 5.0))
     engine = make_engine(server.url)
     ring = ExoRing([engine])
     answer = await ring.chat(DEMO_ID, user("[[sim:text=" + "long " * 80 + "]]"), DEMO_LAYERS)

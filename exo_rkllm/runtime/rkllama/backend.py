@@ -29,7 +29,7 @@ from ...errors import GenerationError, ModelLoadError, ModelNotFound, RKLLMError
 from ...tokenizer import load_tokenizer
 from ..base import (Capabilities, ChatMessage, FinishEvent, GenerationInput, GenerationStats, ModelSpec,
                     ProgressFn, RuntimeEvent, TokenEvent)
-from .client import (API_EARLY, ChatStream, RkllamaClient, ServerInfo, ServerNotLoaded, StreamBroken,
+from .client import (API_EARLY, ChatStream, RkllamaClient, ServerChanged, ServerInfo, ServerNotLoaded, StreamBroken,
                      match_remote_name, parse_chunk, render_tool_calls)
 from .text_tokens import TextToTokens
 
@@ -227,10 +227,9 @@ class RkllamaRuntime:
                     finished = True
                     yield FinishEvent(self._stats(prompt_tokens, started, first_at, last_at, emitted), aborted=True)
                     return
-                objects = stream.parser.feed(data) if data else stream.parser.finish()
                 done = False
-                for obj in objects:
-                    chunk = parse_chunk(stream.api, obj)
+                for line in stream.parser.lines(data):
+                    chunk = parse_chunk(stream.api, stream.parser.parse(line))
                     text = chunk.text
                     if chunk.tool_calls:
                         text += render_tool_calls(chunk.tool_calls)
@@ -306,7 +305,7 @@ class RkllamaRuntime:
         """Send the conversation. A server that lost its model (it restarted) gets it loaded again,
         once; one that restarted with another API generation is detected afresh."""
         assert self._model is not None
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             info = await self.client.info()
             name = await self.resolve_name(self._model)
             messages = wire_messages(inp.messages or (), early=info.api == API_EARLY)
@@ -315,14 +314,24 @@ class RkllamaRuntime:
                 log.warning("the early rkllama API takes no tools: the request's tools are not sent")
             try:
                 return await self.client.open_chat(name, messages, tools), info
-            except ServerNotLoaded:
-                if attempt == 2:
+            except ServerChanged as exc:
+                log.warning("%s: detecting its API again", exc)
+                self._names.clear()
+                if attempt == 3:
                     raise
-                log.warning("rkllama at %s lost its model (restarted?): loading %s again", self.client.url, name)
-                await self.client.load(name)
+            except ServerNotLoaded:
+                if attempt == 3:
+                    raise
+                # It restarted (perhaps upgraded): look at it afresh; the Ollama-style API loads on demand.
+                self.client.forget()
+                if (await self.client.info()).api == API_EARLY:
+                    log.warning("rkllama at %s lost its model (restarted?): loading %s again", self.client.url, name)
+                    await self.client.load(name)
+                else:
+                    self._names.clear()
             except ModelNotFound:
                 self._names.pop(self._model.model_id, None)
-                if attempt == 2:
+                if attempt == 3:
                     raise
         raise AssertionError("unreachable")
 

@@ -45,6 +45,10 @@ class StreamBroken(GenerationError):
     """The connection failed mid-answer (server crashed, restarted, or the network went away)."""
 
 
+class ServerChanged(GenerationError):
+    """The server restarted as another API generation: the request must be built again."""
+
+
 @dataclass(frozen=True)
 class ServerInfo:
     """What detection found out about the server; cached until a connection fails."""
@@ -88,6 +92,8 @@ def render_tool_calls(calls: Sequence[Any]) -> str:
 class LineParser:
     """Splits a streamed body into JSON objects, one per line; blank lines are separators.
 
+    Lines are parsed one by one, in order, so the pieces before a malformed line still count.
+
     Bytes are split on newlines before decoding, so a multi-byte character cut across two
     network reads is whole again by the time its line is parsed. Anything on a line that is not
     one JSON object is a malformed chunk: the caller fails the request with it."""
@@ -97,25 +103,31 @@ class LineParser:
     def __init__(self) -> None:
         self._buf = b""
 
-    def feed(self, data: bytes) -> list[Any]:
+    def lines(self, data: bytes) -> list[bytes]:
+        """The complete, non-blank lines `data` completes (pass b"" at the end of the body)."""
         self._buf += data
-        out: list[Any] = []
+        out: list[bytes] = []
         while True:
             nl = self._buf.find(b"\n")
             if nl < 0:
-                if len(self._buf) > self.MAX_LINE:
-                    raise GenerationError("the rkllama server sent a stream line longer than 4 MiB")
-                return out
+                break
             line, self._buf = self._buf[:nl].strip(), self._buf[nl + 1:]
             if line:
-                out.append(self._parse(line))
+                out.append(line)
+        if not data:
+            line, self._buf = self._buf.strip(), b""
+            if line:
+                out.append(line)
+        elif len(self._buf) > self.MAX_LINE:
+            raise GenerationError("the rkllama server sent a stream line longer than 4 MiB")
+        return out
 
-    def finish(self) -> list[Any]:
-        line, self._buf = self._buf.strip(), b""
-        return [self._parse(line)] if line else []
+    def feed(self, data: bytes) -> list[Any]:
+        """All objects at once (a malformed line raises before any is returned)."""
+        return [self.parse(line) for line in self.lines(data)]
 
     @staticmethod
-    def _parse(line: bytes) -> Any:
+    def parse(line: bytes) -> Any:
         if line.startswith(b"data:"):  # tolerate SSE framing (OpenAI-style proxies)
             line = line[5:].strip()
         try:
@@ -394,7 +406,9 @@ class RkllamaClient:
                 self.forget()  # a pooled connection the server closed (it restarted): once more, afresh
                 if attempt == 2:
                     raise self.unreachable(exc) from None
-                info = await self.info()
+                fresh = await self.info()
+                if fresh != info:
+                    raise ServerChanged(f"rkllama at {self.url} restarted as {fresh.label}") from None
             except (aiohttp.ClientConnectionError, ConnectionError, OSError) as exc:
                 self.forget()
                 raise self.unreachable(exc) from None
@@ -408,6 +422,11 @@ class RkllamaClient:
             except ValueError:
                 answer = raw.decode("utf-8", "replace")
             text = _error_text(answer)
+            if resp.status in (404, 405) and info.api == API_OLLAMA:  # /api/chat gone: an older server now?
+                self.forget()
+                fresh = await self.info()
+                if fresh != info:
+                    raise ServerChanged(f"rkllama at {self.url} restarted as {fresh.label}")
             if info.api == API_EARLY and resp.status == 400 and "no model" in text.lower():
                 raise ServerNotLoaded(f"rkllama at {self.url} has no model loaded")
             if resp.status == 404 and info.api == API_OLLAMA:
