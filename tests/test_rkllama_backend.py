@@ -54,6 +54,15 @@ async def test_text_is_the_servers_byte_for_byte(server, make_runtime, rk_spec, 
     assert out.finish.stats.decode_tokens == len(out.ids)
 
 
+async def test_early_stream_with_a_closing_stop_object(make_server, make_runtime, rk_spec):
+    """rkllama 0.0.4's code meant to close the early stream with an empty finish_reason=stop object
+    (the stream of 0.0.1 just ends): either way the answer ends there, exactly."""
+    server = await make_server("early", early_final_object=True)
+    runtime = await loaded(make_runtime, server, rk_spec)
+    out = await collect(runtime, chat(sim_text(AWKWARD)))
+    assert out.text == AWKWARD and not out.finish.aborted
+
+
 async def test_generated_answers_are_exact(server, make_runtime, rk_spec, demo_tokenizer):
     runtime = await loaded(make_runtime, server, rk_spec)
     for i in range(5):
@@ -229,12 +238,23 @@ async def test_abort_ends_at_once_and_the_server_is_freed(make_server, make_runt
     assert time.monotonic() - started < 0.4, "abort must not wait for the rest of the answer"
     # The next answer must be exactly its own: no text of the abandoned one leaks into it.
     await next_request_works(runtime, server, "fresh answer")
-    if api == "ollama":  # stopped at the server by unloading the model, loaded again on demand
-        assert server.state.unloads == [DEMO_FOLDER_NAME]
-        assert server.state.loads == [DEMO_FOLDER_NAME, DEMO_FOLDER_NAME]
-    else:  # nothing stops it: the client read it to its end, so nothing was left over
-        abandoned = server.generations()[-2]
-        assert abandoned.text == long and not abandoned.disconnected
+    # The rest of a short answer is read to its end: the server is idle, the model stays loaded.
+    abandoned = server.generations()[-2]
+    assert abandoned.text == long and not abandoned.disconnected
+    assert server.state.unloads == [] and runtime.unloads_for_abort == 0
+
+
+async def test_a_long_abandoned_answer_is_stopped_by_unloading(make_server, make_runtime, rk_spec):
+    server = await make_server("ollama", SimTiming(0, 0, 0, 5.0))
+    runtime = await loaded(make_runtime, server, rk_spec)
+    runtime.abandon_drain_s = 0.05
+    out = await collect(runtime, chat(sim_text("word " * 200)), stop_after=3)
+    assert out.finish.aborted
+    await next_request_works(runtime, server, "fresh answer")
+    assert runtime.unloads_for_abort == 1
+    assert server.state.unloads == [DEMO_FOLDER_NAME]
+    assert server.state.loads == [DEMO_FOLDER_NAME, DEMO_FOLDER_NAME]  # loaded again on demand
+    assert len(server.generations()[-2].text) < len("word " * 200)
 
 
 async def test_abandoned_iterator_is_cleaned_up(make_server, make_runtime, rk_spec, api):

@@ -261,10 +261,11 @@ class FakeRkllama:
                 await self.worker_lock.acquire()
             if self.api == "ollama" or self.active is None or self.active.done:
                 self.active = run
+            events = self.sim.generate(GenerationInput(run.rid, tuple(prompt_ids)))
             try:
                 if delay_s:
                     await asyncio.sleep(delay_s)
-                async for event in self.sim.generate(GenerationInput(run.rid, tuple(prompt_ids))):
+                async for event in events:
                     if isinstance(event, TokenEvent) and event.text:
                         run.count += 1
                         if shared:
@@ -277,6 +278,7 @@ class FakeRkllama:
             except RKLLMError as exc:  # busy, or the runtime reported ERROR: the answer just ends
                 run.error = str(exc)
             finally:
+                await events.aclose()  # the runtime thread has returned: the next run finds it idle
                 if self.api == "ollama":
                     self.worker_lock.release()
                 run.pieces.put_nowait(None)

@@ -8,13 +8,16 @@ applied. The streamed text is turned into the model's token ids as each piece
 arrives (text_tokens.py), so exo gets tokens as fast as the server sends text
 and decodes them back into exactly the server's text.
 
-A request exo abandons is closed at once on our side. What happens at the
-server depends on what it can do: a server with model workers is told to
-unload the model (its only way to stop a running generation; the next request
-loads it again), while an older one-model server cannot stop at all, so the
-client reads the rest of the abandoned answer in the background and discards
-it: otherwise that answer's text would leak into the next request (those
-servers share one token list between requests). The next generation waits for
+A request exo abandons ends at once on exo's side. No rkllama version stops a
+generation because its client went away, so the backend frees the server for
+the next request itself. An older one-model server cannot stop a generation at
+all and shares one token list between requests: the client reads the rest of
+the abandoned answer in the background and discards it, or that text would
+leak into the next answer. A server with model workers can unload the model,
+but its unload only takes effect when the running generation ends (or kills
+the worker after 30 s), and the next request then loads the model again: so
+the client reads the rest for a few seconds (`abandon_drain_s`), which is
+enough for most answers, and only then unloads. The next generation waits for
 either clean-up to finish.
 """
 from __future__ import annotations
@@ -99,6 +102,8 @@ def wire_messages(messages: Sequence[ChatMessage], early: bool) -> list[dict[str
 class RkllamaRuntime:
     """The `rkllama` backend: one rkllama server, one model of it at a time."""
 
+    abandon_drain_s = 3.0  # worker servers: how long to let an abandoned answer finish before unloading
+
     def __init__(self, config: Config, client: RkllamaClient | None = None) -> None:
         self.config = config
         self.client = client or RkllamaClient(
@@ -118,6 +123,7 @@ class RkllamaRuntime:
         self.last_request_at: float | None = None
         self.last_first_piece_at: float | None = None
         self.cleanups = 0
+        self.unloads_for_abort = 0
 
     # -- protocol -------------------------------------------------------------------------------
     @property
@@ -358,26 +364,42 @@ class RkllamaRuntime:
             stream.release()
             return
         if info is not None and info.workers:
-            stream.close()
-            name = self._remote
-            log.info("rkllama: answer %s; unloading %s at the server to stop its generation", why, name)
-            self._cleanup = asyncio.ensure_future(self.client.unload(name))
+            log.info("rkllama: answer %s; letting the server finish it (up to %g s) before unloading %s",
+                     why, self.abandon_drain_s, self._remote)
+            self._cleanup = asyncio.ensure_future(self._drain_then_unload(stream, self._remote))
         else:
             log.info("rkllama: answer %s; this server cannot stop a generation, reading the rest of it", why)
             self._cleanup = asyncio.ensure_future(self._drain(stream))
 
+    async def _read_to_end(self, stream: ChatStream) -> None:
+        wait = max(self.client.first_token_timeout, self.client.chunk_timeout)
+        while not stream.eof:
+            await asyncio.wait_for(stream.read(), wait)
+
     async def _drain(self, stream: ChatStream) -> None:
         """Read an abandoned answer to its end, so the server is idle for the next one. A read may
         wait as long as a first piece may take: the answer may have been given up on for being slow."""
-        wait = max(self.client.first_token_timeout, self.client.chunk_timeout)
         try:
-            while not stream.eof:
-                await asyncio.wait_for(stream.read(), wait)
+            await self._read_to_end(stream)
         except (asyncio.TimeoutError, Exception) as exc:
             log.warning("rkllama: could not read an abandoned answer to its end (%r); the server may still be "
                         "generating it and mix it into the next answer", exc)
         finally:
             stream.close()
+
+    async def _drain_then_unload(self, stream: ChatStream, name: str | None) -> None:
+        try:
+            await asyncio.wait_for(self._read_to_end(stream), self.abandon_drain_s)
+            return
+        except asyncio.TimeoutError:
+            pass
+        except Exception as exc:  # the stream broke: the worker may still be generating
+            log.debug("rkllama: abandoned answer: %r", exc)
+        finally:
+            stream.close()
+        self.unloads_for_abort += 1
+        log.info("rkllama: unloading %s at the server to stop an abandoned generation", name)
+        await self.client.unload(name)
 
     async def _settle(self) -> None:
         task = self._cleanup

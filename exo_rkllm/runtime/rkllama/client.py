@@ -281,12 +281,15 @@ class RkllamaClient:
             if retry and not isinstance(exc, aiohttp.ClientConnectorError):
                 return await self.request(method, path, json_body=json_body, timeout=timeout, retry=False)
             raise self.unreachable(exc) from None
+        except asyncio.TimeoutError as exc:  # before ClientConnectionError: aiohttp's timeouts are both
+            self.forget()
+            if "connect" in f"{type(exc).__name__} {exc}".lower():
+                raise self.unreachable(exc) from None
+            raise RuntimeUnavailable(f"the rkllama server at {self.url} did not answer {method} {path} within "
+                                     f"{limit:g} s") from None
         except (aiohttp.ClientConnectionError, ConnectionError, OSError) as exc:
             self.forget()
             raise self.unreachable(exc) from None
-        except asyncio.TimeoutError:
-            raise RuntimeUnavailable(f"the rkllama server at {self.url} did not answer {method} {path} within "
-                                     f"{limit:g} s") from None
         try:
             body: Any = json.loads(raw) if raw else None
         except ValueError:
@@ -352,6 +355,8 @@ class RkllamaClient:
             status, body = await self.request("POST", "/load_model", json_body={"model_name": name},
                                               timeout=self.first_token_timeout)
             # 200 "A model is already loaded. Nothing to do." carries an "error" key: still fine.
+            if status == 404:  # no explicit load route (an Ollama server): models load on demand
+                return
             if status != 200:
                 raise ModelLoadError(f"rkllama at {self.url} could not load {name!r}: {_error_text(body)}")
             return
