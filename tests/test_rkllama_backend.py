@@ -257,6 +257,25 @@ async def test_a_long_abandoned_answer_is_stopped_by_unloading(make_server, make
     assert len(server.generations()[-2].text) < len("word " * 200)
 
 
+@pytest.mark.parametrize("api", ["ollama-single", "ollama"])
+async def test_abort_before_the_server_answered(make_server, make_runtime, rk_spec, api):
+    """Aborted while the server still loads the model (no headers yet): the request has reached it
+    and will be generated anyway; it is read (or stopped) before the next one."""
+    server = await make_server(api, SimTiming(load_ms=300, prefill_base_ms=0, prefill_ms_per_token=0,
+                                              decode_ms_per_token=2))
+    runtime = await loaded(make_runtime, server, rk_spec)
+    await server.restart()  # the model is gone: /api/chat loads it before answering
+    agen = runtime.generate(chat(sim_text("old " * 30)))
+    first = asyncio.ensure_future(agen.__anext__())
+    await asyncio.sleep(0.1)
+    await runtime.abort()
+    event = await first
+    assert event.aborted
+    await agen.aclose()
+    await next_request_works(runtime, server, "new 世界")
+    assert server.generations()[-2].text == "old " * 30 or server.state.unloads
+
+
 async def test_abandoned_iterator_is_cleaned_up(make_server, make_runtime, rk_spec, api):
     """The scheduler may simply stop iterating: the same clean-up happens."""
     server = await make_server(api, SimTiming(0, 0, 0, 5.0))

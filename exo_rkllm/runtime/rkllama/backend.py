@@ -209,8 +209,16 @@ class RkllamaRuntime:
                 started = time.monotonic()
                 self.last_request_at, self.last_first_piece_at = started, None
                 deadline = started + self.client.first_token_timeout
-                stream, info = await self._race(self._open(inp), abort_fut, self.client.first_token_timeout,
-                                                self._first_token_error())
+                opening = asyncio.ensure_future(self._open(inp))
+                try:
+                    stream, info = await self._race(opening, abort_fut, self.client.first_token_timeout,
+                                                    self._first_token_error(), cancel=False)
+                except (_Aborted, GenerationError):
+                    # The request may have reached the server, which would then generate unseen:
+                    # once it answers, free it like any abandoned answer.
+                    if not opening.done():
+                        self._cleanup = asyncio.ensure_future(self._free_after_open(opening))
+                    raise
             except _Aborted:
                 finished = True
                 yield FinishEvent(GenerationStats(), aborted=True)
@@ -291,8 +299,9 @@ class RkllamaRuntime:
         return GenerationStats(prefill_tokens=prompt_tokens, prefill_ms=(first - started) * 1000,
                                decode_tokens=emitted, decode_ms=max(0.0, last_at - first) * 1000)
 
-    async def _race(self, aw: Any, abort_fut: asyncio.Future[None], timeout: float | None, error: str) -> Any:
-        """Await `aw` unless abort() or the timeout comes first."""
+    async def _race(self, aw: Any, abort_fut: asyncio.Future[None], timeout: float | None, error: str, *,
+                    cancel: bool = True) -> Any:
+        """Await `aw` unless abort() or the timeout comes first (then `aw` is cancelled, if `cancel`)."""
         task = asyncio.ensure_future(aw)
         try:
             done, _ = await asyncio.wait((task, abort_fut), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -301,7 +310,8 @@ class RkllamaRuntime:
             raise
         if task in done:
             return task.result()
-        task.cancel()
+        if cancel:
+            task.cancel()
         task.add_done_callback(_consume)
         if abort_fut.done():
             raise _Aborted()
@@ -358,18 +368,29 @@ class RkllamaRuntime:
         return name
 
     def _stop_at_server(self, stream: ChatStream, info: ServerInfo | None, why: str) -> None:
-        """An answer we stopped reading: free the server for the next request."""
+        """An answer we stopped reading: free the server for the next request (which waits for it)."""
         self.cleanups += 1
         if stream.eof:
             stream.release()
             return
+        log.info("rkllama: answer %s; freeing the server for the next request", why)
+        self._cleanup = asyncio.ensure_future(self._free_server(stream, info))
+
+    async def _free_server(self, stream: ChatStream, info: ServerInfo | None) -> None:
         if info is not None and info.workers:
-            log.info("rkllama: answer %s; letting the server finish it (up to %g s) before unloading %s",
-                     why, self.abandon_drain_s, self._remote)
-            self._cleanup = asyncio.ensure_future(self._drain_then_unload(stream, self._remote))
-        else:
-            log.info("rkllama: answer %s; this server cannot stop a generation, reading the rest of it", why)
-            self._cleanup = asyncio.ensure_future(self._drain(stream))
+            await self._drain_then_unload(stream, self._remote)
+        else:  # this server cannot stop a generation: read the rest of it
+            await self._drain(stream)
+
+    async def _free_after_open(self, opening: asyncio.Future[Any]) -> None:
+        try:
+            stream, info = await asyncio.wait_for(asyncio.shield(opening), self.client.first_token_timeout)
+        except (asyncio.TimeoutError, Exception) as exc:
+            opening.cancel()
+            log.debug("rkllama: an abandoned request never got an answer: %r", exc)
+            return
+        self.cleanups += 1
+        await self._free_server(stream, info)
 
     async def _read_to_end(self, stream: ChatStream) -> None:
         wait = max(self.client.first_token_timeout, self.client.chunk_timeout)
