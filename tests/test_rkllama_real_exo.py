@@ -65,7 +65,7 @@ def rig(tmp_path_factory, demo_model_dir):
     fake = ThreadedFake(models, free_port())
     fake.call(fake.server.start())
     exo = start_exo(EXO_PYTHON, workdir, models, {"RKLLM_BACKEND": "rkllama", "RKLLM_SERVER_URL": fake.server.url,
-                                                  "RKLLM_SERVER_FIRST_TOKEN_TIMEOUT": "10"})
+                                                  "RKLLM_SERVER_FIRST_TOKEN_TIMEOUT": "1.5"})
     yield exo, fake
     exo.stop()
     fake.close()
@@ -146,6 +146,18 @@ async def test_failures_are_clear_and_the_next_request_works(rig):
         assert res["finish"] == "error" and "malformed stream chunk" in res["chunks"][-1]["error"]["message"]
         ok = await stream_chat(s, exo.api, user("[[sim:text=fine 世界]]"))
         assert ok["text"] == "fine 世界" and ok["finish"] == "stop"
+        fake.server.faults.fail_after = 2  # the server dies mid-answer
+        res = await stream_chat(s, exo.api, user("[[sim:text=one two three four five six seven]]"))
+        assert res["finish"] == "error" and "broke off the answer" in res["chunks"][-1]["error"]["message"]
+        assert res["text"] == "one two"
+        ok = await stream_chat(s, exo.api, user("[[sim:text=alive 🤖]]"))
+        assert ok["text"] == "alive 🤖"
+        fake.server.faults.first_token_delay_s = 2.5  # longer than RKLLM_SERVER_FIRST_TOKEN_TIMEOUT=1.5
+        async with s.post(f"{exo.api}/v1/chat/completions", json={"model": DEMO_ID, "messages": user("x")}) as r:
+            body = await r.json()
+            assert r.status >= 500 and "RKLLM_SERVER_FIRST_TOKEN_TIMEOUT" in body["error"]["message"], body
+        ok = await stream_chat(s, exo.api, user("[[sim:text=patient 🇯🇵]]"))
+        assert ok["text"] == "patient 🇯🇵"
         fake.call(fake.server.down())
         started = time.monotonic()
         async with s.post(f"{exo.api}/v1/chat/completions", json={"model": DEMO_ID, "messages": user("x")}) as r:
