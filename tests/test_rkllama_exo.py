@@ -138,3 +138,16 @@ async def test_abandoned_request_is_cancelled_at_the_server(make_server, make_en
     assert nxt.streamed_text == "next 世界", "nothing of the abandoned answer may leak into the next"
     assert engine.active_requests() == []
     await ring.drain()
+
+
+async def test_a_ring_of_two_with_the_request_on_the_other_node(make_server, make_engine):
+    """The messages travel from the API node to the node holding layer 0, which alone asks the server."""
+    server = await make_server("ollama")
+    engines = [make_engine(server.url), make_engine(server.url)]
+    ring = ExoRing(engines)
+    for api_node in (0, 1):
+        answer = await ring.complete(DEMO_ID, user(f"[[sim:text=ring {api_node} 世界 🤖]]"), DEMO_LAYERS,
+                                     api_node=api_node)
+        assert answer.streamed_text == f"ring {api_node} 世界 🤖"
+    assert len(server.generations()) == 2 and not ring.errors
+    assert engines[1]._scheduler is None, "only the layer-0 node runs the model"
