@@ -28,7 +28,7 @@ import time
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 from ...config import Config
-from ...errors import GenerationError, ModelLoadError, ModelNotFound, RKLLMError
+from ...errors import GenerationError, ModelLoadError, ModelNotFound
 from ...tokenizer import load_tokenizer
 from ..base import (Capabilities, ChatMessage, FinishEvent, GenerationInput, GenerationStats, ModelSpec,
                     ProgressFn, RuntimeEvent, TokenEvent)
@@ -69,6 +69,21 @@ def _text_of(content: object) -> str:
                     parts.append(text)
         return "".join(parts)
     return str(content)
+
+
+def jsonable(obj: Any) -> Any:
+    """Tools as plain JSON: exo may hand them over as pydantic models."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    for method in ("model_dump", "dict"):
+        fn = getattr(obj, method, None)
+        if callable(fn):
+            return jsonable(fn())
+    return str(obj)
 
 
 def wire_messages(messages: Sequence[ChatMessage], early: bool) -> list[dict[str, Any]]:
@@ -325,7 +340,7 @@ class RkllamaRuntime:
             info = await self.client.info()
             name = await self.resolve_name(self._model)
             messages = wire_messages(inp.messages or (), early=info.api == API_EARLY)
-            tools = inp.tools if info.api != API_EARLY else None
+            tools = jsonable(list(inp.tools)) if inp.tools and info.api != API_EARLY else None
             if inp.tools and info.api == API_EARLY:
                 log.warning("the early rkllama API takes no tools: the request's tools are not sent")
             try:
