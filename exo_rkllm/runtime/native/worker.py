@@ -92,6 +92,10 @@ class Worker:
         return True
 
     def _start_generation(self, msg: Generate) -> None:
+        if self._gen_thread is not None:
+            # exo sends a new generation only after the previous one's Finished/Failed, which the
+            # run thread sends as its last act: give it the moment it needs to exit.
+            self._gen_thread.join(timeout=1.0)
         if self._gen_thread is not None and self._gen_thread.is_alive():
             self.send(Failed(msg.seq, RemoteError("GenerationError", "the runtime is busy: one generation at a "
                                                                      "time per context"), None))
