@@ -56,11 +56,16 @@ class _PatchingLoader:
         return getattr(self._loader, name)
 
 
+def active() -> bool:
+    """Whether the hook is registered in this interpreter (what `exo-rkllm doctor` and the tests check)."""
+    return any(isinstance(f, _ExoHook) for f in sys.meta_path)
+
+
 def install(force: bool = False) -> None:
     """Register the hook (at start-up, unless EXO_RKLLM_AUTOLOAD=0; always when `force`)."""
     if not force and os.environ.get("EXO_RKLLM_AUTOLOAD", "1").strip().lower() in ("0", "false", "no", "off"):
         return
-    if any(isinstance(f, _ExoHook) for f in sys.meta_path):
+    if active():
         return
     sys.meta_path.insert(0, _ExoHook())
 

@@ -1,8 +1,10 @@
 """Start a real legacy exo (`python -m exo.main --inference-engine rkllm`) for integration tests.
 
 exo is not a dependency of this project (the PyPI 'exo' is another project);
-these tests use the interpreter named by EXO_PYTHON, or this one, if it can
-import legacy exo, and are skipped with the reason otherwise.
+tests/legacy_exo.py finds a Python with legacy exo (EXO_PYTHON, this one, or the
+environment `python -m tests.legacy_exo build` made) and layers this checkout on
+it; without one, these tests are skipped with the reason, and the test run's
+summary line says so.
 """
 from __future__ import annotations
 
@@ -10,32 +12,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-PROBE = ("import importlib.util, pathlib, sys\n"
-         "s = importlib.util.find_spec('exo')\n"
-         "legacy = bool(s and s.origin and (pathlib.Path(s.origin).parent / 'orchestration' / 'node.py').exists())\n"
-         "hooked = any(type(f).__name__ == '_ExoHook' for f in sys.meta_path)\n"
-         "print(int(legacy), int(hooked))\n")
-
-
-def find_exo_python() -> tuple[str | None, str]:
-    """(interpreter, '') if usable, else (None, why)."""
-    candidate = os.environ.get("EXO_PYTHON") or sys.executable
-    try:
-        out = subprocess.run([candidate, "-c", PROBE], capture_output=True, text=True, timeout=60).stdout.split()
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"cannot run {candidate}: {exc}"
-    if out[:1] != ["1"]:
-        return None, (f"legacy exo is not importable by {candidate}; install it (README 'Install') or point "
-                      "EXO_PYTHON at a Python that has it and exo-rkllm")
-    if out[1:2] != ["1"]:
-        return None, f"exo-rkllm's exo_rkllm.pth hook is not active in {candidate}: pip install exo-rkllm there"
-    return candidate, ""
+from legacy_exo import find_exo_python  # noqa: F401  (re-exported for the test modules)
 
 
 def free_port() -> int:

@@ -133,6 +133,7 @@ async def test_exo_ending_or_abandoning_a_request_stops_the_npu(fake_lib, tmp_pa
 
 
 # -- a real exo on the fake library ------------------------------------------------------------------------
+@pytest.mark.real_exo
 async def test_real_exo_on_the_fake_library(fake_lib, tmp_path, demo_model_dir, demo_tokenizer) -> None:
     from real_exo import find_exo_python, start_exo
 

@@ -13,7 +13,7 @@ from real_exo import find_exo_python, start_ring
 from support import DEMO_ID
 
 EXO_PYTHON, WHY = find_exo_python()
-pytestmark = pytest.mark.skipif(EXO_PYTHON is None, reason=WHY)
+pytestmark = [pytest.mark.real_exo, pytest.mark.skipif(EXO_PYTHON is None, reason=WHY)]
 TEXT = " Hé 世界 🤖👩‍💻 ring of nodes 🇫🇷"
 
 

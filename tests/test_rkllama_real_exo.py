@@ -24,7 +24,7 @@ from real_exo import find_exo_python, free_port, start_exo
 from support import DEMO_ID
 
 EXO_PYTHON, WHY = find_exo_python()
-pytestmark = pytest.mark.skipif(EXO_PYTHON is None, reason=WHY)
+pytestmark = [pytest.mark.real_exo, pytest.mark.skipif(EXO_PYTHON is None, reason=WHY)]
 
 FAST = SimTiming(0, 0, 0, 2.0)
 BOARD = SimTiming(0, 40, 8, 125)  # RK3588-like: prefill 40 ms + 8 ms/token, 8 tokens/s
