@@ -6,7 +6,10 @@ sampled token for every next step. RKLLM instead runs a whole generation and
 reports tokens through a callback. This class bridges the two: the first call
 for a request id starts a generation and returns its first token as soon as
 the runtime emits it; each later call returns the next one; after the last it
-returns the eos id so exo ends the request with `finish_reason: stop`.
+returns the eos id so exo ends the request. exo concludes `stop` from that eos
+whatever happened, so every other ending (an answer cut at its token limit, a
+failure, a cancellation) is also told to the end listeners (the plugin), which
+correct what the client sees.
 `sample` passes the token through: the runtime has already sampled it.
 
 Only the shard holding layer 0 runs the model (RKLLM cannot run a slice of
@@ -31,13 +34,16 @@ from .errors import RequestCancelled, RKLLMError
 from .runtime.base import ChatMessage, ModelSpec, Runtime
 from .runtime.factory import create_runtime
 from .scheduler import Scheduler
-from .streams import RequestStream
+from .streams import FinishReason, RequestStream
 from .tokenizer import load_tokenizer, stop_token_ids
 
 log = logging.getLogger("exo_rkllm.engine")
 
-FailureListener = Callable[[str, RKLLMError], None]
+EndListener = Callable[[str, "RequestEnding"], None]
 MAX_CONTEXTS = 256
+# Reasons a request ends whole: the engine handed exo its last token, or exo ended it itself.
+ANSWER_COMPLETE = "answer complete"
+FINISHED_BY_EXO = "finished by exo"
 CONTEXT_WAIT_S = 2.0  # how long a messages-only backend waits for a request's messages from the API node
 
 
@@ -47,6 +53,14 @@ class RequestContext:
 
     messages: tuple[ChatMessage, ...]
     tools: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RequestEnding:
+    """A request's end that exo cannot tell from its tokens (exo sees an eos and says `stop`)."""
+
+    finish_reason: str  # "length": cut short by a token limit or the context; "error": no complete answer
+    error: RKLLMError | None = None
 
 
 @dataclass
@@ -75,7 +89,7 @@ class RKLLMInferenceEngine:
         self._models: dict[str, _Model] = {}
         self._contexts: collections.OrderedDict[str, RequestContext] = collections.OrderedDict()
         self._context_waiters: dict[str, asyncio.Event] = {}
-        self._failure_listeners: list[FailureListener] = []
+        self._end_listeners: list[EndListener] = []
 
     # -- exo's abstract methods ------------------------------------------------------------------
     async def encode(self, shard: Any, prompt: str) -> np.ndarray:
@@ -115,13 +129,17 @@ class RKLLMInferenceEngine:
         stream = scheduler.get(request_id)
         if stream is None:
             if request_id in scheduler.ended:  # exo is still stepping a request that has ended
+                reason = scheduler.ended[request_id]
+                if reason not in (ANSWER_COMPLETE, FINISHED_BY_EXO):  # cut short: not an answer
+                    self._notify_end(request_id, RequestEnding(
+                        "error", RequestCancelled(f"request {request_id} was cancelled: {reason}")))
                 return self._eos(model), inference_state
             if not scheduler.runtime.capabilities.token_input and request_id not in self._contexts:
                 await self._wait_for_context(request_id)
             try:
                 stream = self._start(scheduler, request_id, model, input_data, prompt_text)
             except RKLLMError as exc:  # queue full, prompt longer than the context...
-                self._notify_failure(request_id, exc)
+                self._notify_end(request_id, RequestEnding("error", exc))
                 raise
         return await self._next(scheduler, stream, model, first=stream.delivered == 0), inference_state
 
@@ -166,7 +184,7 @@ class RKLLMInferenceEngine:
         if waiter is not None:
             waiter.set()
 
-    def finish_request(self, request_id: str, reason: str = "finished by exo") -> None:
+    def finish_request(self, request_id: str, reason: str = FINISHED_BY_EXO) -> None:
         """exo has ended the request (EOS, max tokens): stop the NPU work if any is left."""
         self._contexts.pop(request_id, None)
         if self._scheduler is not None:
@@ -176,10 +194,11 @@ class RKLLMInferenceEngine:
         """The request was abandoned (client gone, timeout): abort it, free the NPU at once."""
         self.finish_request(request_id, reason)
 
-    def add_failure_listener(self, listener: FailureListener) -> None:
-        """Called with (request_id, error) when a request fails. exo reports a failure before
-        the first token only as a generic 500, and one after it not at all: the plugin does."""
-        self._failure_listeners.append(listener)
+    def add_end_listener(self, listener: EndListener) -> None:
+        """Called with (request_id, RequestEnding) when a request ends otherwise than by the model's
+        own end of answer. exo reports a failure before the first token only as a generic 500, one
+        after it not at all, and a cut-short answer as `stop`: the plugin corrects all three."""
+        self._end_listeners.append(listener)
 
     def active_requests(self) -> list[str]:
         return list(self._scheduler.streams) if self._scheduler else []
@@ -251,17 +270,22 @@ class RKLLMInferenceEngine:
         request_id = stream.request_id
         try:
             token = await stream.next_token()
-        except RequestCancelled:
+        except RequestCancelled as exc:
+            # exo may still step a request that was abandoned: end its loop cleanly. Whoever may
+            # still read the answer (a peer's cancel, the idle sweep) must not take it as complete.
             self._end(scheduler, request_id)
-            return self._eos(model)  # exo may still step a request it abandoned: end it cleanly
+            self._notify_end(request_id, RequestEnding("error", exc))
+            return self._eos(model)
         except RKLLMError as exc:
             self._end(scheduler, request_id)
-            self._notify_failure(request_id, exc)
+            self._notify_end(request_id, RequestEnding("error", exc))
             if first:
                 raise  # exo's API answers the request with this error
             log.error("request %s failed mid-answer: %s", request_id, exc)
             return self._eos(model)  # end exo's loop cleanly; the plugin reports the error
         if token is None or token in model.stop_ids:
+            if token is None and stream.finish_reason is FinishReason.LENGTH:
+                self._notify_end(request_id, RequestEnding("length"))
             self._end(scheduler, request_id)
             return self._eos(model)
         return np.array([[token]], dtype=np.int64)
@@ -278,15 +302,15 @@ class RKLLMInferenceEngine:
         finally:
             self._context_waiters.pop(request_id, None)
 
-    def _notify_failure(self, request_id: str, exc: RKLLMError) -> None:
-        for listener in self._failure_listeners:
+    def _notify_end(self, request_id: str, ending: RequestEnding) -> None:
+        for listener in self._end_listeners:
             try:
-                listener(request_id, exc)
+                listener(request_id, ending)
             except Exception:
                 log.exception("failure listener raised")
 
     def _end(self, scheduler: Scheduler, request_id: str) -> None:
-        scheduler.cancel(request_id, "answer complete")
+        scheduler.cancel(request_id, ANSWER_COMPLETE)
         self._contexts.pop(request_id, None)
 
     @staticmethod

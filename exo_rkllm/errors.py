@@ -60,3 +60,9 @@ class RequestCancelled(RKLLMError):
     """The request was abandoned (client gone, timeout, shutdown) before it finished."""
 
     http_status = 499
+
+
+class ShuttingDown(RKLLMError):
+    """exo is stopping: requests still running or waiting end with this, never as finished answers."""
+
+    http_status = 503

@@ -12,7 +12,8 @@ they are imported (exo_rkllm/_autoload.py arranges that for a plain
   or broken models get a clear 4xx; the text of every chunk is decoded exactly
   (no U+FFFD from split characters, no eos text); a client that disconnects,
   or an API timeout, aborts the request on the NPU (exo would not tell the
-  engine); a failure after the first token reaches the client as an error.
+  engine); a failure after the first token reaches the client as an error, and
+  an answer cut short says `length`, never `stop`.
 - cluster: cancellations and failures travel to the other nodes as exo
   opaque-status messages, since the node running the model may not be the
   node serving the HTTP request.
@@ -20,6 +21,7 @@ they are imported (exo_rkllm/_autoload.py arranges that for a plain
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import json
 import logging
@@ -32,21 +34,23 @@ from . import ENGINE_CLASSNAME, ENGINE_NAME
 from .api_text import CompletionText
 from .catalog import ModelEntry
 from .config import Config
-from .engine import RKLLMInferenceEngine, RequestContext, messages_from_openai
+from .engine import RKLLMInferenceEngine, RequestContext, RequestEnding, messages_from_openai
 from .errors import RKLLMError
 
 log = logging.getLogger("exo_rkllm.plugin")
 
 CANCEL_STATUS = "exo_rkllm_cancel"
 CONTEXT_STATUS = "exo_rkllm_context"
-FAILED_STATUS = "exo_rkllm_failed"
+ENDED_STATUS = "exo_rkllm_ended"
 DISCONNECT_POLL_S = 0.1
+SHUTDOWN_DRAIN_S = 3.0  # how long a stopping exo waits for open HTTP requests to write how they ended
 
 _engine: RKLLMInferenceEngine | None = None
 _repo_to_model: dict[str, str] = {}
 _our_tokenizers: set[int] = set()
 _texts = CompletionText()
-_failures: dict[str, RKLLMError] = {}
+# How requests of this node's API ended, when exo cannot tell it from the tokens (see RequestEnding).
+_endings: dict[str, RequestEnding] = {}
 _current: contextvars.ContextVar["_HttpRequest | None"] = contextvars.ContextVar("exo_rkllm_http", default=None)
 _active: dict[str, "_HttpRequest"] = {}
 
@@ -87,7 +91,7 @@ def current_engine() -> RKLLMInferenceEngine | None:
 def on_token(engine: RKLLMInferenceEngine, request_id: str, tokens: Any, is_finished: bool) -> None:
     """exo's node.on_token: the only signal that exo has ended a request (EOS or max tokens)."""
     if is_finished:
-        engine.finish_request(request_id, "finished by exo")
+        engine.finish_request(request_id)
         http = _active.get(request_id)
         if http is not None:
             http.finished.add(request_id)
@@ -109,8 +113,10 @@ def on_opaque_status(engine: RKLLMInferenceEngine, request_id: str, status: str)
         tools = data.get("tools")
         engine.set_request_context(rid, RequestContext(messages_from_openai(data["messages"]),
                                                        tuple(tools) if tools else None))
-    elif kind == FAILED_STATUS and rid in _active and rid not in _failures:
-        _failures[rid] = RKLLMError(data.get("message", "the request failed"))
+    elif kind == ENDED_STATUS and rid in _active and rid not in _endings:
+        reason = data.get("finish_reason")
+        error = RKLLMError(data.get("message") or "the request failed") if reason == "error" else None
+        _endings[rid] = RequestEnding("length" if reason == "length" else "error", error)
 
 
 # -- engine selection -------------------------------------------------------------------------------
@@ -137,7 +143,7 @@ def make_engine(shard_downloader: Any = None, config: Config | None = None) -> R
                     config.models_dir)
     else:
         log.info("rkllm models: %s", ", ".join(e.model_id for e in servable))
-    engine.add_failure_listener(_on_engine_failure)
+    engine.add_end_listener(on_engine_end)
     _engine = engine
     return engine
 
@@ -199,10 +205,43 @@ def _setup_logging(config: Config) -> None:
         logger.propagate = False
 
 
-def _on_engine_failure(request_id: str, error: RKLLMError) -> None:
+def on_engine_end(request_id: str, ending: RequestEnding) -> None:
+    """The engine ended a request otherwise than by the model's end of answer: keep it for this
+    node's API, and tell the other nodes (the HTTP request may be on another one)."""
     if request_id in _active:
-        _failures.setdefault(request_id, error)
-    _broadcast(request_id, {"type": FAILED_STATUS, "request_id": request_id, "message": str(error)})
+        _endings.setdefault(request_id, ending)
+    _broadcast(request_id, {"type": ENDED_STATUS, "request_id": request_id, "finish_reason": ending.finish_reason,
+                            "message": str(ending.error) if ending.error else None})
+
+
+def track(request_id: str, http: "_HttpRequest | None" = None) -> "_HttpRequest":
+    """This node's API serves `request_id`: its ending is kept until `forget`."""
+    http = http or _HttpRequest()
+    if request_id not in http.request_ids:
+        http.request_ids.append(request_id)
+    _active[request_id] = http
+    return http
+
+
+def forget(request_id: str) -> None:
+    """Drop every per-request entry the plugin holds for `request_id`."""
+    _texts.forget(request_id)
+    _endings.pop(request_id, None)
+    _active.pop(request_id, None)
+
+
+def finish_for(request_id: str, exo_finish_reason: str | None) -> tuple[str | None, dict[str, Any] | None]:
+    """The finish_reason (and error object) the client must see, given what exo concluded.
+
+    exo says `stop` whenever the last token is the eos, which the engine hands it after every
+    end; the engine's RequestEnding says what really happened."""
+    ending = _endings.get(request_id)
+    if exo_finish_reason is None or ending is None:
+        return exo_finish_reason, None
+    if ending.finish_reason == "length":
+        return "length", None
+    error = ending.error or RKLLMError("the request failed")
+    return "error", {"message": str(error), "type": "server_error", "code": type(error).__name__}
 
 
 def _broadcast(request_id: str, payload: dict[str, Any]) -> None:
@@ -223,17 +262,44 @@ def _patch_helpers(module: types.ModuleType) -> None:
     original = module.shutdown
 
     async def shutdown(signal: Any, loop: Any, server: Any) -> None:
-        # exo cancels every task and stops its server; first stop the NPU and release the runtime.
+        """exo's shutdown, in an order that lets every client hear how its request ended.
+
+        exo's own cancels every task at once, the one running main() included, then awaits
+        server.stop(): main() ends first, the loop stops, and this task is destroyed while
+        pending. Here the NPU stops first (each running or waiting request ends with an error
+        its client receives), the HTTP requests get a moment to write it, the gRPC server stops,
+        and main() is cancelled last, with nothing awaited after it."""
         engine = _engine
-        if engine is not None:
-            try:
-                await asyncio.wait_for(engine.shutdown(), timeout=10)
-            except Exception as exc:
-                log.error("rkllm engine did not shut down cleanly: %r", exc)
-        await original(signal, loop, server)
+        if engine is None:
+            return await original(signal, loop, server)
+        print(f"Received exit signal {getattr(signal, 'name', signal)}...")
+        try:
+            await asyncio.wait_for(engine.shutdown(), timeout=10)
+        except Exception as exc:
+            log.error("rkllm engine did not shut down cleanly: %r", exc)
+        deadline = loop.time() + SHUTDOWN_DRAIN_S
+        while _active and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        me = asyncio.current_task()
+        main = [t for t in asyncio.all_tasks() if _runs_exo_main(t)]
+        others = [t for t in asyncio.all_tasks() if t is not me and t not in main]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        try:
+            await server.stop()
+        except Exception as exc:
+            log.debug("exo's server did not stop cleanly: %r", exc)
+        for task in main:
+            task.cancel()
 
     shutdown.__wrapped__ = original  # type: ignore[attr-defined]
     module.shutdown = shutdown
+
+
+def _runs_exo_main(task: "asyncio.Task[Any]") -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and code.co_name == "main" and code.co_filename.replace("\\", "/").endswith("exo/main.py")
 
 
 # -- patches: exo.inference.inference_engine ------------------------------------------------------
@@ -335,8 +401,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         def on_chat_completion_request(request_id, chat_request, prompt):
             http = _current.get()
             if http is not None:
-                http.request_ids.append(request_id)
-                _active[request_id] = http
+                track(request_id, http)
             context = RequestContext(messages_from_openai(chat_request.messages),
                                      tuple(chat_request.tools) if chat_request.tools else None)
             engine.set_request_context(request_id, context)
@@ -371,7 +436,6 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         if refused is not None:
             return refused
         register_model_cards([entry])  # a model added while exo runs becomes an exo model now
-        _apply_modelfile_system(request, data, engine, name, self.system_prompt)
         http = _HttpRequest()
         token = _current.set(http)
         watcher = asyncio.ensure_future(_watch_disconnect(request, http, engine))
@@ -385,7 +449,8 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         finally:
             watcher.cancel()
             _current.reset(token)
-        failure = next((_failures[r] for r in http.request_ids if r in _failures), None)
+        failure = next((_endings[r].error or RKLLMError("the request failed") for r in http.request_ids
+                        if r in _endings and _endings[r].finish_reason == "error"), None)
         _release(self, engine, http, "client disconnected" if http.disconnected else "the API handler ended")
         if failure is not None and not getattr(response, "prepared", False):
             # Nothing was sent yet (a non-streamed answer, or a failure before the first token):
@@ -449,10 +514,9 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
                 choice[key]["content"] = text
         if "text" in choice:
             choice["text"] = text
-        failure = _failures.get(request_id)
-        if failure is not None and finish_reason is not None:
-            choice["finish_reason"] = "error"
-            completion["error"] = {"message": str(failure), "type": "server_error", "code": type(failure).__name__}
+        choice["finish_reason"], error = finish_for(request_id, finish_reason)
+        if error is not None:
+            completion["error"] = error
         return completion
 
     api_cls.__init__ = __init__
@@ -485,21 +549,6 @@ def _check_model(engine: RKLLMInferenceEngine, name: str) -> tuple[ModelEntry | 
     return entry, None
 
 
-def _apply_modelfile_system(request: Any, data: dict[str, Any], engine: RKLLMInferenceEngine, name: str,
-                            api_system_prompt: str | None) -> None:
-    """The Modelfile's SYSTEM, as rkllama applies it: only when the request has no system message
-    and exo has no --system-prompt of its own. exo reads the body again, so it is rewritten."""
-    entry = engine.catalog.find(name)
-    system = entry.system_prompt if entry is not None else None
-    if not system or api_system_prompt or any(m.get("role") == "system" for m in data["messages"]):
-        return
-    if not hasattr(request, "_read_bytes"):  # aiohttp keeps the body it read here
-        log.debug("cannot add the Modelfile SYSTEM prompt with this aiohttp version")
-        return
-    data["messages"].insert(0, {"role": "system", "content": system})
-    request._read_bytes = json.dumps(data).encode()
-
-
 async def _watch_disconnect(request: Any, http: _HttpRequest, engine: RKLLMInferenceEngine) -> None:
     """exo never notices a client that went away; poll the connection and abort its work."""
     while True:
@@ -530,9 +579,7 @@ def _release(api: Any, engine: RKLLMInferenceEngine, http: _HttpRequest, reason:
             if isinstance(buffered, dict):
                 buffered.pop(rid, None)
         engine._contexts.pop(rid, None)
-        _texts.forget(rid)
-        _failures.pop(rid, None)
-        _active.pop(rid, None)
+        forget(rid)
 
 
 async def _status(engine: RKLLMInferenceEngine) -> Any:
@@ -555,7 +602,7 @@ async def _status(engine: RKLLMInferenceEngine) -> Any:
 
 def plugin_state_sizes() -> dict[str, int]:
     """Per-request state the plugin holds (a test checks it drains to zero)."""
-    return {"active": len(_active), "failures": len(_failures), "texts": len(_texts)}
+    return {"active": len(_active), "endings": len(_endings), "texts": len(_texts)}
 
 
 _PATCHERS: dict[str, Callable[[types.ModuleType], None]] = {

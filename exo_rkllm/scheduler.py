@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .config import Config
-from .errors import ContextOverflow, GenerationError, QueueFull, RequestCancelled, RKLLMError
+from .errors import ContextOverflow, GenerationError, QueueFull, RequestCancelled, RKLLMError, ShuttingDown
 from .runtime.base import ChatMessage, FinishEvent, GenerationInput, ModelSpec, Runtime, TokenEvent, split_prompt
-from .streams import RequestStream, StreamState
+from .streams import FinishReason, RequestStream, StreamState
 
 log = logging.getLogger("exo_rkllm.scheduler")
 
@@ -61,7 +61,7 @@ class Scheduler:
         self.history: collections.deque[RunSummary] = collections.deque(maxlen=256)
         # Recently ended request ids (bounded): exo may still step a request after we ended it,
         # and its fed-back token must not be mistaken for a new prompt.
-        self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.ended: collections.OrderedDict[str, str] = collections.OrderedDict()  # request id -> why it ended
         self._queue: collections.deque[_Job] = collections.deque()
         self._wakeup = asyncio.Event()
         self._device = asyncio.Lock()
@@ -113,7 +113,7 @@ class Scheduler:
         if stream is None:
             return False
         stream.close(reason)
-        self.ended[request_id] = None
+        self.ended[request_id] = reason
         while len(self.ended) > 1024:
             self.ended.popitem(last=False)
         return True
@@ -235,9 +235,14 @@ class Scheduler:
         else:
             if finish is None or finish.aborted:
                 outcome = "aborted"
-                stream.finish(finish.stats if finish else None)  # no-op when already closed
+                reason = self._finish_reason(job, prompt, emitted)
+                if finish is not None and reason is FinishReason.LENGTH:
+                    stream.finish(finish.stats, reason)  # the backend stopped the run at its token limit
+                else:  # no-op when the stream was closed (the abort was ours); otherwise it is no answer
+                    stream.fail(GenerationError("the runtime stopped the generation before it finished "
+                                                f"({len(emitted)} tokens generated)"))
             else:
-                stream.finish(finish.stats)
+                stream.finish(finish.stats, self._finish_reason(job, prompt, emitted))
                 if keep:
                     self._kv = self._kv_after(job, prompt, emitted)
         finally:
@@ -252,6 +257,17 @@ class Scheduler:
             now - stream.created_at, outcome))
         log.debug("request %s %s: %d tokens", stream.request_id, outcome, len(emitted))
 
+    @staticmethod
+    def _limit(job: _Job, prompt_run: Sequence[int]) -> int:
+        """Most tokens this run may generate: the request's or the model's cap, and the context's room."""
+        return min(job.max_new_tokens or job.spec.max_new_tokens or 1 << 30, job.spec.max_context_len - len(prompt_run))
+
+    def _finish_reason(self, job: _Job, prompt_run: Sequence[int], emitted: list[int]) -> FinishReason:
+        """`length` when the run stopped because it ran out of tokens, not because the model ended it."""
+        if emitted and emitted[-1] in job.stop_ids:
+            return FinishReason.STOP
+        return FinishReason.LENGTH if len(emitted) >= self._limit(job, prompt_run) else FinishReason.STOP
+
     def _kv_after(self, job: _Job, prompt_run: tuple[int, ...], emitted: list[int]) -> list[int] | None:
         """What the cache holds after a clean run: the prompt and every token fed back.
 
@@ -263,9 +279,7 @@ class Scheduler:
         ended_on_stop = bool(content) and content[-1] in job.stop_ids
         while content and content[-1] in job.stop_ids:
             content.pop()
-        limit = min(job.max_new_tokens or job.spec.max_new_tokens or 1 << 30,
-                    job.spec.max_context_len - len(prompt))
-        if not ended_on_stop and len(emitted) >= limit and content:
+        if not ended_on_stop and len(emitted) >= self._limit(job, prompt) and content:
             content.pop()
         belief = prompt + content
         reported = getattr(self.runtime, "kv_cache_len", None)
@@ -305,7 +319,10 @@ class Scheduler:
         if self._closed:
             return
         self._closed = True
-        for request_id in list(self.streams):
+        for request_id, stream in list(self.streams.items()):
+            # Whoever still waits for these must see an error, never an answer that looks complete.
+            stream.fail(ShuttingDown("exo is shutting down: this request was stopped before its answer was "
+                                     "complete; send it again once the server is back"))
             self.cancel(request_id, "shutdown")
         self._queue.clear()
         self._wakeup.set()

@@ -25,6 +25,13 @@ class StreamState(enum.Enum):
     CLOSED = "closed"  # abandoned before the end
 
 
+class FinishReason(enum.Enum):
+    """Why a generation that ran to its end stopped (OpenAI's finish_reason values)."""
+
+    STOP = "stop"  # the model ended its answer (an end-of-turn token)
+    LENGTH = "length"  # the token limit or the context ran out: the answer is cut short
+
+
 @dataclass(frozen=True)
 class _End:
     pass
@@ -43,6 +50,7 @@ class RequestStream:
         self.tokens: list[int] = []  # every token the runtime emitted, in order
         self.text = ""  # the runtime's own text for them
         self.stats: GenerationStats | None = None
+        self.finish_reason: FinishReason | None = None  # set when the runtime finished (state DONE)
         self.error: BaseException | None = None
         self.close_reason: str | None = None
         self.created_at = time.monotonic()
@@ -75,10 +83,11 @@ class RequestStream:
         self.text += event.text
         self._queue.put_nowait(event.token_id)
 
-    def finish(self, stats: GenerationStats | None) -> None:
+    def finish(self, stats: GenerationStats | None, reason: FinishReason = FinishReason.STOP) -> None:
         if not self.open:
             return
         self.stats = stats
+        self.finish_reason = reason
         self.state = StreamState.DONE
         self.finished_at = time.monotonic()
         self._queue.put_nowait(_END)

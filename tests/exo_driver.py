@@ -58,6 +58,7 @@ class Answer:
     chunks: list[str] = field(default_factory=list)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     finish_reason: str | None = None
+    error: dict[str, Any] | None = None  # the error object of the last chunk, as the plugin writes it
     first_chunk_at: float | None = None
     started_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
@@ -83,6 +84,8 @@ class ExoRing:
         self._texts = CompletionText()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.lost: set[str] = set()  # requests exo "forgets" (a peer died): never stepped again
+        for engine in engines:  # what the plugin's make_engine does
+            engine.add_end_listener(plugin.on_engine_end)
 
     # -- the API ---------------------------------------------------------------------------------
     async def chat(self, model_id: str, messages: list[dict[str, Any]], n_layers: int,
@@ -93,6 +96,7 @@ class ExoRing:
         tokenizer = engine.model_for(model_id).tokenizer
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         answer = self.answers[request_id] = Answer(request_id)
+        plugin.track(request_id)  # the plugin's API handler serves it on this node
         self._share_messages(api_node, request_id, messages)
         base = Shard(model_id, 0, 0, n_layers)
         await self.process_prompt(api_node, base, prompt, request_id)
@@ -168,6 +172,7 @@ class ExoRing:
             return
         answer.tokens.extend(tokens)
         finish = ("stop" if tokens and tokens[-1] == eos else "length") if is_finished else None
+        finish, answer.error = plugin.finish_for(request_id, finish)  # the plugin's generate_completion
         chunk = self._texts.chunk(request_id, tokenizer, tokens, finish is not None)
         if answer.first_chunk_at is None and chunk:
             answer.first_chunk_at = time.monotonic()
@@ -176,6 +181,7 @@ class ExoRing:
             answer.finish_reason = finish
             answer.finished_at = time.monotonic()
             answer.finished.set()
+            plugin.forget(request_id)
 
     def _share_messages(self, api_node: int, request_id: str, messages: list[dict[str, Any]]) -> None:
         """What the plugin does with a request's messages: keep them on the API node, and send them
@@ -200,6 +206,7 @@ class ExoRing:
         for engine in self.engines:
             engine.cancel_request(request_id, reason)
         self._texts.forget(request_id)
+        plugin.forget(request_id)
 
     async def drain(self) -> None:
         while self._tasks:

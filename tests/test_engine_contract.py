@@ -150,7 +150,7 @@ async def test_no_per_request_state_after_200_requests(demo_models_dir):
 async def test_error_mid_answer_ends_the_request_and_reports_it(demo_models_dir):
     engine, runtime = make_engine(demo_models_dir)
     failures = []
-    engine.add_failure_listener(lambda rid, exc: failures.append((rid, exc)))
+    engine.add_end_listener(lambda rid, ending: failures.append((rid, ending.error)))
     ring = ExoRing([engine])
     answer = await ring.complete(DEMO_ID, user("fail please [[sim:error_at=5]]"), DEMO_LAYERS)
     assert len(answer.tokens) == 5 and answer.tokens[-1] == engine.tokenizer.eos_token_id
@@ -278,3 +278,58 @@ async def test_messages_backend_gets_the_original_messages_from_any_api_node(dem
     assert [(m.role, m.content) for m in got] == [(m["role"], m["content"]) for m in messages]
     await ring.drain()
     assert all(e._contexts == {} for e in engines), "no node may keep the messages after the request"
+
+
+# -- an answer cut short never looks finished ----------------------------------------------------------
+async def test_full_context_ends_with_length_not_stop(demo_models_dir, demo_tokenizer):
+    """The context runs out before the model ends its answer: exo sees the eos the engine hands
+    it and would say `stop`; the client must read `length`."""
+    engine, runtime = make_engine(demo_models_dir, max_context=64)
+    ring = ExoRing([engine])
+    messages = user("fill it [[sim:tokens=500]]")
+    prompt = demo_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    room = 64 - len(demo_tokenizer.encode(prompt))
+    answer = await ring.complete(DEMO_ID, messages, DEMO_LAYERS)
+    assert len(runtime.tokens[answer.request_id]) == room  # the runtime filled the context
+    assert answer.finish_reason == "length" and answer.error is None
+    ok = await ring.complete(DEMO_ID, user("short [[sim:tokens=3]]"), DEMO_LAYERS)
+    assert ok.finish_reason == "stop"
+
+
+async def test_token_cap_of_the_runtime_ends_with_length(demo_models_dir):
+    engine, runtime = make_engine(demo_models_dir, max_new_tokens=7)
+    ring = ExoRing([engine])
+    answer = await ring.complete(DEMO_ID, user("long [[sim:tokens=50]]"), DEMO_LAYERS)
+    assert len(runtime.tokens[answer.request_id]) == 7 and answer.finish_reason == "length"
+    exact = await ring.complete(DEMO_ID, user("fits [[sim:tokens=5]]"), DEMO_LAYERS)
+    assert exact.finish_reason == "stop"
+
+
+async def test_shutdown_ends_running_and_queued_requests_as_errors(demo_models_dir):
+    engine, runtime = make_engine(demo_models_dir, SimTiming(0, 0, 0, decode_ms_per_token=10))
+    ring = ExoRing([engine])
+    running = await ring.chat(DEMO_ID, user("long [[sim:tokens=400]]"), DEMO_LAYERS)
+    queued = asyncio.create_task(ring.chat(DEMO_ID, user("waiting [[sim:tokens=5]]"), DEMO_LAYERS))
+    while len(running.tokens) < 5:
+        await asyncio.sleep(0.01)
+    await engine.shutdown()
+    await asyncio.wait_for(running.finished.wait(), 5)
+    assert running.finish_reason == "error" and "shutting down" in running.error["message"]
+    assert running.error["code"] == "ShuttingDown" and len(running.tokens) < 400
+    from exo_rkllm.errors import ShuttingDown
+
+    with pytest.raises(ShuttingDown):  # nothing was sent yet: exo's API answers with the error (503)
+        await queued
+    await ring.drain()
+
+
+async def test_request_cancelled_by_a_peer_or_the_idle_sweep_is_not_an_answer(demo_models_dir):
+    engine, _ = make_engine(demo_models_dir, SimTiming(0, 0, 0, decode_ms_per_token=10))
+    ring = ExoRing([engine])
+    answer = await ring.chat(DEMO_ID, user("long [[sim:tokens=300]]"), DEMO_LAYERS)
+    while len(answer.tokens) < 3:
+        await asyncio.sleep(0.01)
+    engine.cancel_request(answer.request_id, "idle timeout")
+    await asyncio.wait_for(answer.finished.wait(), 5)
+    assert answer.finish_reason == "error" and "idle timeout" in answer.error["message"]
+    await ring.drain()

@@ -92,7 +92,7 @@ async def test_crash_on_the_fifth_token_through_exo(fake_lib, tmp_path, demo_mod
     models = models_with_fake(tmp_path, demo_model_dir, demo_tokenizer, decode_ms=2)
     engine, runtime, model_id = native_engine(models, fake_lib("1.2.3"), demo_model_dir)
     failures: list[tuple[str, BaseException]] = []
-    engine.add_failure_listener(lambda rid, exc: failures.append((rid, exc)))
+    engine.add_end_listener(lambda rid, ending: failures.append((rid, ending.error)))
     ring = ExoRing([engine])
     try:
         crashed = await ring.complete(model_id, user("please CRASH now"), LAYERS)

@@ -106,5 +106,5 @@ async def test_cancel_from_a_peer_aborts_the_generation(demo_models_dir):
         if runtime.inner.runs[-1].finished is not None:
             break
         await asyncio.sleep(0.01)
-    assert runtime.inner.runs[-1].aborted and answer.finish_reason == "stop"
+    assert runtime.inner.runs[-1].aborted and answer.finish_reason == "error"  # cut short, never "stop"
     assert engine.active_requests() == []

@@ -94,13 +94,13 @@ async def test_models_lists_only_this_engines_models(exo):
     assert ids == [DEMO_ID, "withsystem"]  # the broken models are not offered
 
 
-async def test_modelfile_system_prompt_is_applied_unless_the_request_has_one(exo):
+async def test_modelfile_system_prompt_is_not_added(exo, demo_spec, demo_tokenizer):
+    """No rkllama version applies the Modelfile SYSTEM to chat requests; exo-rkllm sends what the
+    user sent (exo's own --system-prompt is the documented way to add a default one)."""
     async with aiohttp.ClientSession() as s:
         res = await stream_chat(s, exo.api, user("hello"), model="withsystem")
-        assert res["text"] == "the Modelfile system prompt was applied"
-        own = [{"role": "system", "content": "[[sim:text=my own system prompt]]"}] + user("hello")
-        res = await stream_chat(s, exo.api, own, model="withsystem")
-        assert res["text"] == "my own system prompt"
+    assert res["text"] == await expected_text(demo_spec, demo_tokenizer, user("hello"))
+    assert res["text"] != "the Modelfile system prompt was applied"
 
 
 @pytest.mark.parametrize("prompt", ["Say something [[sim:tokens=38]]", "Autre chose, s'il te plaît [[sim:tokens=39]]",
@@ -203,7 +203,7 @@ async def test_no_request_state_is_left_behind_after_200_requests(exo):
         async with s.get(f"{exo.api}/v1/rkllm/status") as r:
             status = await r.json()
     assert status["streams"] == 0 and status["queued"] == 0 and status["running"] is None
-    assert status["plugin"] == {"active": 0, "failures": 0, "texts": 0}
+    assert status["plugin"] == {"active": 0, "endings": 0, "texts": 0}
     assert status["engine"] == {"contexts": 0}
 
 
