@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import random
+import re
 import time
 
 import pytest
 
 from exo_rkllm.errors import GenerationError, ModelLoadError
-from exo_rkllm.runtime.base import CallState, FinishEvent, GenerationInput, TokenEvent
-from exo_rkllm.runtime.sim import SIM_MAGIC, SimRuntime, SimTiming
+from exo_rkllm.runtime.base import CallState, FinishEvent, GenerationInput, TokenEvent, utf8_complete_prefix
+from exo_rkllm.runtime.sim import _FRAGMENTS, SIM_MAGIC, SimRuntime, SimTiming
+from exo_rkllm.tokenizer import token_bytes
 
 
 async def run(rt, ids, **kw):
@@ -121,3 +125,100 @@ async def test_one_generation_at_a_time(demo_spec, demo_tokenizer):
     await gen.aclose()
     await asyncio.sleep(0)
     assert not rt.is_running()
+
+
+class CountingTokenizer:
+    """Delegates to the real tokenizer and counts the work the simulator asks of it."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.decodes = 0
+        self.encoded_chars = 0
+
+    def decode(self, *args, **kwargs):
+        self.decodes += 1
+        return self._tok.decode(*args, **kwargs)
+
+    def encode(self, text, *args, **kwargs):
+        self.encoded_chars += len(text)
+        return self._tok.encode(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+LONG_FILLER = "Rockchip boards run small language models on their NPU. " * 60  # about 600 tokens
+
+
+@pytest.mark.parametrize("directive, check", [
+    ("[[sim:tokens=4]]", lambda tokens, error: len(tokens) == 4 and error is None),
+    ("[[sim:text=早い answer]]", lambda tokens, error: "".join(t.text for t in tokens) == "早い answer"),
+    ("[[sim:error_at=3]]", lambda tokens, error: len(tokens) == 2 and "token 3" in str(error)),
+])
+async def test_directives_are_read_from_the_whole_prompt(demo_spec, demo_tokenizer, directive, check):
+    # A directive at the start of a long prompt was once silently ignored (only the last 512
+    # tokens were read).
+    rt = SimRuntime(SimTiming.instant())
+    await rt.load(demo_spec)
+    ids = prompt_ids(demo_tokenizer, directive + " " + LONG_FILLER)
+    assert len(ids) > 600
+    tokens, error = [], None
+    try:
+        async for e in rt.generate(GenerationInput("r", tuple(ids))):
+            if isinstance(e, TokenEvent):
+                tokens.append(e)
+    except GenerationError as exc:
+        error = exc
+    assert check(tokens, error)
+
+
+async def test_decoding_a_token_does_not_decode_the_context(demo_spec, demo_tokenizer):
+    # Reading the directives again for every token cost more CPU per token than the
+    # software path the simulator stands in front of.
+    rt = SimRuntime(SimTiming.instant())
+    await rt.load(demo_spec)
+    counting = rt._tok = CountingTokenizer(demo_tokenizer)
+    tokens, finish = await run(rt, prompt_ids(demo_tokenizer, LONG_FILLER + " [[sim:tokens=300]]"))
+    assert len(tokens) == 300 and not finish.aborted
+    assert counting.decodes <= 2  # once per run, whatever the answer's length
+
+
+async def test_planning_a_long_answer_encodes_its_text_a_bounded_number_of_times(demo_spec, demo_tokenizer):
+    # Re-encoding the growing answer after each fragment was quadratic: a second of CPU
+    # before the first of 4000 tokens.
+    rt = SimRuntime(SimTiming.instant())
+    demo_spec = demo_spec.__class__(**{**demo_spec.__dict__, "max_context_len": 8192})
+    await rt.load(demo_spec)
+    counting = rt._tok = CountingTokenizer(demo_tokenizer)
+    tokens, _ = await run(rt, prompt_ids(demo_tokenizer, "[[sim:tokens=3000]]"))
+    answer_chars = len("".join(t.text for t in tokens))
+    assert len(tokens) == 3000
+    assert counting.encoded_chars < 4 * answer_chars  # quadratic planning encoded ~100x the answer
+
+
+def reference_answer(tok, ids):
+    """The simulator's answer rule written the obvious (quadratic) way: the fast one must match it."""
+    text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    rng = random.Random(hashlib.sha256(text.encode("utf-8")).digest())
+    asked = re.findall(r"\[\[sim:tokens=(\d+)\]\]", text)
+    want = int(asked[-1]) if asked else rng.randint(24, 64)
+    parts, out = [], []
+    while len(out) < want:
+        parts.append(rng.choice(_FRAGMENTS))
+        out = tok.encode(" ".join(parts), add_special_tokens=False)
+    out = out[:want]
+    while out and utf8_complete_prefix(tail := b"".join(token_bytes(tok, i) for i in out[-4:])) != len(tail):
+        out.pop()
+    while len(out) < want:
+        out += tok.encode(".", add_special_tokens=False)
+    return out + [tok.eos_token_id]
+
+
+async def test_answers_are_those_of_the_obvious_rule(demo_spec, demo_tokenizer):
+    rt = SimRuntime(SimTiming.instant())
+    await rt.load(demo_spec)
+    for i in range(40):
+        directive = f" [[sim:tokens={1 + 13 * i}]]" if i % 2 else ""
+        ids = prompt_ids(demo_tokenizer, f"question {i}{directive}")
+        tokens, _ = await run(rt, ids)
+        assert [t.token_id for t in tokens] == reference_answer(demo_tokenizer, ids)[:-1]

@@ -72,7 +72,7 @@ class SimRunRecord:
     keep_history: bool
     kv_before: int
     prefilled: tuple[int, ...]
-    generated: tuple[int, ...] = ()
+    generated: list[int] = field(default_factory=list)  # grows as the run emits tokens
     aborted: bool = False
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
@@ -236,18 +236,20 @@ class SimRuntime:
         self._kv = context  # prefill done: the input is in the cache
         prefill_done = time.monotonic()
 
-        answer = self._answer_ids(context)
+        # Read once per run, from the whole context: the decode loop below must cost next to
+        # nothing, or at zero pacing the simulator hides the software path it exists to measure.
+        directives, answer = self._plan(context)
         limit = inp.max_new_tokens or model.max_new_tokens or len(answer)
         room = model.max_context_len - len(context)
         answer = answer[: max(0, min(limit, room))]
-        generated: list[int] = []
+        generated = record.generated  # appended in place: copying it per token would be quadratic
         pending = b""
         for index, token_id in enumerate(answer):
             if index > 0 and not self._sleep(t.decode_ms_per_token):
                 return self._finish_aborted(bridge, record, generated, started, prefill_done)
             if self._abort.is_set():
                 return self._finish_aborted(bridge, record, generated, started, prefill_done)
-            if self._should_fail(inp, index, context):
+            if self._should_fail(inp, index, directives):
                 record.error = f"injected error at token {index + 1}"
                 bridge.push(GenerationError(f"runtime reported an error at token {index + 1} (simulated fault)"))
                 return
@@ -260,7 +262,6 @@ class SimRuntime:
                     bridge.push(TokenEvent(token_id, token_bytes(tok, token_id).decode("utf-8"), CallState.NORMAL))
                 break
             generated.append(token_id)
-            record.generated = tuple(generated)
             pending += token_bytes(tok, token_id)
             cut = utf8_complete_prefix(pending)
             text, pending = pending[:cut].decode("utf-8"), pending[cut:]
@@ -279,47 +280,88 @@ class SimRuntime:
         bridge.push(FinishEvent(GenerationStats(len(record.prefilled), (prefill_done - started) * 1000,
                                                 len(generated), (end - prefill_done) * 1000), aborted=True))
 
-    def _should_fail(self, inp: GenerationInput, index: int, context: list[int]) -> bool:
+    def _should_fail(self, inp: GenerationInput, index: int, directives: SimDirectives) -> bool:
         if self.fail_on is not None and self.fail_on(inp, index):
             return True
-        at = self._directives(context).get("error_at")
-        return at is not None and index + 1 == int(at)
+        return directives.error_at is not None and index + 1 == directives.error_at
 
     # -- deterministic answers ---------------------------------------------------------------
-    def _directives(self, context: list[int]) -> dict[str, str]:
-        text = self._tok.decode(context[-512:], skip_special_tokens=False)
-        found: dict[str, str] = {}
-        for key, value in _DIRECTIVE.findall(text):
-            found[key] = value
-        return found
+    def _plan(self, context: list[int]) -> tuple[SimDirectives, list[int]]:
+        """The directives and the answer ids of this context, both from one decode of it."""
+        text = self._tok.decode(context, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        directives = SimDirectives.parse(text)
+        return directives, answer_ids(self._tok, text, directives)
 
-    def _answer_ids(self, context: list[int]) -> list[int]:
-        """The token ids this context generates: same conversation, same answer, on every run."""
-        tok = self._tok
-        directives = self._directives(context)
-        eos = [int(tok.eos_token_id)]
-        if "text" in directives:
-            return tok.encode(directives["text"], add_special_tokens=False) + eos
-        # Seeded by the context's text, not its ids: the same conversation gives the same answer
-        # however its tokens were split (as with a real model at temperature 0, nearly).
-        text = tok.decode(context, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        digest = hashlib.sha256(text.encode("utf-8")).digest()
-        rng = random.Random(digest)
-        want = int(directives["tokens"]) if "tokens" in directives else rng.randint(24, 64)
-        parts: list[str] = []
-        ids: list[int] = []
-        while len(ids) < want:
-            parts.append(rng.choice(_FRAGMENTS))
-            ids = tok.encode(" ".join(parts), add_special_tokens=False)
-        ids = ids[:want]
-        # A model ends its answer after a whole character: replace a split one at the end by
-        # full stops, so `tokens=N` still gives exactly N tokens.
-        while ids:
-            data = b"".join(token_bytes(tok, i) for i in ids[-4:])
-            if utf8_complete_prefix(data) == len(data):
-                break
-            ids.pop()
-        stop = tok.encode(".", add_special_tokens=False)
-        while len(ids) < want:
-            ids += stop
-        return ids + eos
+
+@dataclass(frozen=True)
+class SimDirectives:
+    """What a prompt asks of the simulator; the last occurrence of each directive wins."""
+
+    tokens: int | None = None
+    error_at: int | None = None
+    text: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SimDirectives":
+        found = dict(_DIRECTIVE.findall(text))  # later matches overwrite earlier ones
+        return cls(tokens=int(found["tokens"]) if "tokens" in found else None,
+                   error_at=int(found["error_at"]) if "error_at" in found else None,
+                   text=found.get("text"))
+
+
+def answer_ids(tok: Any, context_text: str, directives: SimDirectives) -> list[int]:
+    """The token ids a context generates: same conversation, same answer, on every run."""
+    eos = [int(tok.eos_token_id)]
+    if directives.text is not None:
+        return tok.encode(directives.text, add_special_tokens=False) + eos
+    # Seeded by the context's text, not its ids: the same conversation gives the same answer
+    # however its tokens were split (as with a real model at temperature 0, nearly).
+    rng = random.Random(hashlib.sha256(context_text.encode("utf-8")).digest())
+    want = directives.tokens if directives.tokens is not None else rng.randint(24, 64)
+    ids = _joined_fragments(tok, rng, want)[:want]
+    # A model ends its answer after a whole character: replace a split one at the end by
+    # full stops, so `tokens=N` still gives exactly N tokens.
+    while ids:
+        data = b"".join(token_bytes(tok, i) for i in ids[-4:])
+        if utf8_complete_prefix(data) == len(data):
+            break
+        ids.pop()
+    stop = tok.encode(".", add_special_tokens=False)
+    while len(ids) < want:
+        ids += stop
+    return ids + eos
+
+
+def _joined_fragments(tok: Any, rng: random.Random, want: int) -> list[int]:
+    """The ids of `" ".join(fragments)` for the fewest random fragments that give `want` ids.
+
+    Encoding the whole join after each fragment (the obvious way) is quadratic: a second
+    of CPU before the first of 4000 tokens. Byte-level BPE pre-tokenizers (GPT-2, Qwen,
+    Llama 3) never let a piece run from a non-space character across a following space,
+    so the join encodes as the encodings of its stretches cut there: only the stretch
+    since the last such cut is re-encoded. The result is checked against one encoding of
+    the whole join; a tokenizer for which the cut is not clean gets the quadratic way,
+    so the answer is the same either way.
+    """
+    drawn: list[str] = []  # the fragments in the order the seed picks them, drawn once
+
+    def join_ids(cut_at_spaces: bool) -> tuple[list[int], int]:
+        done: list[int] = []  # ids of the join up to the last cut
+        stretch, stretch_ids = "", []  # the join after the last cut, and its ids
+        used = 0
+        while len(done) + len(stretch_ids) < want:
+            if used == len(drawn):
+                drawn.append(rng.choice(_FRAGMENTS))
+            if cut_at_spaces and stretch and not stretch[-1].isspace():
+                done.extend(stretch_ids)
+                stretch = ""
+            stretch += (" " if used else "") + drawn[used]
+            used += 1
+            stretch_ids = tok.encode(stretch, add_special_tokens=False)
+        return done + stretch_ids, used
+
+    ids, used = join_ids(cut_at_spaces=True)
+    if ids == tok.encode(" ".join(drawn[:used]), add_special_tokens=False):
+        return ids
+    log.debug("sim: this tokenizer does not cut the answer cleanly at spaces; encoding it whole")
+    return join_ids(cut_at_spaces=False)[0]
