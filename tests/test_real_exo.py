@@ -37,6 +37,9 @@ def exo(tmp_path_factory, demo_model_dir):
     shutil.copytree(demo_model_dir, system)
     modelfile = (system / "Modelfile").read_text().replace('SYSTEM=""', 'SYSTEM="[[sim:text=the Modelfile system prompt was applied]]"')
     (system / "Modelfile").write_text(modelfile)
+    short = models / "ShortContext"
+    shutil.copytree(demo_model_dir, short)
+    (short / "Modelfile").write_text((short / "Modelfile").read_text() + 'NUM_CTX="48"\n')
     notok = models / "NoTokenizer"
     notok.mkdir()
     shutil.copy(next(demo_model_dir.glob("*.rkllm")), notok / "m.rkllm")
@@ -91,7 +94,7 @@ def user(text: str) -> list[dict[str, str]]:
 async def test_models_lists_only_this_engines_models(exo):
     async with aiohttp.ClientSession() as s, s.get(f"{exo.api}/v1/models") as r:
         ids = [m["id"] for m in (await r.json())["data"]]
-    assert ids == [DEMO_ID, "withsystem"]  # the broken models are not offered
+    assert ids == [DEMO_ID, "shortcontext", "withsystem"]  # the broken models are not offered
 
 
 async def test_modelfile_system_prompt_is_not_added(exo, demo_spec, demo_tokenizer):
@@ -101,6 +104,20 @@ async def test_modelfile_system_prompt_is_not_added(exo, demo_spec, demo_tokeniz
         res = await stream_chat(s, exo.api, user("hello"), model="withsystem")
     assert res["text"] == await expected_text(demo_spec, demo_tokenizer, user("hello"))
     assert res["text"] != "the Modelfile system prompt was applied"
+
+
+async def test_an_answer_that_fills_the_context_says_length(exo, demo_tokenizer):
+    """exo sees the eos the engine hands it and would say `stop`: a cut-short answer says `length`."""
+    messages = user("fill the context [[sim:tokens=300]]")
+    prompt = demo_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    room = 48 - len(demo_tokenizer.encode(prompt))
+    assert 0 < room < MAX_TOKENS  # the context, not exo's --max-generate-tokens, ends it
+    async with aiohttp.ClientSession() as s:
+        streamed = await stream_chat(s, exo.api, messages, model="shortcontext")
+        async with s.post(f"{exo.api}/v1/chat/completions", json={"model": "shortcontext", "messages": messages}) as r:
+            full = await r.json()
+    assert streamed["finish"] == "length" and full["choices"][0]["finish_reason"] == "length"
+    assert len(demo_tokenizer.encode(full["choices"][0]["message"]["content"])) in range(room - 2, room + 1)
 
 
 @pytest.mark.parametrize("prompt", ["Say something [[sim:tokens=38]]", "Autre chose, s'il te plaît [[sim:tokens=39]]",
