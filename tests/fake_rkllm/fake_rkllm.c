@@ -15,6 +15,42 @@
  * The text pointer handed to the callback is only valid during the callback:
  * the buffer is scribbled over right after, as a real runtime may reuse it.
  *
+ * It is no stricter than the real runtime with what real clients send (rkllama of
+ * both eras, Rockchip's rkllm_server_demo/flask_server.py): empty strings in
+ * img_start/img_end/img_content are accepted (the demos of 1.1.4-1.2.x set them);
+ * a top_k that is not a sane count (rkllama since 2026 declares it as a float, so
+ * 7.0 arrives as 1088421888) is treated as "the whole vocabulary" with a warning on
+ * stderr, as a sampler clamping k to the vocabulary size would; prompt input (text)
+ * is accepted too: the fake has no tokenizer, so it counts one token per 4 bytes of
+ * system prompt + prefix + text + postfix (set by rkllm_set_chat_template), which is
+ * enough to pick an answer, pace the prefill and cache prefixes.
+ *
+ * Prompt caches (every release: RKLLMPromptCacheParam, rkllm_load_prompt_cache,
+ * rkllm_release_prompt_cache). rkllm.h documents only "save the prompt cache" to a
+ * path and "load a prompt cache from a file", so the fake follows the narrowest
+ * reading:
+ *   - save_prompt_cache=1 writes, once the run ends, the KV state after the input's
+ *     prefill: the history kept before the run (keep_history=1) plus the input, never
+ *     the generated answer (no release documents that the answer is kept). A run that
+ *     fails before its prefill completes writes nothing. A path that cannot be written
+ *     costs a stderr line, not the run.
+ *   - the file holds the token ids, their count, an FNV-1a checksum, the runtime's
+ *     release line and the identity of the model file (a hash of its bytes).
+ *   - rkllm_load_prompt_cache restores that KV state (rkllm_get_kv_cache_size then
+ *     reports it) and keeps the ids in memory as a reusable prefix until
+ *     rkllm_release_prompt_cache; it returns 0, or -1 with a stderr line for a
+ *     missing, corrupt or foreign file (another model, another release line, longer
+ *     than max_context_len) or while a run is in progress. Loading takes time
+ *     proportional to the size, 1/20 of what prefilling it takes (prefill_ms/20 per
+ *     token, or cache_load_ms= per token from the model file).
+ *   - a run with keep_history=1 continues from the restored state, so only its input
+ *     (the new suffix) is prefilled; a run that starts from an empty history
+ *     (keep_history=0, as rkllama and the demos send) whose input begins with the
+ *     loaded prefix prefills only the rest ("automatic prompt cache reuse", 1.2.0
+ *     CHANGELOG; the fake does it on every release). Anything else is prefilled in
+ *     full: the fake only reuses what it knows exactly.
+ *   Trace lines: "prompt_cache load n=N", "prompt_cache reuse n=N", "prompt_cache save n=N".
+ *
  * The "model" is a small text file (written by tests/fake_rkllm/__init__.py):
  *   RKLLM-FAKE-MODEL 1
  *   toolkit_version=1.2.3        must match this runtime's major.minor, else "invalid model magic"
@@ -28,6 +64,7 @@
  *   crash_at=N [crash_if_input_has=<id>] crash_mode=segv|abort|kill|exit
  *   waiting_style=empty|partial|restate    what text a WAITING callback carries
  *   finish_after_abort=0|1  emit_eos=0|1  crash_on_load=0|1  ignore_abort=0|1 (a hung runtime)
+ *   cache_load_ms=  milliseconds per token to load a prompt cache (default prefill_ms/20)
  *   trace=<file> (one line per API call)
  */
 #define _GNU_SOURCE
@@ -328,7 +365,8 @@ typedef struct {
     unsigned char **piece;
     int *piece_len;
     int piece_cap;
-    double load_ms, prefill_base_ms, prefill_ms, decode_ms;
+    double load_ms, prefill_base_ms, prefill_ms, decode_ms, cache_load_ms;
+    uint32_t model_id; /* FNV-1a of the model file's bytes: a prompt cache belongs to one model */
     int error_at, error_if_input_has, crash_at, crash_if_input_has, crash_mode;
     int waiting_style, finish_after_abort, emit_eos, ignore_abort;
     char trace[1024];
@@ -345,6 +383,9 @@ typedef struct {
     int running, abort_flag, destroyed;
     int32_t *kv;
     int kv_len;
+    int32_t *cache; /* the loaded prompt cache: a prefix runs from an empty history may reuse */
+    int cache_len;
+    char *chat_system, *chat_prefix, *chat_postfix; /* rkllm_set_chat_template, for prompt input */
 } FakeContext;
 
 static void trace(FakeContext *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -459,9 +500,13 @@ static int load_model(FakeContext *ctx, const char *path) {
     }
     int crash_on_load = 0;
     ctx->max_context_limit = 4096;
+    ctx->cache_load_ms = -1;
+    ctx->model_id = 2166136261u;
+    for (ssize_t i = 0; i < len; i++) ctx->model_id = (ctx->model_id ^ (unsigned char)line[i]) * 16777619u;
     strcpy(ctx->platform, "RK3588");
     strcpy(ctx->toolkit_version, FAKE_RKLLM_VERSION);
     while ((len = getline(&line, &cap, f)) > 0) {
+        for (ssize_t i = 0; i < len; i++) ctx->model_id = (ctx->model_id ^ (unsigned char)line[i]) * 16777619u;
         while (len && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
         char *eq = strchr(line, '=');
         if (!eq || line[0] == '#') continue;
@@ -486,6 +531,7 @@ static int load_model(FakeContext *ctx, const char *path) {
         else if (!strcmp(key, "prefill_base_ms")) ctx->prefill_base_ms = atof(val);
         else if (!strcmp(key, "prefill_ms")) ctx->prefill_ms = atof(val);
         else if (!strcmp(key, "decode_ms")) ctx->decode_ms = atof(val);
+        else if (!strcmp(key, "cache_load_ms")) ctx->cache_load_ms = atof(val);
         else if (!strcmp(key, "error_at")) ctx->error_at = atoi(val);
         else if (!strcmp(key, "error_if_input_has")) ctx->error_if_input_has = atoi(val);
         else if (!strcmp(key, "crash_at")) ctx->crash_at = atoi(val);
@@ -507,6 +553,7 @@ static int load_model(FakeContext *ctx, const char *path) {
     free(line);
     fclose(f);
     if (crash_on_load) crash(ctx, 0);
+    if (ctx->cache_load_ms < 0) ctx->cache_load_ms = ctx->prefill_ms / 20.0;
     fprintf(stderr, "I rkllm: rkllm-toolkit version: %s, max_context_limit: %d, npu_core_num: 3, "
                     "target_platform: %s, model_dtype: W8A8\n",
             ctx->toolkit_version, ctx->max_context_limit, ctx->platform);
@@ -532,6 +579,10 @@ static void free_context(FakeContext *ctx) {
     free(ctx->stop.ids);
     free(ctx->special.ids);
     free(ctx->kv);
+    free(ctx->cache);
+    free(ctx->chat_system);
+    free(ctx->chat_prefix);
+    free(ctx->chat_postfix);
     pthread_mutex_destroy(&ctx->mu);
     pthread_cond_destroy(&ctx->cv);
     free(ctx);
@@ -655,21 +706,33 @@ EXPORT RKLLMParam rkllm_createDefaultParam(void) {
     return p;
 }
 
+/* The largest top_k that can be a count of tokens (no vocabulary is this large). */
+#define FAKE_TOP_K_MAX (1 << 20)
+
+/* top_k as a sampler that still works would use it: k <= 0 or k larger than any vocabulary means the whole
+   vocabulary (0). A value of the second kind is what a binding declaring top_k as a float sends (7.0f reads as
+   1088421888): said on stderr, never refused. */
+static int32_t sane_top_k(int32_t top_k, const char *where) {
+    if (top_k >= 0 && top_k <= FAKE_TOP_K_MAX) return top_k;
+    float as_float;
+    memcpy(&as_float, &top_k, sizeof as_float);
+    fprintf(stderr, "W rkllm: %s top_k %d is out of range (the bits of the float %g?); sampling from the whole "
+                    "vocabulary\n", where, (int)top_k, (double)as_float);
+    return 0;
+}
+
 static int check_param(const RKLLMParam *p) {
     const char *bad = NULL;
     const unsigned char *raw = (const unsigned char *)p;
     if (!p->model_path) bad = "model_path is NULL";
     else if (p->max_context_len <= 0 || p->max_context_len > 1 << 20) bad = "max_context_len";
-    else if (p->top_k < 0 || p->top_k > 1 << 20) bad = "top_k";
     else if (!(p->top_p >= 0.0f && p->top_p <= 1.0f)) bad = "top_p";
     else if (!(p->temperature >= 0.0f && p->temperature <= 100.0f)) bad = "temperature";
     else if (!(p->repeat_penalty >= 0.0f && p->repeat_penalty <= 100.0f)) bad = "repeat_penalty";
     else if (!isfinite(p->frequency_penalty) || !isfinite(p->presence_penalty)) bad = "penalties";
     else if (raw[offsetof(RKLLMParam, skip_special_token)] > 1) bad = "skip_special_token";
     else if (raw[offsetof(RKLLMParam, is_async)] > 1) bad = "is_async";
-#if FAKE_RKLLM_LAYOUT < 130
-    else if (p->img_start || p->img_end || p->img_content) bad = "img_* must be NULL for a text model";
-#else
+#if FAKE_RKLLM_LAYOUT >= 130
     else if (raw[offsetof(RKLLMParam, ignore_eos_token)] > 1) bad = "ignore_eos_token";
 #endif
 #if FAKE_RKLLM_LAYOUT >= 120
@@ -685,6 +748,12 @@ static int check_param(const RKLLMParam *p) {
         for (size_t i = 0; i < sizeof p->extend_param.reserved; i++)
             if (p->extend_param.reserved[i]) bad = "extend_param.reserved is not zero";
     }
+#if FAKE_RKLLM_LAYOUT < 130
+    /* img_* only matter to a multimodal model: NULL and "" (what the demos and early rkllama set) are the same
+       to a text model; anything else is said and ignored. */
+    if (!bad && ((p->img_start && *p->img_start) || (p->img_end && *p->img_end) || (p->img_content && *p->img_content)))
+        fprintf(stderr, "W rkllm: img_start/img_end/img_content are ignored: this is not a multimodal model\n");
+#endif
     if (bad) {
         fprintf(stderr, "E rkllm: invalid RKLLMParam: %s (is the binding using the layout of rkllm-runtime %s?)\n",
                 bad, FAKE_RKLLM_VERSION);
@@ -736,6 +805,7 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
     }
     ctx->max_new_tokens = param->max_new_tokens;
     ctx->skip_special_token = param->skip_special_token;
+    int32_t top_k = sane_top_k(param->top_k, "RKLLMParam");
 #if FAKE_RKLLM_LAYOUT >= 130
     ctx->callback = callbacks->result_callback;
     ctx->callback_userdata = callbacks->result_userdata;
@@ -745,12 +815,12 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
     ctx->kv = calloc(ctx->max_context_len + 1, sizeof(int32_t));
 #if FAKE_RKLLM_LAYOUT >= 120
     trace(ctx, "init version=%s ctx=%d max_new=%d top_k=%d top_p=%.3f temp=%.3f skip_special=%d cpus=%d mask=0x%x",
-          FAKE_RKLLM_VERSION, ctx->max_context_len, ctx->max_new_tokens, param->top_k, param->top_p,
+          FAKE_RKLLM_VERSION, ctx->max_context_len, ctx->max_new_tokens, top_k, param->top_p,
           param->temperature, (int)param->skip_special_token, param->extend_param.enabled_cpus_num,
           param->extend_param.enabled_cpus_mask);
 #else
     trace(ctx, "init version=%s ctx=%d max_new=%d top_k=%d top_p=%.3f temp=%.3f skip_special=%d",
-          FAKE_RKLLM_VERSION, ctx->max_context_len, ctx->max_new_tokens, param->top_k, param->top_p,
+          FAKE_RKLLM_VERSION, ctx->max_context_len, ctx->max_new_tokens, top_k, param->top_p,
           param->temperature, (int)param->skip_special_token);
 #endif
     if (ctx->load_ms > 0) usleep((useconds_t)(ctx->load_ms * 1000));
@@ -766,14 +836,6 @@ EXPORT int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter *lora_adapter) {
     return -1;
 }
 
-EXPORT int rkllm_load_prompt_cache(LLMHandle handle, const char *prompt_cache_path) {
-    (void)prompt_cache_path;
-    if (!handle) return -1;
-    fprintf(stderr, "E rkllm: (fake) prompt caches are not supported\n");
-    return -1;
-}
-
-EXPORT int rkllm_release_prompt_cache(LLMHandle handle) { return handle ? 0 : -1; }
 
 EXPORT int rkllm_abort(LLMHandle handle) {
     FakeContext *ctx = handle;
@@ -828,13 +890,152 @@ static uint32_t fnv1a(const int32_t *ids, int n) {
     return h;
 }
 
+static int run_tokens(FakeContext *ctx, const int32_t *in, int n_in, int keep, int limit, RKLLMInferParam *infer,
+                      void *userdata);
+
+/* ---------------------------------------------------------------------------------------------
+ * Prompt caches (see the header comment): a text file
+ *   RKLLM-FAKE-PROMPT-CACHE 1 / runtime=<major.minor> / model=<hash> / n=<count> / ids=<id>,... / checksum=<fnv>
+ * ------------------------------------------------------------------------------------------- */
+static const char CACHE_MAGIC[] = "RKLLM-FAKE-PROMPT-CACHE 1";
+
+static void save_prompt_cache(FakeContext *ctx, const char *path, int n) {
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp%d", path, (int)getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f) {
+        fprintf(stderr, "E rkllm: failed to save the prompt cache to %s: %s\n", path, strerror(errno));
+        return;
+    }
+    int major = 0, minor = 0;
+    sscanf(FAKE_RKLLM_VERSION, "%d.%d", &major, &minor);
+    fprintf(f, "%s\nruntime=%d.%d\nmodel=%08x\nn=%d\nids=", CACHE_MAGIC, major, minor, ctx->model_id, n);
+    for (int i = 0; i < n; i++) fprintf(f, i ? ",%d" : "%d", ctx->kv[i]);
+    fprintf(f, "\nchecksum=%08x\n", fnv1a(ctx->kv, n));
+    int failed = ferror(f);
+    failed |= fclose(f) != 0;
+    if (failed || rename(tmp, path) != 0) {
+        fprintf(stderr, "E rkllm: failed to save the prompt cache to %s: %s\n", path, strerror(errno));
+        unlink(tmp);
+        return;
+    }
+    trace(ctx, "prompt_cache save n=%d", n);
+}
+
+/* Reads a cache file into *ids; returns its count, or -1 after saying why on stderr. */
+static int read_prompt_cache(FakeContext *ctx, const char *path, int32_t **ids_out) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "E rkllm: failed to open prompt cache %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t len;
+    int magic = 0, has_model = 0, has_sum = 0, n = -1, got = 0, major = -1, minor = -1, id_overflow = 0;
+    unsigned int model = 0, sum = 0;
+    int32_t *ids = NULL;
+    while ((len = getline(&line, &cap, f)) > 0) {
+        while (len && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
+        if (!magic) {
+            magic = strcmp(line, CACHE_MAGIC) == 0 ? 1 : -1;
+            if (magic < 0) break;
+        } else if (!strncmp(line, "runtime=", 8)) sscanf(line + 8, "%d.%d", &major, &minor);
+        else if (!strncmp(line, "model=", 6)) has_model = sscanf(line + 6, "%x", &model) == 1;
+        else if (!strncmp(line, "n=", 2)) n = atoi(line + 2);
+        else if (!strncmp(line, "checksum=", 9)) has_sum = sscanf(line + 9, "%x", &sum) == 1;
+        else if (!strncmp(line, "ids=", 4) && n >= 0 && n <= 1 << 22) {
+            IdList list = {0};
+            parse_ids(line + 4, &list);
+            ids = list.ids;
+            got = list.n;
+            id_overflow = got > n;
+        }
+    }
+    free(line);
+    fclose(f);
+    const char *why = NULL;
+    char version[32];
+    snprintf(version, sizeof version, "%d.%d", major, minor);
+    if (magic != 1) why = "not a prompt cache file";
+    else if (!same_line(version, FAKE_RKLLM_VERSION)) why = "saved by another runtime release";
+    else if (!has_model || model != ctx->model_id) why = "saved with another model";
+    else if (n < 0 || !ids || got != n || id_overflow || !has_sum) why = "truncated or corrupt";
+    else if (fnv1a(ids, n) != sum) why = "checksum mismatch (corrupt)";
+    else if (n > ctx->max_context_len) why = "longer than max_context_len";
+    if (why) {
+        fprintf(stderr, "E rkllm: invalid prompt cache %s: %s\n", path, why);
+        free(ids);
+        return -1;
+    }
+    *ids_out = ids;
+    return n;
+}
+
+EXPORT int rkllm_load_prompt_cache(LLMHandle handle, const char *prompt_cache_path) {
+    FakeContext *ctx = handle;
+    if (!ctx) return -1;
+    if (!prompt_cache_path) {
+        fprintf(stderr, "E rkllm: rkllm_load_prompt_cache: prompt_cache_path is NULL\n");
+        return -1;
+    }
+    pthread_mutex_lock(&ctx->mu);
+    int running = ctx->running;
+    pthread_mutex_unlock(&ctx->mu);
+    if (running) {
+        fprintf(stderr, "E rkllm: rkllm_load_prompt_cache while a run is in progress\n");
+        return -1;
+    }
+    int32_t *ids = NULL;
+    int n = read_prompt_cache(ctx, prompt_cache_path, &ids);
+    if (n < 0) return -1;
+    if (ctx->cache_load_ms > 0 && n > 0) usleep((useconds_t)(ctx->cache_load_ms * n * 1000));
+    free(ctx->cache);
+    ctx->cache = ids;
+    ctx->cache_len = n;
+    memcpy(ctx->kv, ids, sizeof(int32_t) * n); /* the KV state the file describes */
+    ctx->kv_len = n;
+    trace(ctx, "prompt_cache load n=%d", n);
+    fprintf(stderr, "I rkllm: loaded prompt cache %s (%d tokens)\n", prompt_cache_path, n);
+    return 0;
+}
+
+EXPORT int rkllm_release_prompt_cache(LLMHandle handle) {
+    FakeContext *ctx = handle;
+    if (!ctx) return -1;
+    free(ctx->cache);
+    ctx->cache = NULL;
+    ctx->cache_len = 0;
+    trace(ctx, "prompt_cache release");
+    return 0;
+}
+
+/* Pseudo-tokens for prompt input: one per 4 bytes (about a real token's worth of text) of the system prompt (only
+   on an empty history), the prefix, the text and the postfix. The fake has no tokenizer; this is enough to choose
+   an answer, pace the prefill and cache prefixes. */
+static int32_t *prompt_to_ids(FakeContext *ctx, const char *text, int *n_out) {
+    const char *parts[4] = {ctx->kv_len == 0 ? ctx->chat_system : NULL, ctx->chat_prefix, text, ctx->chat_postfix};
+    size_t total = 0;
+    for (int k = 0; k < 4; k++) total += parts[k] ? strlen(parts[k]) : 0;
+    int32_t *ids = calloc(total / 4 + 2, sizeof(int32_t));
+    size_t at = 0;
+    for (int k = 0; k < 4; k++)
+        for (const unsigned char *c = (const unsigned char *)parts[k]; c && *c; c++, at++)
+            ids[at / 4] |= (int32_t)(*c & (at % 4 == 3 ? 0x3F : 0xFF)) << (8 * (at % 4));
+    *n_out = (int)((total + 3) / 4);
+    return ids;
+}
+
 static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
-    RKLLMResult result;
     const char *bad = NULL;
     if (!input || !infer) bad = "NULL input or infer params";
-    else if (input->input_type != RKLLM_INPUT_TOKEN) bad = "the fake runtime takes token input only";
-    else if (!input->token_input.input_ids || input->token_input.n_tokens == 0) bad = "empty token input";
-    else if (input->token_input.n_tokens > (size_t)1 << 20) bad = "token_input.n_tokens is absurd";
+    else if (input->input_type != RKLLM_INPUT_TOKEN && input->input_type != RKLLM_INPUT_PROMPT)
+        bad = "the fake runtime takes token or prompt input only";
+    else if (input->input_type == RKLLM_INPUT_PROMPT && !input->prompt_input) bad = "prompt_input is NULL";
+    else if (input->input_type == RKLLM_INPUT_TOKEN && (!input->token_input.input_ids || input->token_input.n_tokens == 0))
+        bad = "empty token input";
+    else if (input->input_type == RKLLM_INPUT_TOKEN && input->token_input.n_tokens > (size_t)1 << 20)
+        bad = "token_input.n_tokens is absurd";
     else if (infer->mode != RKLLM_INFER_GENERATE) bad = "infer mode is not GENERATE";
     else if (infer->lora_params) bad = "lora_params must be NULL (no LoRA loaded)";
 #if FAKE_RKLLM_LAYOUT >= 120
@@ -853,14 +1054,18 @@ static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *
         fprintf(stderr, "E rkllm: rkllm_run: %s\n", bad);
         return -1;
     }
-    int n_in = (int)input->token_input.n_tokens;
-    const int32_t *in = input->token_input.input_ids;
-    for (int i = 0; i < n_in; i++) {
-        if (in[i] < 0 || in[i] > 1 << 22) {
-            fprintf(stderr, "E rkllm: rkllm_run: token id %d out of range\n", in[i]);
-            return -1;
+    if (input->input_type == RKLLM_INPUT_TOKEN) {
+        for (size_t i = 0; i < input->token_input.n_tokens; i++) {
+            int32_t id = input->token_input.input_ids[i];
+            if (id < 0 || id > 1 << 22) {
+                fprintf(stderr, "E rkllm: rkllm_run: token id %d out of range\n", id);
+                return -1;
+            }
         }
     }
+#if FAKE_RKLLM_LAYOUT >= 130
+    if (infer->sampling_params) sane_top_k(infer->sampling_params->top_k, "RKLLMSamplingParam");
+#endif
     int keep = 0;
 #if FAKE_RKLLM_LAYOUT >= 120
     keep = infer->keep_history;
@@ -870,7 +1075,37 @@ static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *
     if (infer->max_new_tokens > 0) limit = infer->max_new_tokens;
 #endif
     if (!keep) ctx->kv_len = 0;
+    if (input->input_type == RKLLM_INPUT_TOKEN)
+        return run_tokens(ctx, input->token_input.input_ids, (int)input->token_input.n_tokens, keep, limit, infer,
+                          userdata);
+    int n_ids = 0;
+    int32_t *ids = prompt_to_ids(ctx, input->prompt_input, &n_ids);
+    int rc = run_tokens(ctx, ids, n_ids, keep, limit, infer, userdata);
+    free(ids);
+    return rc;
+}
+
+static void save_prompt_cache(FakeContext *ctx, const char *path, int n);
+
+/* Runs on the token ids `in`, after the history has been kept or dropped. */
+static int run_tokens(FakeContext *ctx, const int32_t *in, int n_in, int keep, int limit, RKLLMInferParam *infer,
+                      void *userdata) {
+    RKLLMResult result;
     trace(ctx, "run keep=%d n=%d kv_before=%d", keep, n_in, ctx->kv_len);
+    if (ctx->kv_len == 0 && ctx->cache_len > 0 && n_in >= ctx->cache_len &&
+        memcmp(in, ctx->cache, sizeof(int32_t) * ctx->cache_len) == 0) {
+        /* the input extends the loaded prompt cache: restore it and prefill the rest (at least the last token) */
+        int reuse = ctx->cache_len < n_in ? ctx->cache_len : n_in - 1;
+        memcpy(ctx->kv, ctx->cache, sizeof(int32_t) * reuse);
+        ctx->kv_len = reuse;
+        in += reuse;
+        n_in -= reuse;
+        trace(ctx, "prompt_cache reuse n=%d", reuse);
+    }
+    const char *save_path = infer->prompt_cache_params && infer->prompt_cache_params->save_prompt_cache
+                                ? infer->prompt_cache_params->prompt_cache_path
+                                : NULL;
+    int prefilled_kv = -1;
     memset(&result, 0, sizeof result);
     result.token_id = -1;
     if (ctx->kv_len + n_in > ctx->max_context_len) {
@@ -892,6 +1127,7 @@ static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *
     } else {
         memcpy(ctx->kv + ctx->kv_len, in, sizeof(int32_t) * n_in);
         ctx->kv_len += n_in;
+        prefilled_kv = ctx->kv_len;
         t_prefilled = now_ms();
         const IdList *answer = &ctx->answers[fnv1a(ctx->kv, ctx->kv_len) % (uint32_t)ctx->n_answers];
         int room = ctx->max_context_len - ctx->kv_len;
@@ -985,6 +1221,7 @@ static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *
 #endif
     (void)t_end;
     (void)t_prefilled;
+    if (save_path && prefilled_kv >= 0) save_prompt_cache(ctx, save_path, prefilled_kv);
     trace(ctx, "end generated=%d aborted=%d paused=%d kv=%d", generated, was_aborted, paused, ctx->kv_len);
     if (paused) return 0;
     if (!was_aborted || ctx->finish_after_abort) deliver(ctx, &result, userdata, RKLLM_RUN_FINISH);
@@ -1085,6 +1322,12 @@ EXPORT int rkllm_set_chat_template(LLMHandle handle, const char *system_prompt, 
                                    const char *prompt_postfix) {
     FakeContext *ctx = handle;
     if (!ctx) return -1;
+    free(ctx->chat_system);
+    free(ctx->chat_prefix);
+    free(ctx->chat_postfix);
+    ctx->chat_system = system_prompt ? strdup(system_prompt) : NULL;
+    ctx->chat_prefix = prompt_prefix ? strdup(prompt_prefix) : NULL;
+    ctx->chat_postfix = prompt_postfix ? strdup(prompt_postfix) : NULL;
     trace(ctx, "set_chat_template system=%s prefix=%s postfix=%s", system_prompt ? system_prompt : "(null)",
           prompt_prefix ? prompt_prefix : "(null)", prompt_postfix ? prompt_postfix : "(null)");
     return 0;
