@@ -6,6 +6,12 @@ builds the fake librkllmrt.so, writes a model folder it serves (Qwen2.5's real
 vocabulary, offline) and prints the environment and command that start exo on
 it. Everything then runs as on a board: the native backend, its worker process,
 the version check, streaming, KV reuse, abort. Only the answers are canned.
+
+The model folder is in rkllama's layout too, so real rkllama accepts it: a
+Modelfile with FROM and HUGGINGFACE_PATH (the absolute path of the folder's
+tokenizer/ subfolder: rkllama 0.0.74 reads tokenizer/ itself, the early
+/generate era hands HUGGINGFACE_PATH to AutoTokenizer, which takes a local
+folder), and the tokenizer files both in tokenizer/ and beside the .rkllm file.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import DEMO_ANSWERS, build_fake_library, write_fake_model
+from . import DEMO_ANSWERS, TOKENIZER_FILES, build_fake_library, write_fake_model
 
 
 def setup(args: argparse.Namespace) -> int:
@@ -28,9 +34,13 @@ def setup(args: argparse.Namespace) -> int:
     lib_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(built, lib_dir / "librkllmrt.so")
     folder = root / "models" / "Qwen2.5-1.5B-Instruct-Fake"
-    if not (folder / "tokenizer.json").is_file():
-        write_qwen_tokenizer(folder)
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "num_hidden_layers": 28}) + "\n")
+    tok_dir = folder / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        write_qwen_tokenizer(tok_dir)
+    (tok_dir / "config.json").write_text(json.dumps({"model_type": "qwen2", "num_hidden_layers": 28}) + "\n")
+    for name in TOKENIZER_FILES:  # the same files beside the .rkllm file, where exo-rkllm's catalog looks first
+        if (tok_dir / name).is_file():
+            shutil.copy2(tok_dir / name, folder / name)
     tok = load_tokenizer(folder)
     file_name = f"qwen2.5-1.5b-instruct-rk3588-w8a8-fake-{args.version}.rkllm"
     for old in folder.glob("*.rkllm"):
@@ -40,7 +50,7 @@ def setup(args: argparse.Namespace) -> int:
     if args.crash_on:
         settings.update(crash_at=5, crash_if_input_has=tok.encode(" " + args.crash_on)[0])
     write_fake_model(folder / file_name, tok, DEMO_ANSWERS, toolkit_version=args.version, **settings)
-    (folder / "Modelfile").write_text(f'FROM="{file_name}"\nTEMPERATURE=0.8\n')
+    (folder / "Modelfile").write_text(f'FROM="{file_name}"\nHUGGINGFACE_PATH="{tok_dir}"\nTEMPERATURE=0.8\n')
     print(f"""fake RKLLM runtime {args.version}: {lib_dir / 'librkllmrt.so'}
 model folder:            {folder}
 
@@ -50,7 +60,10 @@ Start exo on it (legacy exo and exo-rkllm installed in this Python):
   export HF_HUB_OFFLINE=1
   python -m exo.main --inference-engine rkllm --disable-tui
 
-then ask it (another terminal):
+or start real rkllama on it (its librkllmrt.so replaced by {lib_dir / 'librkllmrt.so'}) with
+  rkllama_server --models {root / 'models'}      (0.0.74; python server.py in the early /generate era)
+
+then ask exo (another terminal):
 
   curl -N http://localhost:52415/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "qwen2.5-1.5b-instruct-fake", "stream": true,
