@@ -134,10 +134,15 @@ class Client:
     pieces: list[bytes] = field(default_factory=list)
     states: list[int] = field(default_factory=list)
     prefill_tokens: int = -1
+    hidden: list[tuple[int, int, float]] = field(default_factory=list)  # (num_tokens, embd_size, last value)
     _keep: list[Any] = field(default_factory=list)
 
     def on_result(self, result: Any, userdata: Any, state: int) -> int:
         self.states.append(state)
+        layer = result.contents.last_hidden_layer
+        if layer.ptr and layer.a > 0 and layer.b > 0:
+            floats = ctypes.cast(layer.ptr, POINTER(c_float))
+            self.hidden.append((layer.b, layer.a, floats[layer.a * layer.b - 1]))
         if state in (NORMAL, WAITING) and result.contents.text:
             self.pieces.append(result.contents.text)
         if state == FINISH and self.abi.layout >= 121:
@@ -331,6 +336,24 @@ def test_rockchip_flask_demo_prompt_input(fake_lib, tmp_path, demo_tokenizer, ve
         assert (rc, text) == (0, MULTIBYTE) and client.states[-1] == FINISH
     run = [line for line in trace(tmp_path) if line.startswith("run ")][-1]
     assert run == f"run keep=0 n={(len(prompt.encode()) + 3) // 4} kv_before=0"
+    client.destroy()
+
+
+def test_rkllama_new_embeddings_through_the_last_hidden_layer(fake_lib, tmp_path, demo_tokenizer) -> None:
+    """rkllama 0.0.74's /api/embed: RKLLM_INFER_GET_LAST_HIDDEN_LAYER on prompt input; it reads the last
+    token's row of num_tokens x embd_size floats during a NORMAL callback."""
+    client = connect(fake_lib, "1.3.0", float_top_k=True)
+    assert client.init(rkllama_new_param(client.abi, answer_model(tmp_path, demo_tokenizer, "1.3.0"))) == 0
+    infer = blank_infer(client.abi)
+    infer.mode = 1
+    inp = client.abi.Input()
+    inp.input_type, inp.input_data.prompt_input = INPUT_PROMPT, b"Hello NPU"
+    assert client.run(inp, infer) == (0, "")
+    assert client.states == [NORMAL, FINISH]
+    [(n, embd, last)] = client.hidden
+    assert (n, embd) == (3, 1536) and -1.0 <= last < 1.0
+    client.run(inp, infer)
+    assert client.hidden[1] == client.hidden[0]  # the same text, the same embedding
     client.destroy()
 
 

@@ -65,6 +65,7 @@
  *   waiting_style=empty|partial|restate    what text a WAITING callback carries
  *   finish_after_abort=0|1  emit_eos=0|1  crash_on_load=0|1  ignore_abort=0|1 (a hung runtime)
  *   cache_load_ms=  milliseconds per token to load a prompt cache (default prefill_ms/20)
+ *   embd_size=N  hidden size for RKLLM_INFER_GET_LAST_HIDDEN_LAYER (default 1536; rkllama's embeddings)
  *   trace=<file> (one line per API call)
  */
 #define _GNU_SOURCE
@@ -366,6 +367,7 @@ typedef struct {
     int *piece_len;
     int piece_cap;
     double load_ms, prefill_base_ms, prefill_ms, decode_ms, cache_load_ms;
+    int embd_size;     /* hidden size reported by RKLLM_INFER_GET_LAST_HIDDEN_LAYER */
     uint32_t model_id; /* FNV-1a of the model file's bytes: a prompt cache belongs to one model */
     int error_at, error_if_input_has, crash_at, crash_if_input_has, crash_mode;
     int waiting_style, finish_after_abort, emit_eos, ignore_abort;
@@ -532,6 +534,7 @@ static int load_model(FakeContext *ctx, const char *path) {
         else if (!strcmp(key, "prefill_ms")) ctx->prefill_ms = atof(val);
         else if (!strcmp(key, "decode_ms")) ctx->decode_ms = atof(val);
         else if (!strcmp(key, "cache_load_ms")) ctx->cache_load_ms = atof(val);
+        else if (!strcmp(key, "embd_size")) ctx->embd_size = atoi(val);
         else if (!strcmp(key, "error_at")) ctx->error_at = atoi(val);
         else if (!strcmp(key, "error_if_input_has")) ctx->error_if_input_has = atoi(val);
         else if (!strcmp(key, "crash_at")) ctx->crash_at = atoi(val);
@@ -554,6 +557,7 @@ static int load_model(FakeContext *ctx, const char *path) {
     fclose(f);
     if (crash_on_load) crash(ctx, 0);
     if (ctx->cache_load_ms < 0) ctx->cache_load_ms = ctx->prefill_ms / 20.0;
+    if (ctx->embd_size <= 0 || ctx->embd_size > 16384) ctx->embd_size = 1536;
     fprintf(stderr, "I rkllm: rkllm-toolkit version: %s, max_context_limit: %d, npu_core_num: 3, "
                     "target_platform: %s, model_dtype: W8A8\n",
             ctx->toolkit_version, ctx->max_context_limit, ctx->platform);
@@ -1036,7 +1040,8 @@ static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *
         bad = "empty token input";
     else if (input->input_type == RKLLM_INPUT_TOKEN && input->token_input.n_tokens > (size_t)1 << 20)
         bad = "token_input.n_tokens is absurd";
-    else if (infer->mode != RKLLM_INFER_GENERATE) bad = "infer mode is not GENERATE";
+    else if (infer->mode != RKLLM_INFER_GENERATE && infer->mode != RKLLM_INFER_GET_LAST_HIDDEN_LAYER)
+        bad = "infer mode is not GENERATE or GET_LAST_HIDDEN_LAYER (the fake computes no logits)";
     else if (infer->lora_params) bad = "lora_params must be NULL (no LoRA loaded)";
 #if FAKE_RKLLM_LAYOUT >= 120
     else if (infer->keep_history != 0 && infer->keep_history != 1) bad = "keep_history is not 0/1";
@@ -1087,6 +1092,31 @@ static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *
 
 static void save_prompt_cache(FakeContext *ctx, const char *path, int n);
 
+/* RKLLM_INFER_GET_LAST_HIDDEN_LAYER: one callback with the last layer's hidden states of the n tokens just
+   prefilled (num_tokens x embd_size floats, a function of the context up to each token; 1.1.x reports it in
+   its own state RKLLM_RUN_GET_LAST_HIDDEN_LAYER = 4, later releases in NORMAL), valid during the callback. */
+static void deliver_hidden(FakeContext *ctx, RKLLMResult *result, void *userdata, int n) {
+    int embd = ctx->embd_size;
+    float *states = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * embd);
+    int start = ctx->kv_len - n;
+    for (int t = 0; t < n; t++) {
+        uint32_t seed = fnv1a(ctx->kv, start + t + 1);
+        for (int i = 0; i < embd; i++) {
+            uint32_t x = (seed ^ (uint32_t)i * 2654435761u) * 2246822519u;
+            states[(size_t)t * embd + i] = (float)((x >> 8) & 0xFFFF) / 32768.0f - 1.0f;
+        }
+    }
+    result->text = NULL;
+    result->token_id = -1;
+    result->last_hidden_layer.hidden_states = states;
+    result->last_hidden_layer.embd_size = embd;
+    result->last_hidden_layer.num_tokens = n;
+    trace(ctx, "hidden n=%d embd=%d", n, embd);
+    deliver(ctx, result, userdata, FAKE_RKLLM_LAYOUT == 114 ? (LLMCallState)4 : RKLLM_RUN_NORMAL);
+    memset(&result->last_hidden_layer, 0, sizeof result->last_hidden_layer);
+    free(states);
+}
+
 /* Runs on the token ids `in`, after the history has been kept or dropped. */
 static int run_tokens(FakeContext *ctx, const int32_t *in, int n_in, int keep, int limit, RKLLMInferParam *infer,
                       void *userdata) {
@@ -1131,7 +1161,8 @@ static int run_tokens(FakeContext *ctx, const int32_t *in, int n_in, int keep, i
         t_prefilled = now_ms();
         const IdList *answer = &ctx->answers[fnv1a(ctx->kv, ctx->kv_len) % (uint32_t)ctx->n_answers];
         int room = ctx->max_context_len - ctx->kv_len;
-        int n_out = answer->n;
+        int n_out = infer->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER ? 0 : answer->n;
+        if (infer->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER) deliver_hidden(ctx, &result, userdata, n_in);
         if (limit > 0 && n_out > limit) n_out = limit;
         if (n_out > room) n_out = room;
         unsigned char pending[16], text[4096];
