@@ -7,9 +7,15 @@ from __future__ import annotations
 
 
 class RKLLMError(Exception):
-    """Base class. `http_status` is what the API glue answers with."""
+    """Base class. `http_status` and `code` are what the API glue answers with."""
 
     http_status = 500
+    _code: str | None = None
+
+    @property
+    def code(self) -> str:
+        """The API's error `code`: a stable word for the kind of failure, else the class name."""
+        return self._code or type(self).__name__
 
 
 class ConfigError(RKLLMError):
@@ -28,18 +34,19 @@ class RuntimeVersionError(RKLLMError):
 
 class ModelNotFound(RKLLMError):
     http_status = 404
+    _code = "model_not_found"
 
 
 class ModelUnavailable(RKLLMError):
     """The model exists in the folder but cannot be used (no tokenizer, bad Modelfile...)."""
 
     http_status = 409
+    _code = "model_unavailable"
 
 
-class ModelLoadError(RKLLMError):
-    """The runtime refused the model file (missing, corrupt, wrong runtime version)."""
-
-    http_status = 500
+class ModelLoadError(ModelUnavailable):
+    """The runtime refused the model file (missing, corrupt, wrong runtime version). Nothing the
+    client can change: the model is unavailable (409), with the runtime's reason."""
 
 
 class ContextOverflow(RKLLMError):

@@ -455,7 +455,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         if failure is not None and not getattr(response, "prepared", False):
             # Nothing was sent yet (a non-streamed answer, or a failure before the first token):
             # answer with the engine's own status and message instead of exo's generic 500.
-            return _error(failure.http_status, str(failure), type(failure).__name__)
+            return _error(failure.http_status, str(failure), failure.code)
         return response
 
     async def handle_get_models(self, request):
