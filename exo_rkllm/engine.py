@@ -30,7 +30,7 @@ import numpy as np
 
 from .catalog import Catalog, ModelEntry
 from .config import Config
-from .errors import RequestCancelled, RKLLMError
+from .errors import ModelLoadError, ModelUnavailable, RequestCancelled, RKLLMError
 from .runtime.base import ChatMessage, ModelSpec, Runtime
 from .runtime.factory import create_runtime
 from .scheduler import Scheduler
@@ -157,15 +157,11 @@ class RKLLMInferenceEngine:
 
     async def ensure_shard(self, shard: Any) -> None:
         """Make `shard` current: resolve its model and tokenizer; on layer 0, get the NPU ready."""
-        if self.shard == shard:
-            return
         model = self._models.get(shard.model_id)
-        if model is None:
-            async with self._shard_lock:
-                model = self._models.get(shard.model_id)
-                if model is None:
-                    model = await asyncio.to_thread(self._resolve_model, shard.model_id)
-                    self._models[shard.model_id] = model
+        if self.shard == shard and model is not None and model.tokenizer is self.tokenizer:
+            return  # every token of a request comes through here: no disk access on this path
+        async with self._shard_lock:  # a new shard: check the catalog still has the cached entry
+            model = await asyncio.to_thread(self.model_for, shard.model_id)
         self.tokenizer = model.tokenizer
         self.shard = shard
         if shard.is_first_layer():
@@ -214,16 +210,39 @@ class RKLLMInferenceEngine:
 
     # -- internals ---------------------------------------------------------------------------------
     def _resolve_model(self, model_id: str) -> _Model:
+        """Build the model from the catalog's entry. A tokenizer that will not load makes the entry
+        broken (listed with the reason) until its files change: every request would fail the same way."""
         entry = self.catalog.resolve(model_id)
         spec = entry.spec(self.config)
         source = entry.tokenizer_source
         if source is None:
-            raise RKLLMError(f"model {model_id!r} has no tokenizer")
-        tokenizer = load_tokenizer(source, allow_network=self.config.allow_network)
+            raise ModelUnavailable(f"model {model_id!r} has no tokenizer")
+        try:
+            tokenizer = load_tokenizer(source, allow_network=self.config.allow_network)
+        except ModelUnavailable as exc:
+            self.catalog.refuse(entry, str(exc))
+            raise
         return _Model(entry, spec, tokenizer, stop_token_ids(tokenizer))
 
     def model_for(self, model_id: str) -> _Model:
-        return self._models.get(model_id) or self._resolve_model(model_id)
+        """The model `model_id` names now. The cache holds what was built from a catalog entry; if
+        the catalog's entry for that name changed (another folder took the id, a new model file or
+        Modelfile, a refusal), it is built again: a stale entry is never served."""
+        cached = self._models.get(model_id)
+        if cached is not None and self.catalog.resolve(model_id).fingerprint == cached.entry.fingerprint:
+            return cached
+        model = self._resolve_model(model_id)
+        self._models[model_id] = model
+        return model
+
+    def _note_refusal(self, model: _Model, exc: RKLLMError) -> None:
+        """A local runtime that refused the model file will refuse it again: list the entry as broken,
+        with the runtime's reason, until its files change. (An rkllama server may refuse for reasons
+        of its own, such as memory held by another model; it is asked again every time.)"""
+        if not isinstance(exc, ModelLoadError) or self._scheduler is None:
+            return
+        if self._scheduler.runtime.capabilities.backend != "rkllama":
+            self.catalog.refuse(model.entry, f"the runtime refused to load it: {exc}")
 
     async def _get_scheduler(self) -> Scheduler:
         if self._scheduler is None:
@@ -278,6 +297,7 @@ class RKLLMInferenceEngine:
             return self._eos(model)
         except RKLLMError as exc:
             self._end(scheduler, request_id)
+            self._note_refusal(model, exc)
             self._notify_end(request_id, RequestEnding("error", exc))
             if first:
                 raise  # exo's API answers the request with this error

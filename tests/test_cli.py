@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from exo_rkllm import cli
+from exo_rkllm.runtime.sim import write_sim_model
 
 
 def test_demo_then_models_lists_it(tmp_path, capsys):
@@ -17,7 +18,7 @@ def test_demo_then_models_lists_it(tmp_path, capsys):
 
 def test_models_reports_broken_entries_and_fails_when_nothing_is_servable(tmp_path, capsys):
     (tmp_path / "Broken").mkdir()
-    (tmp_path / "Broken" / "x.rkllm").write_bytes(b"x")
+    write_sim_model(tmp_path / "Broken" / "x.rkllm", "x")
     assert cli.main(["--models-dir", str(tmp_path), "models"]) == 1
     assert "BROKEN: missing tokenizer" in capsys.readouterr().out
 
