@@ -6,13 +6,17 @@ the very same folder here so engine and API agree on every id.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ModelUnavailable
+
+log = logging.getLogger("exo_rkllm.tokenizer")
 
 # End-of-turn markers of the model families people convert to .rkllm. A runtime
 # may report one of these as a token before FINISH; it ends the answer.
@@ -23,41 +27,121 @@ _END_TOKENS = (
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
-_lock = threading.Lock()
+_load_lock = threading.Lock()  # loads are rare and large: one at a time, never the same folder twice
 _cache: dict[tuple[str, bool], Any] = {}
+_logged: set[str] = set()
 
 
 def has_tokenizer_files(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
+def _cache_key(source: str | Path, allow_network: bool) -> tuple[str, bool]:
+    """One key per tokenizer: a folder by its real path (whoever names it, however), a hub id
+    with the network setting (it decides what may be fetched)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return str(path.resolve()), False
+    return str(source), allow_network
+
+
 def load_tokenizer(source: str | Path, allow_network: bool = False) -> Any:
-    """Load (once per process) a transformers tokenizer from a folder, or a hub id if allowed."""
-    key = (str(source), allow_network)
-    with _lock:
+    """The tokenizer of a folder (or a hub id if allowed), loaded once per process.
+
+    The engine, its runtime and exo's API all receive this one object. A folder with a
+    tokenizer.json that transformers would load unchanged gets a LightTokenizer (the same
+    results, a fraction of the memory under transformers 5); anything else is loaded
+    by transformers' AutoTokenizer."""
+    key = _cache_key(source, allow_network)
+    with _load_lock:
         if key in _cache:
             return _cache[key]
-    from transformers import AutoTokenizer  # heavy import, only when a tokenizer is needed
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+        try:
+            tok = _load_light(Path(key[0])) if not key[1] and Path(key[0]).is_dir() else None
+            if tok is None:
+                tok = _load_transformers(source, allow_network)
+        except ModelUnavailable:
+            raise
+        except Exception as exc:
+            hint = ("put tokenizer.json and tokenizer_config.json in the model folder, or set RKLLM_TOKENIZER_DIR"
+                    if not allow_network else "check the network and the repository name")
+            raise ModelUnavailable(f"cannot load the tokenizer from {source}: {exc.__class__.__name__}: {exc}; "
+                                   f"{hint}") from exc
+        finally:
+            release_freed_memory()
+        if tok.eos_token_id is None:
+            raise ModelUnavailable(f"the tokenizer in {source} defines no eos_token: exo needs one to end answers")
+        _cache[key] = tok
+        return tok
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+def _load_transformers(source: str | Path, allow_network: bool) -> Any:
+    from transformers import AutoTokenizer  # heavy import, only when a tokenizer needs it
+
+    return AutoTokenizer.from_pretrained(str(source), local_files_only=not allow_network, trust_remote_code=False)
+
+
+def _load_light(folder: Path) -> Any:
+    """A LightTokenizer for `folder`, or None (logged once per reason) when transformers is needed."""
+    from .light_tokenizer import LightTokenizer, light_support, read_config
+
+    reason = None
+    if not (folder / "tokenizer.json").is_file():
+        reason = "no tokenizer.json (transformers converts the slow tokenizer files)"
+    config = read_config(folder) if reason is None else {}
+    if reason is None:
+        reason = light_support(folder, config, None)
+    if reason is None:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        added = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
+        reason = light_support(folder, config, added)
+        if reason is None:
+            return LightTokenizer(backend, config, str(folder), _chat_template(folder, config))
+        del backend
+    if reason not in _logged:
+        _logged.add(reason)
+        log.info("tokenizer in %s loaded with transformers (more memory): %s", folder, reason)
+    return None
+
+
+def _chat_template(folder: Path, config: dict[str, Any]) -> Any:
+    """The config's template (a string, or named templates as transformers reads a list of them);
+    without one, chat_template.jinja, which newer transformers save instead."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        return {t["name"]: t["template"] for t in template}
+    if template is None and (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return template
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap freed while loading back to the system.
+
+    Parsing a large tokenizer.json frees ~100-160 MB that glibc keeps mapped (small blocks
+    between live ones, and the arena of the loading thread): that is most of the RSS a load
+    adds. malloc_trim(0) returns those pages; elsewhere (musl) this does nothing."""
     try:
-        tok = AutoTokenizer.from_pretrained(str(source), local_files_only=not allow_network, trust_remote_code=False)
-    except Exception as exc:
-        hint = ("put tokenizer.json and tokenizer_config.json in the model folder, or set RKLLM_TOKENIZER_DIR"
-                if not allow_network else "check the network and the repository name")
-        raise ModelUnavailable(f"cannot load the tokenizer from {source}: {exc.__class__.__name__}: {exc}; {hint}") from exc
-    if tok.eos_token_id is None:
-        raise ModelUnavailable(f"the tokenizer in {source} defines no eos_token: exo needs one to end answers")
-    with _lock:
-        _cache.setdefault(key, tok)
-        return _cache[key]
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def stop_token_ids(tok: Any) -> frozenset[int]:
     """Ids that end an answer: the eos token plus the end-of-turn markers the vocabulary has."""
     ids = {int(tok.eos_token_id)}
-    vocab = tok.get_vocab()
-    ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:  # a lookup per marker, not a 151k-entry copy of the vocabulary
+        found = (backend.token_to_id(t) for t in _END_TOKENS)
+        ids.update(int(i) for i in found if i is not None)
+    else:
+        vocab = tok.get_vocab()
+        ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
     return frozenset(ids)
 
 
