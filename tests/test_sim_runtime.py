@@ -222,3 +222,40 @@ async def test_answers_are_those_of_the_obvious_rule(demo_spec, demo_tokenizer):
         ids = prompt_ids(demo_tokenizer, f"question {i}{directive}")
         tokens, _ = await run(rt, ids)
         assert [t.token_id for t in tokens] == reference_answer(demo_tokenizer, ids)[:-1]
+
+
+async def test_a_greedy_answer_continues_itself_from_a_longer_context(demo_spec, demo_tokenizer):
+    # DESIGN §11: preemption and resume are tested on this. The context "prompt + the first k
+    # tokens of its answer" must go on with token k+1 of that answer, even when the first k
+    # tokens end inside a character.
+    rt = SimRuntime(SimTiming.instant())
+    await rt.load(demo_spec)
+    prompt = prompt_ids(demo_tokenizer, "resume me [[sim:text=Hé 世界 🤖👩‍💻 done.]]")
+    full, _ = await run(rt, prompt)
+    answer = [t.token_id for t in full]
+    split_inside = [k for k, t in enumerate(full, 1) if t.state is CallState.WAITING]
+    assert split_inside, "the answer must split a character across tokens"
+    for k in [1, 5, split_inside[0], len(answer) - 1]:
+        rest, _ = await run(rt, prompt + answer[:k])
+        assert [t.token_id for t in rest] == answer[k:]
+        shown = "".join(t.text for t in full[:k]) + "".join(t.text for t in rest)
+        assert shown == "Hé 世界 🤖👩‍💻 done."
+    # what a runtime does when it is paused after k tokens and resumed with the last one
+    await rt.clear_kv_cache()
+    await run(rt, prompt, keep_history=True, max_new_tokens=4)
+    assert rt.kv_tokens == tuple(prompt + answer[:3])  # the 4th was sampled, not fed
+    rest, _ = await run(rt, answer[3:4], keep_history=True)
+    assert [t.token_id for t in rest] == answer[4:]
+
+
+async def test_a_generated_answer_continues_itself_too(demo_spec, demo_tokenizer):
+    rt = SimRuntime(SimTiming.instant())
+    await rt.load(demo_spec)
+    prompt = prompt_ids(demo_tokenizer, "tell me more")
+    answer = [t.token_id for t in (await run(rt, prompt))[0]]
+    rest, _ = await run(rt, prompt + answer[:10])
+    assert [t.token_id for t in rest] == answer[10:]
+    # text after the header that is not the answer's start is a prompt like any other
+    other, _ = await run(rt, prompt + demo_tokenizer.encode("Sure"))
+    assert [t.token_id for t in other] != answer[4:]
+    assert [t.token_id for t in other] == reference_answer(demo_tokenizer, prompt + demo_tokenizer.encode("Sure"))[:-1]

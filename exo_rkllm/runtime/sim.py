@@ -9,10 +9,17 @@ limit behave as on the device, and an abort stops the run between tokens.
 
 Answers are deterministic for a given context and deliberately awkward: CJK,
 emoji (ZWJ sequences and flags), accents, tabs, runs of spaces and newlines,
-because that is where streaming code breaks. A prompt can steer the simulator
-with directives, for tests that only reach it through exo's HTTP API:
+because that is where streaming code breaks. Like greedy decoding, an answer
+continues itself: the context "prompt + its first k answer tokens" goes on with
+token k+1 (preemption and resume are tested on that). A prompt can steer the
+simulator with directives, for tests that only reach it through exo's HTTP API:
 `[[sim:tokens=N]]` (answer length), `[[sim:error_at=N]]` (report ERROR at the
-Nth token), `[[sim:text=...]]` (answer exactly this text).
+Nth token of the run), `[[sim:text=...]]` (answer exactly this text). They are
+read once per run from the whole context; the last of each kind wins.
+
+At zero pacing the simulator's own work per token must stay far below the software
+path it stands in front of (benchmarks/sim_cost.py measures it): nothing in the
+decode loop may grow with the context or the answer.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from ..errors import GenerationError, ModelLoadError
-from ..tokenizer import load_tokenizer, stop_token_ids, token_bytes
+from ..tokenizer import load_tokenizer, special_ids, stop_token_ids, token_bytes
 from .base import (CallState, Capabilities, EventBridge, FinishEvent, GenerationInput, GenerationStats,
                    ModelSpec, ProgressFn, RuntimeEvent, TokenEvent, stream_from_thread, utf8_complete_prefix)
 
@@ -122,6 +129,7 @@ class SimRuntime:
         self._model: ModelSpec | None = None
         self._tok: Any = None
         self._stops: frozenset[int] = frozenset()
+        self._specials: frozenset[int] = frozenset()
         self._kv: list[int] = []
         self._running = threading.Event()
         self._abort = threading.Event()
@@ -161,6 +169,7 @@ class SimRuntime:
             progress(f"loaded {model.path.name}", 1.0)
         self._model, self._tok, self._kv = model, tok, []
         self._stops = stop_token_ids(tok)
+        self._specials = special_ids(tok)
         self.loads += 1
         log.debug("sim loaded %s (%s)", model.model_id, meta.get("name"))
 
@@ -238,12 +247,13 @@ class SimRuntime:
 
         # Read once per run, from the whole context: the decode loop below must cost next to
         # nothing, or at zero pacing the simulator hides the software path it exists to measure.
-        directives, answer = self._plan(context)
+        plan = self._plan(context)
+        directives, answer = plan.directives, plan.ids
         limit = inp.max_new_tokens or model.max_new_tokens or len(answer)
         room = model.max_context_len - len(context)
         answer = answer[: max(0, min(limit, room))]
         generated = record.generated  # appended in place: copying it per token would be quadratic
-        pending = b""
+        pending = plan.carried
         for index, token_id in enumerate(answer):
             if index > 0 and not self._sleep(t.decode_ms_per_token):
                 return self._finish_aborted(bridge, record, generated, started, prefill_done)
@@ -286,11 +296,37 @@ class SimRuntime:
         return directives.error_at is not None and index + 1 == directives.error_at
 
     # -- deterministic answers ---------------------------------------------------------------
-    def _plan(self, context: list[int]) -> tuple[SimDirectives, list[int]]:
-        """The directives and the answer ids of this context, both from one decode of it."""
-        text = self._tok.decode(context, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    def _plan(self, context: list[int]) -> "SimPlan":
+        """What this context generates, from one decode of it (two when it may be a resumed answer).
+
+        Greedy decoding continues itself: a context made of a prompt and the first k tokens
+        of its answer goes on with token k+1 of that answer, as a preempted and resumed run
+        does on a real model. So when the context goes on after its last turn header, the
+        part after the header is checked against the answer the part up to it generates."""
+        tok = self._tok
+        start = self._answer_start(context)
+        if start < len(context):
+            head = tok.decode(context[:start], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            directives = SimDirectives.parse(head)
+            planned, done = answer_ids(tok, head, directives), context[start:]
+            if len(done) < len(planned) and planned[:len(done)] == done:
+                # the character the resumed part ends inside is completed by the next token
+                tail = b"".join(token_bytes(tok, i) for i in done[-4:])
+                return SimPlan(directives, planned[len(done):], tail[utf8_complete_prefix(tail):])
+        text = tok.decode(context, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         directives = SimDirectives.parse(text)
-        return directives, answer_ids(self._tok, text, directives)
+        return SimPlan(directives, answer_ids(tok, text, directives))
+
+    def _answer_start(self, context: list[int]) -> int:
+        """Where an answer starts: after the line that follows the last special token (a turn
+        header, `<|im_start|>assistant\n`, `<|end_header_id|>\n\n`); the end if none is found."""
+        last = next((i for i in range(len(context) - 1, -1, -1) if context[i] in self._specials), None)
+        if last is None:
+            return len(context)
+        for i in range(last + 1, len(context)):
+            if b"\n" in token_bytes(self._tok, context[i]):
+                return i + 1
+        return len(context)
 
 
 @dataclass(frozen=True)
@@ -307,6 +343,16 @@ class SimDirectives:
         return cls(tokens=int(found["tokens"]) if "tokens" in found else None,
                    error_at=int(found["error_at"]) if "error_at" in found else None,
                    text=found.get("text"))
+
+
+@dataclass(frozen=True)
+class SimPlan:
+    """One run's answer: the directives it obeys, the ids it emits, and the bytes of a character
+    the context ends inside (a resumed answer), which the first emitted token completes."""
+
+    directives: SimDirectives
+    ids: list[int]
+    carried: bytes = b""
 
 
 def answer_ids(tok: Any, context_text: str, directives: SimDirectives) -> list[int]:
