@@ -14,6 +14,7 @@ from exo_rkllm.catalog import (FAKE_MODEL_MAGIC, MIN_MODEL_BYTES, Catalog, Model
 from exo_rkllm.config import Config
 from exo_rkllm.errors import ModelLoadError, ModelNotFound, ModelUnavailable
 from exo_rkllm.runtime.sim import SIM_MAGIC, SimRuntime, SimTiming, write_sim_model
+from fake_rkllm.fixtures import *  # noqa: F401,F403  (fake_lib)
 
 
 def tokenizer_files(src: Path, dst: Path) -> None:
@@ -449,3 +450,56 @@ def test_tokenizer_in_the_tokenizer_subfolder_is_found_after_the_folder_itself(t
     engine = RKLLMInferenceEngine(config=Config(backend="sim", models_dir=root), runtime=SimRuntime())
     assert engine.model_for("sub").tokenizer.eos_token_id is not None
     assert cat.resolve("sub").n_layers == 28  # config.json still read from the model folder
+
+
+# -- through a real legacy exo, on the fake runtime library ---------------------------------------------
+@pytest.mark.real_exo
+async def test_through_real_exo_what_cannot_work_is_a_409_with_the_reason_and_not_listed(
+        fake_lib, tmp_path, demo_model_dir, demo_tokenizer):
+    from fake_rkllm import write_fake_model_folder
+    from real_exo import find_exo_python, start_exo
+
+    python, why = find_exo_python()
+    if python is None:
+        pytest.skip(why)
+    aiohttp = pytest.importorskip("aiohttp")
+    models = tmp_path / "models"
+    answers = ("fine",)
+    write_fake_model_folder(models, "Good-Model", demo_model_dir, demo_tokenizer, answers, decode_ms=1)
+    write_fake_model_folder(models, "Old-Toolkit", demo_model_dir, demo_tokenizer, answers, toolkit_version="1.1.4")
+    write_fake_model_folder(models, "Bad-Ctx", demo_model_dir, demo_tokenizer, answers, modelfile={"NUM_CTX": "-5"})
+    empty = write_fake_model_folder(models, "Empty-File", demo_model_dir, demo_tokenizer, answers)
+    model_file(empty).write_bytes(b"")
+    write_fake_model_folder(models, "GOOD-MODEL", demo_model_dir, demo_tokenizer, answers)  # same id as Good-Model
+    t = time.time_ns()
+    os.utime(model_file(models / "Good-Model"), ns=(t - 10**11, t - 10**11))  # the older one keeps the id
+    exo = start_exo(python, tmp_path, models, {"RKLLM_BACKEND": "native", "RKLLM_LIB_PATH": str(fake_lib("1.2.3"))})
+
+    async def post(session, model: str, stream: bool = False) -> tuple[int, dict]:
+        async with session.post(f"{exo.api}/v1/chat/completions", json={
+                "model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}) as resp:
+            return resp.status, (await resp.json() if resp.status != 200 or not stream else {})
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{exo.api}/v1/models") as resp:
+                listed = (await resp.json())["data"]
+            assert [m["id"] for m in listed] == ["good-model", "old-toolkit"]
+            (good,) = [m for m in listed if m["id"] == "good-model"]
+            assert good["aliases"]
+            for alias in good["aliases"]:  # every alias listed leads to the model
+                assert (await post(s, alias))[0] == 200, alias
+            status, body = await post(s, "old-toolkit")
+            assert status == 409 and body["error"]["code"] == "model_unavailable", body
+            assert "invalid model magic" in body["error"]["message"] and "1.1.4" in body["error"]["message"]
+            status, body = await post(s, "old-toolkit", stream=True)  # refused before exo's handler now
+            assert status == 409 and "tried again once its files change" in body["error"]["message"]
+            async with s.get(f"{exo.api}/v1/models") as resp:
+                assert [m["id"] for m in (await resp.json())["data"]] == ["good-model"]
+            for name, reason in (("bad-ctx", "NUM_CTX='-5' must be at least 1"), ("empty-file", "is empty"),
+                                 ("GOOD-MODEL", "collides with")):
+                status, body = await post(s, name)
+                assert status == 409 and reason in body["error"]["message"], (name, body)
+                assert body["error"]["code"] == "model_unavailable"
+    finally:
+        exo.stop()
