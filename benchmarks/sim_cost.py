@@ -10,6 +10,10 @@ prints, for answers of several lengths and short and long prompts:
   - answer:  a digest of the generated token ids, so two versions of sim.py can be
              shown to give the same answers for the same prompts
 
+and last, for comparison, the same 2000-token run through SimRuntime.generate() as a
+backend consumer sees it (run thread + hand-off to the event loop): CPU per token and
+tokens/s, the ceiling the simulator puts on anything measured through it at zero pacing.
+
 Figures are the simulator's own: the run is driven on this thread exactly as the runtime
 thread drives it (`_generate_on_thread`) with a bridge that only records, so the
 thread-to-event-loop hand-off (shared with the native backend, measured by
@@ -111,6 +115,31 @@ def measure(sim: ModuleType, spec: ModelSpec, tok: Any, ids: list[int], runs: in
             "tokens": ",".join(str(n) for n in sorted(lengths))}
 
 
+def measure_through_generate(sim: ModuleType, spec: ModelSpec, ids: list[int], runs: int) -> dict[str, Any]:
+    """The same run as a backend consumer sees it: SimRuntime.generate(), its run thread and the
+    hand-off to the event loop. Process CPU and wall time per token after the first."""
+    import asyncio
+
+    async def main() -> dict[str, Any]:
+        runtime = sim.SimRuntime(sim.SimTiming.instant())
+        await runtime.load(spec)
+        cpu, rates = [], []
+        for i in range(runs):
+            first: tuple[float, float] | None = None
+            count = 0
+            async for event in runtime.generate(GenerationInput(f"gen-{i}", tuple(ids))):
+                if isinstance(event, TokenEvent):
+                    count += 1
+                    if first is None:
+                        first = (time.process_time(), time.perf_counter())
+            assert first is not None
+            cpu.append((time.process_time() - first[0]) * 1e6 / max(1, count - 1))
+            rates.append((count - 1) / max(1e-9, time.perf_counter() - first[1]))
+        return {"per_token_us": cpu, "tok_s": rates}
+
+    return asyncio.run(main())
+
+
 def spread(values: list[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
 
@@ -137,6 +166,11 @@ def main() -> int:
                 r = measure(sim, spec, tok, ids, args.runs)
                 print(f"{len(ids):>7} {r['tokens']:>7}  {spread(r['plan_ms'], '.2f'):>28}  "
                       f"{spread(r['per_token_us'], '.1f'):>24}  {r['digest']}", flush=True)
+        ids = prompt_ids(tok, 30, 2000)
+        g = measure_through_generate(sim, spec, ids, args.runs)
+        print(f"through SimRuntime.generate() (run thread + hand-off to the event loop), {len(ids)}-token prompt, "
+              f"2000 tokens: {spread(g['per_token_us'], '.1f')} µs CPU per token, "
+              f"{spread(g['tok_s'], '.0f')} tokens/s")
     return 0
 
 
