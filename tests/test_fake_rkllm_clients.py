@@ -339,6 +339,24 @@ def test_rockchip_flask_demo_prompt_input(fake_lib, tmp_path, demo_tokenizer, ve
     client.destroy()
 
 
+@pytest.mark.parametrize("num_predict", [-2, -1, 0, 5])
+def test_rkllama_new_passes_ollamas_num_predict_as_max_new_tokens(fake_lib, tmp_path, demo_tokenizer,
+                                                                 num_predict) -> None:
+    """rkllama maps Ollama's num_predict (-1 endless, -2 fill the context) to RKLLMInferParam.max_new_tokens;
+    rkllm.h 1.3.0: "<=0 to use the init value"."""
+    client = connect(fake_lib, "1.3.0", float_top_k=True)
+    assert client.init(rkllama_new_param(client.abi, answer_model(tmp_path, demo_tokenizer, "1.3.0"))) == 0
+    infer = rkllama_new_infer(client.abi, tmp_path / "c")
+    infer.max_new_tokens = num_predict
+    rc, text = client.run(token_input(client.abi, prompt_ids(demo_tokenizer, "Hello")), infer)
+    assert rc == 0 and client.states[-1] == FINISH
+    if num_predict > 0:
+        assert len(client.states) - 1 == num_predict and MULTIBYTE.startswith(text)
+    else:
+        assert text == MULTIBYTE
+    client.destroy()
+
+
 def test_rkllama_new_embeddings_through_the_last_hidden_layer(fake_lib, tmp_path, demo_tokenizer) -> None:
     """rkllama 0.0.74's /api/embed: RKLLM_INFER_GET_LAST_HIDDEN_LAYER on prompt input; it reads the last
     token's row of num_tokens x embd_size floats during a NORMAL callback."""

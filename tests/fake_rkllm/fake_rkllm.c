@@ -1053,7 +1053,6 @@ static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *
 #if FAKE_RKLLM_LAYOUT >= 130
     else if (infer->sampling_params && !(infer->sampling_params->top_p >= 0 && infer->sampling_params->top_p <= 1))
         bad = "sampling_params.top_p";
-    else if (infer->max_new_tokens < -1 || infer->max_new_tokens > 1 << 20) bad = "max_new_tokens";
 #endif
     if (bad) {
         fprintf(stderr, "E rkllm: rkllm_run: %s\n", bad);
@@ -1077,7 +1076,7 @@ static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *
 #endif
     int limit = ctx->max_new_tokens;
 #if FAKE_RKLLM_LAYOUT >= 130
-    if (infer->max_new_tokens > 0) limit = infer->max_new_tokens;
+    if (infer->max_new_tokens > 0) limit = infer->max_new_tokens; /* <= 0 (Ollama's num_predict -1, -2): the init value */
 #endif
     if (!keep) ctx->kv_len = 0;
     if (input->input_type == RKLLM_INPUT_TOKEN)
