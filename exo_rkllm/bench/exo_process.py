@@ -7,6 +7,13 @@ itself (so it never waits for or joins other nodes), no TUI, and no hub
 access. It runs under a chosen interpreter because exo's pins are old and it
 often lives in its own virtualenv. If that interpreter cannot import exo, the
 benchmark says so and goes on without the exo column instead of crashing.
+
+Free ports are found by binding port 0 and closing the socket, and exo binds
+them itself later: in between, another process can take one. So a start that
+fails on a taken port is retried on fresh ports, a few times. A failed bind
+shows as "address already in use" in exo's log (legacy exo then stays up
+without its API: the error is in a task nobody awaits), or as the port
+answering from a process that is not the exo we started.
 """
 from __future__ import annotations
 
@@ -45,6 +52,15 @@ class ExoUnavailable(RuntimeError):
     """exo cannot be started here; the message says why and what to do."""
 
 
+class PortTaken(ExoUnavailable):
+    """A port picked for exo was taken before exo could bind it: worth another try on other ports."""
+
+
+# What a failed bind looks like in exo's log (aiohttp's OSError, grpc's "Failed to bind").
+BIND_ERRORS = ("address already in use", "errno 98", "errno 48", "eaddrinuse", "failed to bind")
+START_ATTEMPTS = 3
+
+
 @dataclass(frozen=True)
 class ExoProbe:
     python: str
@@ -71,6 +87,56 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes listening on TCP `port` (Linux /proc), or None where /proc cannot tell."""
+    inodes: set[str] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f[9])
+    return inodes if readable else None
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def owns_port(pid: int, port: int) -> bool | None:
+    """Does process `pid` (or a child of it) listen on `port`? None when this system cannot tell."""
+    inodes = _listening_inodes(port)
+    if inodes is None or not Path(f"/proc/{pid}/fd").is_dir():
+        return None
+    for p in _process_tree(pid):
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{p}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return True
+    return False
+
+
 @dataclass
 class ExoProcess:
     """One exo node running our engine as a child process."""
@@ -85,6 +151,8 @@ class ExoProcess:
     proc: subprocess.Popen | None = field(default=None, repr=False)
     started_s: float | None = None
     probe: ExoProbe | None = None
+    attempts: int = 0  # starts tried by the last start() (more than 1: a picked port was taken)
+    _log_start: int = field(default=0, repr=False)  # where this start's part of the log begins
 
     @property
     def url(self) -> str:
@@ -99,13 +167,30 @@ class ExoProcess:
             args += ["--default-model", self.default_model]
         return head + args
 
-    async def start(self, timeout_s: float = 240.0) -> str:
+    async def start(self, timeout_s: float = 240.0, attempts: int = START_ATTEMPTS) -> str:
+        """Start exo and wait until its API answers; returns its URL.
+
+        Ports the caller did not choose are picked here, and picked again when exo could not
+        bind them (another process took one in between): up to `attempts` starts."""
         probe = self.probe = await asyncio.to_thread(probe_python, self.python)
         if not probe.has_exo:
             raise ExoUnavailable(f"{self.python} cannot import exo (legacy exo-explore/exo): install it there, or "
                                  "point --exo-python at the interpreter of the virtualenv that has it")
-        self.api_port = self.api_port or free_port()
-        self.node_port = self.node_port or free_port()
+        pick_api, pick_node = not self.api_port, not self.node_port
+        self.attempts = 0
+        while True:
+            self.attempts += 1
+            if pick_api:
+                self.api_port = free_port()
+            if pick_node:
+                self.node_port = free_port()
+            try:
+                return await self._start_once(probe, timeout_s)
+            except PortTaken as exc:
+                if self.attempts >= attempts or not (pick_api or pick_node):
+                    raise ExoUnavailable(f"{exc} (after {self.attempts} start(s))") from None
+
+    async def _start_once(self, probe: ExoProbe, timeout_s: float) -> str:
         work = Path(tempfile.mkdtemp(prefix="exo-rkllm-bench-"))
         config_path = work / "peers.json"
         config_path.write_text(json.dumps({"peers": {self.node_id: {
@@ -118,7 +203,12 @@ class ExoProcess:
             root = str(Path(exo_rkllm.__file__).resolve().parent.parent)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, "wb" if self.attempts <= 1 else "ab")
+        self._log_start = log.tell()
+        if self.attempts > 1:
+            log.write(f"\n--- exo-rkllm bench: start {self.attempts}, on ports {self.api_port}/{self.node_port} "
+                      "(the previous ones were taken) ---\n".encode())
+            log.flush()
         t0 = time.monotonic()
         self.proc = subprocess.Popen(self.command(config_path, probe.has_plugin), env=env, stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(work),
@@ -139,18 +229,37 @@ class ExoProcess:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             while True:
                 if self.proc is not None and self.proc.poll() is not None:
-                    raise ExoUnavailable(f"exo exited with code {self.proc.returncode} while starting; "
-                                         f"last log lines ({self.log_path}):\n{self.log_tail()}")
+                    kind = PortTaken if self._bind_failed() else ExoUnavailable
+                    raise kind(f"exo exited with code {self.proc.returncode} while starting; "
+                               f"last log lines ({self.log_path}):\n{self.log_tail()}")
+                bind_error = self._bind_failed()
+                if bind_error:
+                    raise PortTaken(f"exo could not bind one of its ports {self.api_port}/{self.node_port}: "
+                                    f"{bind_error[-200:]} (log: {self.log_path})")
                 try:
                     async with session.get(f"{self.url}/v1/models") as resp:
-                        if resp.status == 200:
-                            return
+                        answered = resp.status == 200
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                    pass
+                    answered = False
+                if answered and self.proc is not None:
+                    if await asyncio.to_thread(owns_port, self.proc.pid, self.api_port) is False:
+                        raise PortTaken(f"port {self.api_port} answers, but not from the exo the bench started: "
+                                        "another process took it")
+                    return
                 if time.monotonic() > deadline:
                     raise ExoUnavailable(f"exo did not answer on {self.url}/v1/models within {timeout_s:.0f} s; "
                                          f"last log lines ({self.log_path}):\n{self.log_tail()}")
                 await asyncio.sleep(0.5)
+
+    def _bind_failed(self) -> str | None:
+        """The line of this start's part of the log that reports a port already in use, if any."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return None
+        return next((ln.strip() for ln in text.splitlines() if any(e in ln.lower() for e in BIND_ERRORS)), None)
 
     def log_tail(self, lines: int = 15) -> str:
         try:

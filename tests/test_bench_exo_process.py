@@ -1,0 +1,140 @@
+"""Starting a private exo for the bench: a port taken between picking it and exo binding it.
+
+exo is replaced by a tiny stand-in interpreter that behaves like it where it matters here: it
+answers the bench's probe, takes a moment to start, binds --chatgpt-api-port itself and
+answers /v1/models. When the port is taken it logs "address already in use" and stays up
+without its API, as legacy exo 5f18faec1 does (its API task dies unawaited), or exits.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from exo_rkllm.bench import exo_process
+from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable, owns_port
+
+FAKE_EXO = textwrap.dedent('''\
+    #!{python}
+    import http.server, json, sys, time
+    if sys.argv[1] == "-c" and "find_spec" in sys.argv[2]:  # the bench's probe
+        print(json.dumps({{"exo": True, "hooked": True, "python": "3"}}))
+        sys.exit(0)
+    port = int(sys.argv[sys.argv.index("--chatgpt-api-port") + 1])
+    time.sleep(0.8)  # exo takes a while before it binds its API port
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({{"object": "list", "data": [{{"id": "demo"}}]}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    try:
+        server = http.server.HTTPServer(("127.0.0.1", port), Models)
+    except OSError as exc:
+        print(f"OSError: {{exc}}", flush=True)  # [Errno 98] Address already in use
+        if "--exit-on-bind-error" in sys.argv[0]:
+            sys.exit(1)
+        time.sleep(3600)  # legacy exo: the API task died, the node stays up without it
+    print(f"serving on {{port}}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    ''')
+
+
+@pytest.fixture(params=["stays-up", "--exit-on-bind-error"])
+def fake_exo(tmp_path, request) -> str:
+    path = tmp_path / f"python-with-exo{request.param}"
+    path.write_text(FAKE_EXO.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def _listener() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def _ports_then_free(monkeypatch, first: list[int]) -> None:
+    """free_port() hands out `first` (ports someone took after they were picked), then really free ones."""
+    real = exo_process.free_port
+    queue = list(first)
+    monkeypatch.setattr(exo_process, "free_port", lambda: queue.pop(0) if queue else real())
+
+
+async def test_a_taken_port_is_retried_on_fresh_ones(fake_exo, tmp_path, monkeypatch):
+    with _listener() as taken:
+        port = taken.getsockname()[1]
+        _ports_then_free(monkeypatch, [port])
+        proc = ExoProcess(fake_exo, {}, tmp_path / "exo.log")
+        try:
+            url = await proc.start(timeout_s=30)
+            assert proc.attempts == 2 and proc.api_port != port and url.endswith(f":{proc.api_port}")
+            assert owns_port(proc.proc.pid, proc.api_port) is True
+        finally:
+            await proc.stop()
+    log = (tmp_path / "exo.log").read_text()
+    assert "already in use" in log.lower() and "start 2" in log
+
+
+async def test_another_server_on_the_port_is_not_taken_for_exo(fake_exo, tmp_path, monkeypatch):
+    """Someone else answers /v1/models on the picked port before exo gives up on it: the bench must not
+    measure that server as its exo."""
+    async def models(request):
+        return web.json_response({"object": "list", "data": [{"id": "demo"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    _ports_then_free(monkeypatch, [port])
+    proc = ExoProcess(fake_exo, {}, tmp_path / "exo.log")
+    try:
+        await proc.start(timeout_s=30)
+        assert proc.api_port != port and proc.attempts == 2
+        assert owns_port(proc.proc.pid, proc.api_port) is True
+    finally:
+        await proc.stop()
+        await runner.cleanup()
+
+
+async def test_ports_the_caller_chose_are_not_changed(fake_exo, tmp_path):
+    with _listener() as taken:
+        port = taken.getsockname()[1]
+        proc = ExoProcess(fake_exo, {}, tmp_path / "exo.log", api_port=port, node_port=port + 1)
+        with pytest.raises(ExoUnavailable, match="already in use"):
+            await proc.start(timeout_s=30)
+        assert proc.attempts == 1 and proc.api_port == port
+
+
+def test_owns_port_reads_proc():
+    import os
+
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("needs Linux /proc")
+    with _listener() as s:
+        port = s.getsockname()[1]
+        assert owns_port(os.getpid(), port) is True
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # does not inherit it
+        try:
+            assert owns_port(other.pid, port) is False
+        finally:
+            other.kill()
+            other.wait()
