@@ -131,8 +131,9 @@ class RKLLMInferenceEngine:
             if request_id in scheduler.ended:  # exo is still stepping a request that has ended
                 reason = scheduler.ended[request_id]
                 if reason not in (ANSWER_COMPLETE, FINISHED_BY_EXO):  # cut short: not an answer
-                    self._notify_end(request_id, RequestEnding(
-                        "error", RequestCancelled(f"request {request_id} was cancelled: {reason}")))
+                    error = (scheduler.shutdown_error() if scheduler.closed
+                             else RequestCancelled(f"request {request_id} was cancelled: {reason}"))
+                    self._notify_end(request_id, RequestEnding("error", error))
                 return self._eos(model), inference_state
             if not scheduler.runtime.capabilities.token_input and request_id not in self._contexts:
                 await self._wait_for_context(request_id)

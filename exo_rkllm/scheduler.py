@@ -314,6 +314,15 @@ class Scheduler:
                                     request_id, self.config.idle_timeout)
                     self.cancel(request_id, "idle timeout")
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @staticmethod
+    def shutdown_error() -> ShuttingDown:
+        return ShuttingDown("exo is shutting down: this request was stopped before its answer was complete; "
+                            "send it again once the server is back")
+
     async def close(self) -> None:
         """Shut down: abandon every request, stop the NPU, release the runtime."""
         if self._closed:
@@ -321,8 +330,7 @@ class Scheduler:
         self._closed = True
         for request_id, stream in list(self.streams.items()):
             # Whoever still waits for these must see an error, never an answer that looks complete.
-            stream.fail(ShuttingDown("exo is shutting down: this request was stopped before its answer was "
-                                     "complete; send it again once the server is back"))
+            stream.fail(self.shutdown_error())
             self.cancel(request_id, "shutdown")
         self._queue.clear()
         self._wakeup.set()

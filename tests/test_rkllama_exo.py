@@ -28,7 +28,7 @@ async def make_engine(demo_models_dir):
         engine = RKLLMInferenceEngine(config=Config(backend="rkllama", server_url=url, models_dir=demo_models_dir,
                                                     **cfg))
         failures: list[tuple[str, RKLLMError]] = []
-        engine.add_failure_listener(lambda rid, exc: failures.append((rid, exc)))
+        engine.add_end_listener(lambda rid, ending: failures.append((rid, ending.error)))
         engine.failures = failures  # type: ignore[attr-defined]
         engines.append(engine)
         return engine
