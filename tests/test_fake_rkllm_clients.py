@@ -375,6 +375,30 @@ def test_rkllama_new_embeddings_through_the_last_hidden_layer(fake_lib, tmp_path
     client.destroy()
 
 
+@pytest.mark.parametrize("version", ["1.2.0", "1.2.3"])
+def test_rkllama_2025_cpu_settings_from_cpu_count(fake_lib, tmp_path, demo_tokenizer, capfd, version) -> None:
+    """rkllama of May-Sept 2025 (1.2.x): enabled_cpus_num = multiprocessing.cpu_count(), enabled_cpus_mask =
+    (1 << (n + 1)) - 1, i.e. 8 and 0x1FF on an RK3588 (a developer machine has more cores still). It works on
+    boards, so the fake narrows it to its 8 cores and says so."""
+    client = connect(fake_lib, version)
+    param = legacy_param(client.abi, answer_model(tmp_path, demo_tokenizer, version), 2048)
+    param.extend_param.enabled_cpus_num = 8
+    param.extend_param.enabled_cpus_mask = (1 << 9) - 1
+    assert client.init(param) == 0
+    assert "enabled_cpus_mask 0x1ff" in capfd.readouterr().err
+    assert trace(tmp_path)[0].endswith(" cpus=8 mask=0xff")
+    rc, text = client.run(token_input(client.abi, prompt_ids(demo_tokenizer, "Hello"),
+                                      b"user" if version == "1.2.3" else None), blank_infer(client.abi))
+    assert (rc, text) == (0, MULTIBYTE)
+    client.destroy()
+    client = connect(fake_lib, version)
+    param = legacy_param(client.abi, answer_model(tmp_path, demo_tokenizer, version), 2048)
+    param.extend_param.enabled_cpus_num, param.extend_param.enabled_cpus_mask = 32, 0xFFFFFFFF  # a 32-core PC
+    assert client.init(param) == 0
+    assert "enabled_cpus_num 32" in capfd.readouterr().err
+    client.destroy()
+
+
 @pytest.mark.parametrize("top_k", [-5, 1 << 30])
 def test_out_of_range_top_k_is_clamped_and_said(fake_lib, tmp_path, demo_tokenizer, capfd, top_k) -> None:
     client = connect(fake_lib, "1.2.3")

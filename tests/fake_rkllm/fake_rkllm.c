@@ -20,7 +20,10 @@
  * img_start/img_end/img_content are accepted (the demos of 1.1.4-1.2.x set them);
  * a top_k that is not a sane count (rkllama since 2026 declares it as a float, so
  * 7.0 arrives as 1088421888) is treated as "the whole vocabulary" with a warning on
- * stderr, as a sampler clamping k to the vocabulary size would; prompt input (text)
+ * stderr, as a sampler clamping k to the vocabulary size would; CPU settings naming
+ * CPUs the board lacks (rkllama of 2025: enabled_cpus_num = cpu_count(), mask
+ * (1 << (n + 1)) - 1) are narrowed to the 8 cores, with a warning; any
+ * RKLLMInferParam.max_new_tokens <= 0 means the init value; prompt input (text)
  * is accepted too: the fake has no tokenizer, so it counts one token per 4 bytes of
  * system prompt + prefix + text + postfix (set by rkllm_set_chat_template), which is
  * enough to pick an answer, pace the prefill and cache prefixes.
@@ -740,8 +743,6 @@ static int check_param(const RKLLMParam *p) {
     else if (raw[offsetof(RKLLMParam, ignore_eos_token)] > 1) bad = "ignore_eos_token";
 #endif
 #if FAKE_RKLLM_LAYOUT >= 120
-    else if (p->extend_param.enabled_cpus_num < 0 || p->extend_param.enabled_cpus_num > 8) bad = "enabled_cpus_num";
-    else if (p->extend_param.enabled_cpus_mask > 0xFF) bad = "enabled_cpus_mask";
     else if (p->extend_param.embed_flash < 0 || p->extend_param.embed_flash > 1) bad = "embed_flash";
 #endif
 #if FAKE_RKLLM_LAYOUT >= 121
@@ -810,6 +811,21 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
     ctx->max_new_tokens = param->max_new_tokens;
     ctx->skip_special_token = param->skip_special_token;
     int32_t top_k = sane_top_k(param->top_k, "RKLLMParam");
+#if FAKE_RKLLM_LAYOUT >= 120
+    /* rkllama of 2025 sets enabled_cpus_num = cpu_count() and enabled_cpus_mask = (1 << (n + 1)) - 1 (0x1FF on an
+       8-core board) and works on boards: CPUs the board lacks are ignored, with a warning. */
+    unsigned int cpus_mask = param->extend_param.enabled_cpus_mask & 0xFFu;
+    int cpus_num = param->extend_param.enabled_cpus_num;
+    if (cpus_mask != param->extend_param.enabled_cpus_mask)
+        fprintf(stderr, "W rkllm: enabled_cpus_mask 0x%x names CPUs this 8-core platform does not have; using 0x%x\n",
+                param->extend_param.enabled_cpus_mask, cpus_mask);
+    if (cpus_num < 0 || cpus_num > 8) {
+        int usable = cpus_mask ? __builtin_popcount(cpus_mask) : 8;
+        fprintf(stderr, "W rkllm: enabled_cpus_num %d is not a CPU count of this 8-core platform; using %d\n",
+                cpus_num, usable);
+        cpus_num = usable;
+    }
+#endif
 #if FAKE_RKLLM_LAYOUT >= 130
     ctx->callback = callbacks->result_callback;
     ctx->callback_userdata = callbacks->result_userdata;
@@ -820,8 +836,7 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
 #if FAKE_RKLLM_LAYOUT >= 120
     trace(ctx, "init version=%s ctx=%d max_new=%d top_k=%d top_p=%.3f temp=%.3f skip_special=%d cpus=%d mask=0x%x",
           FAKE_RKLLM_VERSION, ctx->max_context_len, ctx->max_new_tokens, top_k, param->top_p,
-          param->temperature, (int)param->skip_special_token, param->extend_param.enabled_cpus_num,
-          param->extend_param.enabled_cpus_mask);
+          param->temperature, (int)param->skip_special_token, cpus_num, cpus_mask);
 #else
     trace(ctx, "init version=%s ctx=%d max_new=%d top_k=%d top_p=%.3f temp=%.3f skip_special=%d",
           FAKE_RKLLM_VERSION, ctx->max_context_len, ctx->max_new_tokens, top_k, param->top_p,
