@@ -11,7 +11,9 @@
  * here instead of silently), validates the model file, paces prefill and
  * decode, keeps a KV cache (keep_history, rkllm_clear_kv_cache,
  * rkllm_get_kv_cache_size), stops on rkllm_abort, holds back split UTF-8
- * characters (WAITING), and can report ERROR or crash on the Nth token.
+ * characters (WAITING), and can report ERROR or crash on the Nth token. It
+ * answers RKLLM_INFER_GET_LAST_HIDDEN_LAYER (embeddings: a function of the
+ * context) but computes no logits.
  * The text pointer handed to the callback is only valid during the callback:
  * the buffer is scribbled over right after, as a real runtime may reuse it.
  *
@@ -51,7 +53,9 @@
  *     (keep_history=0, as rkllama and the demos send) whose input begins with the
  *     loaded prefix prefills only the rest ("automatic prompt cache reuse", 1.2.0
  *     CHANGELOG; the fake does it on every release). Anything else is prefilled in
- *     full: the fake only reuses what it knows exactly.
+ *     full: the fake only reuses what it knows exactly. (rkllama names its per-session
+ *     files as if they held the answer too, but sends the whole conversation again,
+ *     so it works under this reading and under a wider one.)
  *   Trace lines: "prompt_cache load n=N", "prompt_cache reuse n=N", "prompt_cache save n=N".
  *
  * The "model" is a small text file (written by tests/fake_rkllm/__init__.py):
