@@ -161,3 +161,28 @@ async def test_restarted_server_is_detected_afresh(make_server):
         assert (await client.info()).api == API_EARLY
     finally:
         await client.close()
+
+
+async def test_the_fake_sends_its_headers_with_the_first_piece_as_flask_does(make_server, api):
+    """rkllama's Flask server answers nothing before the first piece: the fake does the same in
+    every API generation, so a client's open waits for the first piece, not only for the request
+    to arrive."""
+    from exo_rkllm.runtime.sim import SimTiming
+
+    server = await make_server(api, SimTiming(0, 0, 0, 1.0))
+    client = RkllamaClient(server.url)
+    try:
+        await client.load(DEMO_FOLDER_NAME)
+        server.faults.first_token_delay_s = 0.3
+        opening = asyncio.ensure_future(
+            client.open_chat(DEMO_FOLDER_NAME, [{"role": "user", "content": "[[sim:text=late]]"}], None))
+        stream = await asyncio.wait_for(opening, 30.0)
+        rec = server.generations()[-1]
+        assert rec.first_piece_at is not None and rec.headers_at is not None
+        assert rec.headers_at >= rec.first_piece_at, "no headers before the first piece"
+        body = b""
+        while not stream.eof:
+            body += await stream.read()
+        assert b"late" in body
+    finally:
+        await client.close()

@@ -24,6 +24,15 @@ counters. System messages are moved to the front, tools go to the chat template,
 tools the first pieces are held back while a `<tool_call>` may be coming; a tool call is
 sent as `message.tool_calls` with `done_reason: "tool_calls"`.
 
+Streamed answers go out as rkllama's Flask server sends them, in every generation: no status
+line and no headers until the first piece (or error line) is written, so a client waiting for a
+slow prefill has no response at all yet (`Received.headers_at`).
+
+Only what the request carries is templated: rkllama reads a Modelfile's `SYSTEM` for `/api/show`
+(and writes it when pulling a model), but no version applies it to `/api/chat`, `/api/generate`
+or `/generate`; this fake does not either. The early generation's own system prompt is a constant
+of its code, not the Modelfile's.
+
 The server templates every request with the model's tokenizer (add_generation_prompt) and
 feeds the token ids to the simulator; each callback text becomes one piece (a character
 split over two tokens arrives whole, as rkllama's callback joins it). Every request is
@@ -101,6 +110,7 @@ class Received:
     status: int = 200
     received_at: float = field(default_factory=time.monotonic)
     first_piece_at: float | None = None
+    headers_at: float | None = None  # when the response headers went out (with the first content)
     finished_at: float | None = None
     disconnected: bool = False
     tool_calls: list[Any] | None = None
@@ -116,6 +126,45 @@ class _Model:
     folder: Path
     file: Path
     modelfile: dict[str, str]
+
+
+class _Body:
+    """A streamed answer sent the way rkllama's Flask (werkzeug) server sends it: the status line
+    and headers go out only with the first chunk of content, so a client that opened the request
+    sees nothing at all until the first piece (or an error line, or the end of an empty answer).
+
+    A client that went away is noticed at the next write, as with werkzeug."""
+
+    def __init__(self, request: web.Request, rec: Received, content_type: str) -> None:
+        self.request = request
+        self.rec = rec
+        self.resp = web.StreamResponse(headers={"Content-Type": content_type})
+
+    async def _headers(self) -> None:
+        if not self.resp.prepared:
+            await self.resp.prepare(self.request)
+            self.rec.headers_at = time.monotonic()
+
+    async def write(self, data: bytes) -> bool:
+        if self.rec.disconnected:
+            return False
+        try:
+            await self._headers()
+            await self.resp.write(data)
+            return True
+        except (ConnectionError, RuntimeError):
+            self.rec.disconnected = True
+            return False
+
+    async def end(self) -> web.StreamResponse:
+        self.rec.finished_at = time.monotonic()
+        if not self.rec.disconnected:
+            try:
+                await self._headers()
+                await self.resp.write_eof()
+            except (ConnectionError, RuntimeError):
+                self.rec.disconnected = True
+        return self.resp
 
 
 class _Run:
@@ -422,8 +471,7 @@ def create_app(state: FakeRkllama) -> web.Application:
             return html_500()
         rec.model = state.current.name
         run = state.start_run(rec.prompt_ids, faults.first_token_delay_s)
-        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-        await resp.prepare(request)
+        body = _Body(request, rec, "text/plain; charset=utf-8")
         obj = {"id": "rkllm_chat", "object": "rkllm_chat", "created": int(time.time()), "choices": [],
                "usage": {"prompt_tokens": len(rec.prompt_ids), "completion_tokens": 0, "tokens_per_second": 0,
                          "total_tokens": len(rec.prompt_ids)}}
@@ -435,33 +483,14 @@ def create_app(state: FakeRkllama) -> web.Application:
             obj["usage"]["tokens_per_second"] = len(rec.pieces) / max(1e-6, time.monotonic() - started)
             return f"{json.dumps(obj)}\n\n".encode()
 
-        ok = await stream_pieces(request, resp, rec, run, faults, lambda p: frame(p, None),
+        ok = await stream_pieces(request, body, rec, run, faults, lambda p: frame(p, None),
                                  lambda msg: json.dumps({"error": msg}).encode() + b"\n\n")
         if ok and state.early_final_object:
-            await safe_write(resp, rec, frame("", "stop"))
-        return await finish(resp, rec)
+            await body.write(frame("", "stop"))
+        return await body.end()
 
     # -- shared streaming ----------------------------------------------------------------------------
-    async def safe_write(resp: web.StreamResponse, rec: Received, data: bytes) -> bool:
-        if rec.disconnected:
-            return False
-        try:
-            await resp.write(data)
-            return True
-        except (ConnectionError, RuntimeError):
-            rec.disconnected = True
-            return False
-
-    async def finish(resp: web.StreamResponse, rec: Received) -> web.StreamResponse:
-        rec.finished_at = time.monotonic()
-        if not rec.disconnected:
-            try:
-                await resp.write_eof()
-            except (ConnectionError, RuntimeError):
-                rec.disconnected = True
-        return resp
-
-    async def stream_pieces(request: web.Request, resp: web.StreamResponse, rec: Received, run: _Run,
+    async def stream_pieces(request: web.Request, body: _Body, rec: Received, run: _Run,
                             faults: Faults, frame, error_frame, *, hold: int = 0) -> bool:
         """Send the run's pieces; False if the answer did not end normally (fault, client gone).
 
@@ -469,12 +498,25 @@ def create_app(state: FakeRkllama) -> web.Application:
         and this handler stops reading; the generation itself goes on (see the module doc)."""
         sent = 0
 
+        async def end_run() -> None:
+            """A simulated failure ends the generation at the server, as a runtime error or a crash
+            does: none of its text is left in the shared token list to leak into the next answer
+            (without this the test outcome would depend on how fast the simulator is stopped)."""
+            await state.sim.abort()
+            if run.task is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(run.task), 5.0)
+                except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                    pass
+            if state.api != "ollama":
+                state.global_text.clear()
+
         async def die() -> None:
             transport = request.transport
             if transport is not None:
                 transport.abort()  # the server failed: no terminating chunk
             rec.disconnected = True
-            await state.sim.abort()
+            await end_run()
 
         async def send(piece: str) -> bool:
             nonlocal sent
@@ -482,20 +524,20 @@ def create_app(state: FakeRkllama) -> web.Application:
                 await die()
                 return False
             if faults.error_after is not None and sent >= faults.error_after:
-                await safe_write(resp, rec, error_frame("simulated server failure"))
-                await state.sim.abort()
+                await body.write(error_frame("simulated server failure"))
+                await end_run()
                 return False
             if faults.stall_after is not None and sent == faults.stall_after:
                 faults.stall_after = None
                 await asyncio.sleep(faults.stall_s)
             if faults.malformed_after is not None and sent == faults.malformed_after:
                 faults.malformed_after = None
-                await safe_write(resp, rec, b'{"model": "broken", "message": {"role": "assis\n')
+                await body.write(b'{"model": "broken", "message": {"role": "assis\n')
             if rec.first_piece_at is None:
                 rec.first_piece_at = time.monotonic()
             rec.pieces.append(piece)
             sent += 1
-            return await safe_write(resp, rec, frame(piece))
+            return await body.write(frame(piece))
 
         held: list[str] = []
         holding = hold > 0
@@ -600,9 +642,8 @@ def create_app(state: FakeRkllama) -> web.Application:
                 rec.pieces.append(piece)
             rec.finished_at = time.monotonic()
             return web.json_response(final_obj(rec.text, "stop"))
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
-        ok = await stream_pieces(request, resp, rec, run, faults,
+        body = _Body(request, rec, "application/x-ndjson")
+        ok = await stream_pieces(request, body, rec, run, faults,
                                  lambda p: (json.dumps(piece_obj(p)) + "\n").encode(),
                                  lambda msg: (json.dumps({"error": msg}) + "\n").encode(),
                                  hold=TOOL_WAIT_PIECES if tools else 0)
@@ -610,11 +651,11 @@ def create_app(state: FakeRkllama) -> web.Application:
             if rec.tool_calls:
                 call = piece_obj("")
                 call["message"]["tool_calls"] = rec.tool_calls
-                await safe_write(resp, rec, (json.dumps(call) + "\n").encode())
-                await safe_write(resp, rec, (json.dumps(final_obj("", "tool_calls")) + "\n").encode())
+                await body.write((json.dumps(call) + "\n").encode())
+                await body.write((json.dumps(final_obj("", "tool_calls")) + "\n").encode())
             else:
-                await safe_write(resp, rec, (json.dumps(final_obj("", "stop")) + "\n").encode())
-        return await finish(resp, rec)
+                await body.write((json.dumps(final_obj("", "stop")) + "\n").encode())
+        return await body.end()
 
     if api != "early":
         @routes.post("/api/chat")
