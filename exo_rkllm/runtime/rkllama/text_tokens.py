@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from ...tokenizer import _byte_decoder, special_ids
 from ..base import CallState
 
 log = logging.getLogger("exo_rkllm.rkllama")
@@ -41,6 +42,48 @@ class TokenPiece:
     token_id: int
     text: str
     state: CallState = CallState.NORMAL
+
+
+@dataclass(frozen=True)
+class VocabFacts:
+    """What the converter needs to know about a tokenizer besides encode and decode.
+
+    Read once per tokenizer (`VocabFacts.of`, at model load), never per answer: with the
+    transformers release legacy exo pins, `len(tokenizer)` alone takes ~20-40 ms and
+    `get_vocab()` ~100 ms on Qwen's 150k-entry vocabulary. rkllama (Flask) sends its headers
+    together with the first piece, so anything built after the response opens delays the
+    first token by that much."""
+
+    special: frozenset[int]
+    size: int
+    byte_ids: Mapping[int, int]  # byte value -> id of a single-byte token
+    spacers: tuple[tuple[int, ...], ...]  # tokens that spell one leading space
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> "VocabFacts":
+        vocab = tokenizer.get_vocab()
+        table: dict[int, int] = {}
+        for b in range(256):  # sentencepiece byte fallback (<0xNN>) ...
+            tid = vocab.get(f"<0x{b:02X}>")
+            if tid is not None:
+                table[b] = tid
+        if len(table) < 256:  # ... or the GPT-2 byte alphabet of byte-level BPE
+            for ch, b in _byte_decoder().items():
+                if b not in table and ch in vocab:
+                    table[b] = vocab[ch]
+        spacers = [(vocab[p],) for p in ("\u2581", "\u0120") if p in vocab]
+        plain = tuple(_encode(tokenizer, " "))
+        if plain and plain not in spacers:
+            spacers.append(plain)
+        return cls(special_ids(tokenizer), len(tokenizer), table, tuple(spacers))
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    try:
+        out = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    except TypeError:  # a tokenizer without split_special_tokens
+        out = tokenizer.encode(text, add_special_tokens=False)
+    return [int(i) for i in out]
 
 
 def _is_high_surrogate(ch: str) -> bool:
@@ -61,18 +104,19 @@ class TextToTokens:
     rule: a piece is always complete text); `flush()` ends the answer. The
     invariant, checked on every piece: decoding every id returned so far with
     skip_special_tokens=True gives exactly the text pushed so far.
+
+    Pass the tokenizer's `VocabFacts` (read once, at load): building a converter is
+    then free, which matters because it is built once the server's answer opens.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, facts: VocabFacts | None = None) -> None:
         self._tok = tokenizer
-        self._special = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", ()) or ())
-        self._vocab_size = len(tokenizer)
+        self._facts = facts if facts is not None else VocabFacts.of(tokenizer)
         self.ids: list[int] = []
         self.text = ""  # the text covered by self.ids
         self._safe: list[int] = [0]  # indices of self.ids where the decoded text sits on a piece boundary
         self._held = ""  # a trailing high surrogate waiting for its other half
         self.inexact = 0  # pieces no spelling could reproduce exactly (should stay 0)
-        self._byte_ids: dict[int, int] | None = None
 
     # -- public -------------------------------------------------------------------------------
     def push(self, piece: str) -> list[TokenPiece]:
@@ -102,11 +146,7 @@ class TextToTokens:
         return self._tok.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _encode(self, text: str) -> list[int]:
-        try:
-            out = self._tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        except TypeError:  # a tokenizer without split_special_tokens
-            out = self._tok.encode(text, add_special_tokens=False)
-        return [int(i) for i in out]
+        return _encode(self._tok, text)
 
     def _window(self) -> list[int]:
         """The committed ids of the last piece (or a few more): new ids are checked decoded after
@@ -138,7 +178,8 @@ class TextToTokens:
         return texts
 
     def _check(self, window: list[int], cand: list[int], piece: str) -> list[str] | None:
-        if not cand or any(i in self._special or i < 0 or i >= self._vocab_size for i in cand):
+        special, size = self._facts.special, self._facts.size
+        if not cand or any(i in special or i < 0 or i >= size for i in cand):
             return None
         base = self._decode(window)
         full = self._decode(window + cand)
@@ -161,17 +202,9 @@ class TextToTokens:
         if first and piece[:1].isspace():
             # Decoders of sentencepiece vocabularies drop the first token's leading space: an
             # answer that starts with one needs an extra space token in front.
-            for spacer in self._spacers():
+            for spacer in self._facts.spacers:
                 for cand in found:
-                    yield spacer + cand
-
-    def _spacers(self) -> list[list[int]]:
-        vocab = self._tok.get_vocab()
-        out = [[vocab[p]] for p in ("\u2581", "\u0120") if p in vocab]
-        plain = self._encode(" ")
-        if plain and plain not in out:
-            out.append(plain)
-        return out
+                    yield list(spacer) + cand
 
     def _spell(self, window: list[int], piece: str) -> tuple[list[int], list[str]] | None:
         for cand in self._candidates(piece, first=not window):
@@ -190,7 +223,7 @@ class TextToTokens:
         if found is None:
             self.inexact += 1
             cand = self._encode(piece) or self._encode(" ")
-            cand = [i for i in cand if i not in self._special] or cand
+            cand = [i for i in cand if i not in self._facts.special] or cand
             log.warning("the model's tokenizer cannot reproduce the server's text %r exactly; "
                         "the answer may differ slightly from what rkllama sent", piece[:40])
             texts = [""] * (len(cand) - 1) + [piece]
@@ -219,27 +252,8 @@ class TextToTokens:
             return None
         return ids, texts
 
-    def _byte_table(self) -> dict[int, int]:
-        """byte value -> id of a single-byte token: sentencepiece byte fallback (<0xNN>) or the
-        GPT-2 byte alphabet of byte-level BPE."""
-        if self._byte_ids is None:
-            from ...tokenizer import _byte_decoder
-
-            vocab = self._tok.get_vocab()
-            table: dict[int, int] = {}
-            for b in range(256):
-                tid = vocab.get(f"<0x{b:02X}>")
-                if tid is not None:
-                    table[b] = tid
-            if len(table) < 256:
-                for ch, b in _byte_decoder().items():
-                    if b not in table and ch in vocab:
-                        table[b] = vocab[ch]
-            self._byte_ids = table
-        return self._byte_ids
-
     def _spell_bytes(self, window: list[int], piece: str) -> tuple[list[int], list[str]] | None:
-        table = self._byte_table()
+        table = self._facts.byte_ids
         data = piece.encode("utf-8")
         if any(b not in table for b in data):
             return None
