@@ -91,6 +91,9 @@ SETTINGS: tuple[Setting, ...] = (
             "rkllama backend: seconds to wait for the first streamed chunk (includes model load and prefill)."),
     Setting("server_chunk_timeout", "RKLLM_SERVER_CHUNK_TIMEOUT", float,
             "rkllama backend: longest gap in seconds between two streamed chunks."),
+    Setting("server_load_timeout", "RKLLM_SERVER_LOAD_TIMEOUT", float,
+            "rkllama backend: seconds to wait for the server to load or unload a model (`/load_model`, "
+            "`/unload_model`; an unload waits for a running generation, up to 30 s in rkllama)."),
     Setting("sim_decode_ms", "RKLLM_SIM_DECODE_MS", float,
             "Simulator: milliseconds per generated token (125 = 8 tokens/s, an RK3588 running a 1.5B w8a8 model)."),
     Setting("sim_prefill_ms", "RKLLM_SIM_PREFILL_MS", float,
@@ -124,6 +127,7 @@ class Config:
     server_connect_timeout: float = 2.0
     server_first_token_timeout: float = 120.0
     server_chunk_timeout: float = 30.0
+    server_load_timeout: float = 120.0
     sim_decode_ms: float = 125.0
     sim_prefill_ms: float = 8.0
     sim_prefill_base_ms: float = 40.0

@@ -18,6 +18,7 @@ from exo_rkllm.runtime.base import ChatMessage, GenerationInput, Runtime
 from exo_rkllm.runtime.rkllama import create
 from exo_rkllm.runtime.sim import SimTiming
 from fake_rkllama.fixtures import *  # noqa: F401,F403
+from fake_rkllama import FakeRkllamaServer
 from fake_rkllama.fixtures import DEMO_FOLDER_NAME, chat, collect, rkllama_config
 
 AWKWARD = "  Hé 世界 🤖👩‍💻 ¿qué? 日本語  \t café 🇫🇷 👍🏽 中文标点：你好，世界！"
@@ -89,6 +90,63 @@ async def test_one_chat_template_applied_by_the_server(server, make_runtime, rk_
     else:
         assert rec.prompt.startswith("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
     assert not [r for r in server.received if r.path == "/api/generate"], "/api/generate would template twice"
+
+
+async def test_nothing_heavy_between_the_first_piece_and_the_first_token(server, make_runtime, rk_spec, monkeypatch):
+    """What the text-to-token converter needs of the tokenizer (its size, special ids, byte tokens:
+    ~20-40 ms with the transformers exo pins) is read once at load, never once the answer has opened."""
+    from exo_rkllm.runtime.rkllama import text_tokens
+
+    reads: list[object] = []
+    real = text_tokens.VocabFacts.of.__func__
+
+    def counted(cls, tokenizer):
+        reads.append(tokenizer)
+        return real(cls, tokenizer)
+
+    monkeypatch.setattr(text_tokens.VocabFacts, "of", classmethod(counted))
+    runtime = await loaded(make_runtime, server, rk_spec)
+    assert len(reads) == 1
+    for text in ("one", " two 世界", "🤖"):
+        await next_request_works(runtime, server, text)
+    assert len(reads) == 1
+
+
+@pytest.fixture
+def system_models_dir(tmp_path, demo_model_dir):
+    """The demo model with a Modelfile SYSTEM prompt, as rkllama's pull writes one."""
+    folder = tmp_path / DEMO_FOLDER_NAME
+    folder.mkdir()
+    for f in demo_model_dir.iterdir():
+        if f.name != "Modelfile":
+            (folder / f.name).symlink_to(f)
+    text = (demo_model_dir / "Modelfile").read_text().replace('SYSTEM=""', f'SYSTEM="{MODELFILE_SYSTEM}"')
+    assert MODELFILE_SYSTEM in text
+    (folder / "Modelfile").write_text(text)
+    return tmp_path
+
+
+MODELFILE_SYSTEM = "Always answer in Klingon."
+
+
+@pytest.mark.parametrize("system", [None, "You are terse."])
+async def test_exactly_the_users_conversation_is_sent(system_models_dir, make_runtime, rk_spec, api, system):
+    """No rkllama version applies the Modelfile's SYSTEM to /api/chat or /generate (it only shows it
+    in /api/show): the backend adds nothing either, not even with SYSTEM among the model's options,
+    and the fake server does as rkllama does."""
+    server = await FakeRkllamaServer(system_models_dir, api, SimTiming(0, 0, 0, 1.0), unload_grace_s=0.2).start()
+    try:
+        spec = dataclasses.replace(rk_spec, options={**rk_spec.options, "SYSTEM": MODELFILE_SYSTEM})
+        runtime = await loaded(make_runtime, server, spec)
+        await collect(runtime, chat("Hi", system=system))
+        rec = server.generations()[-1]
+        sent = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi"}]
+        if api == "early":  # its own constant system prompt: ours is folded into the first user message
+            sent = [{"role": "user", "content": f"{system}\n\nHi" if system else "Hi"}]
+        assert rec.body["messages"] == sent and set(rec.body) <= {"model", "messages", "stream"}
+        assert MODELFILE_SYSTEM not in rec.prompt
+    finally:
+        await server.stop()
 
 
 async def test_tools_are_sent_and_tool_calls_come_back_as_text(make_server, make_runtime, rk_spec):
@@ -188,13 +246,51 @@ async def test_pieces_before_a_malformed_line_in_the_same_read_still_count(make_
 
 
 async def test_slow_first_token_times_out_then_the_next_works(server, make_runtime, rk_spec):
+    """The limit applies to the first piece only: loading the model (its own, generous timeout) is
+    not cut short by it. Like rkllama, the fake sends no headers before the first piece."""
     runtime = await loaded(make_runtime, server, rk_spec, server_first_token_timeout=0.25)
-    server.faults.first_token_delay_s = 0.6
-    started = time.monotonic()
+    server.faults.first_token_delay_s = 1.5
     with pytest.raises(GenerationError, match="no answer within 0.25 s.*RKLLM_SERVER_FIRST_TOKEN_TIMEOUT"):
         await collect(runtime, chat("slow"))
-    assert time.monotonic() - started < 0.6
+    slow = server.generations()[-1]
+    assert slow.headers_at is None and slow.first_piece_at is None, "the limit fired before the server answered"
+    runtime.client.first_token_timeout = 30.0  # only the first request is meant to time out
     await next_request_works(runtime, server)
+    assert server.generations()[-1].received_at > (slow.finished_at or 0.0), "one answer at a time at the server"
+
+
+async def test_load_has_its_own_timeout(make_server, make_runtime, rk_spec, api):
+    """Loading is bounded by RKLLM_SERVER_LOAD_TIMEOUT, never by the first-token limit."""
+    server = await make_server(api, SimTiming(load_ms=600, prefill_base_ms=0, prefill_ms_per_token=0,
+                                              decode_ms_per_token=1))
+    runtime = await loaded(make_runtime, server, rk_spec, server_first_token_timeout=0.05)
+    assert server.state.loads == [DEMO_FOLDER_NAME]
+    await server.restart()
+    quick = make_runtime(server.url, server_load_timeout=0.1)
+    with pytest.raises(RuntimeUnavailable, match="within 0.1 s.*RKLLM_SERVER_LOAD_TIMEOUT"):
+        await quick.load(rk_spec)
+    assert runtime.client.load_timeout == 120.0 and quick.client.first_token_timeout == 120.0
+
+
+async def test_a_first_token_timeout_on_a_worker_server_unloads_at_once(make_server, make_runtime, rk_spec):
+    """rkllama answers nothing before the first piece, so a timed-out request is still running
+    there: the next request must not wait for that answer (nor up to one more timeout), and must
+    not queue behind it in the model's worker: the model is unloaded at once, which stops it."""
+    server = await make_server("ollama")
+    runtime = await loaded(make_runtime, server, rk_spec, server_first_token_timeout=0.3)
+    server.faults.first_token_delay_s = 20.0
+    with pytest.raises(GenerationError, match="no answer within 0.3 s"):
+        await collect(runtime, chat("slow"))
+    runtime.client.first_token_timeout = 30.0  # the next request gets a generous limit of its own
+    started = time.monotonic()
+    await next_request_works(runtime, server)
+    elapsed = time.monotonic() - started
+    slow, unload, fresh = server.generations()[-2], server.received[-2], server.generations()[-1]
+    assert slow.first_piece_at is None, "the timed-out answer was stopped before it sent anything"
+    assert unload.path == "/unload_model" and unload.body == {"model_name": DEMO_FOLDER_NAME}
+    assert slow.received_at < unload.received_at < fresh.received_at
+    assert runtime.unloads_for_abort == 1 and server.state.loads == [DEMO_FOLDER_NAME] * 2
+    assert elapsed < 15.0  # a ceiling against hangs; the timed-out answer had 20 s to go
 
 
 async def test_silence_mid_answer_times_out(server, make_runtime, rk_spec):

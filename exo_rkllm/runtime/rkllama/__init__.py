@@ -13,22 +13,17 @@ import logging
 from ...config import Config
 from ...errors import RKLLMError
 from .backend import RkllamaRuntime, wire_messages
-from .client import API_EARLY, API_OLLAMA, RkllamaClient, ServerInfo, match_remote_name
+from .client import API_EARLY, API_OLLAMA, PROBE_TIMEOUT_S, RkllamaClient, ServerInfo, match_remote_name
 from .text_tokens import TextToTokens
 
 log = logging.getLogger("exo_rkllm.rkllama")
-
-PROBE_TIMEOUT_S = 2.0
 
 __all__ = ["API_EARLY", "API_OLLAMA", "RkllamaClient", "RkllamaRuntime", "ServerInfo", "TextToTokens", "create",
            "list_remote_models", "match_remote_name", "probe", "remote_model_name", "wire_messages"]
 
 
 def _client(config: Config, *, quick: bool = False) -> RkllamaClient:
-    connect = min(config.server_connect_timeout, PROBE_TIMEOUT_S) if quick else config.server_connect_timeout
-    return RkllamaClient(config.rkllama_url, connect_timeout=connect,
-                         first_token_timeout=config.server_first_token_timeout,
-                         chunk_timeout=PROBE_TIMEOUT_S if quick else config.server_chunk_timeout)
+    return RkllamaClient.from_config(config, quick=quick)
 
 
 async def create(config: Config) -> RkllamaRuntime:

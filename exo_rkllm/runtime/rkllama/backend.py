@@ -17,8 +17,14 @@ leak into the next answer. A server with model workers can unload the model,
 but its unload only takes effect when the running generation ends (or kills
 the worker after 30 s), and the next request then loads the model again: so
 the client reads the rest for a few seconds (`abandon_drain_s`), which is
-enough for most answers, and only then unloads. The next generation waits for
-either clean-up to finish.
+enough for most answers, and only then unloads. A request given up on before
+the server answered at all (rkllama sends its headers only with the first
+piece) is not waited for past its own first-token deadline on such a server:
+the model is unloaded at once. The next generation waits for any clean-up to
+finish.
+
+Nothing is added to the conversation: no rkllama version applies a Modelfile's
+SYSTEM to `/api/chat` or `/generate`, and neither does this backend.
 """
 from __future__ import annotations
 
@@ -28,13 +34,13 @@ import time
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 from ...config import Config
-from ...errors import GenerationError, ModelLoadError, ModelNotFound
+from ...errors import GenerationError, ModelLoadError, ModelNotFound, RKLLMError
 from ...tokenizer import load_tokenizer
 from ..base import (Capabilities, ChatMessage, FinishEvent, GenerationInput, GenerationStats, ModelSpec,
                     ProgressFn, RuntimeEvent, TokenEvent)
 from .client import (API_EARLY, ChatStream, RkllamaClient, ServerChanged, ServerInfo, ServerNotLoaded, StreamBroken,
                      match_remote_name, parse_chunk, render_tool_calls)
-from .text_tokens import TextToTokens
+from .text_tokens import TextToTokens, VocabFacts
 
 log = logging.getLogger("exo_rkllm.rkllama")
 
@@ -121,13 +127,12 @@ class RkllamaRuntime:
 
     def __init__(self, config: Config, client: RkllamaClient | None = None) -> None:
         self.config = config
-        self.client = client or RkllamaClient(
-            config.rkllama_url, connect_timeout=config.server_connect_timeout,
-            first_token_timeout=config.server_first_token_timeout, chunk_timeout=config.server_chunk_timeout)
+        self.client = client or RkllamaClient.from_config(config)
         self.capabilities = Capabilities(backend="rkllama", version="", token_input=False, keep_history=False,
                                          clear_kv_cache=False)
         self._model: ModelSpec | None = None
         self._tok: Any = None
+        self._facts: VocabFacts | None = None
         self._remote: str | None = None
         self._names: dict[str, str] = {}  # model_id -> server name
         self._abort_fut: asyncio.Future[None] | None = None
@@ -159,7 +164,7 @@ class RkllamaRuntime:
                                  "folder, or set RKLLM_TOKENIZER_DIR")
         if progress:
             progress(f"asking rkllama at {self.client.url} for {model.model_id}", 0.0)
-        tok = await asyncio.to_thread(load_tokenizer, model.tokenizer_dir, self.config.allow_network)
+        tok, facts = await asyncio.to_thread(self._tokenizer, model.tokenizer_dir)
         info = await self.client.info()
         name = await self.resolve_name(model)
         try:
@@ -167,7 +172,7 @@ class RkllamaRuntime:
         except ModelLoadError:
             self._names.pop(model.model_id, None)
             raise
-        self._model, self._tok, self._remote = model, tok, name
+        self._model, self._tok, self._facts, self._remote = model, tok, facts, name
         self.capabilities = Capabilities(backend="rkllama", version=info.label, token_input=False,
                                          keep_history=False, clear_kv_cache=False)
         if progress:
@@ -178,7 +183,7 @@ class RkllamaRuntime:
         await self._settle()
         if self._remote is not None:
             await self.client.unload(self._remote)
-        self._model, self._tok, self._remote = None, None, None
+        self._model, self._tok, self._facts, self._remote = None, None, None, None
 
     async def abort(self) -> None:
         fut = self._abort_fut
@@ -230,15 +235,15 @@ class RkllamaRuntime:
                                                     self._first_token_error(), cancel=False)
                 except (_Aborted, GenerationError):
                     # The request may have reached the server, which would then generate unseen:
-                    # once it answers, free it like any abandoned answer.
+                    # free it (_free_after_open says how, per kind of server).
                     if not opening.done():
-                        self._cleanup = asyncio.ensure_future(self._free_after_open(opening))
+                        self._cleanup = asyncio.ensure_future(self._free_after_open(opening, deadline))
                     raise
             except _Aborted:
                 finished = True
                 yield FinishEvent(GenerationStats(), aborted=True)
                 return
-            conv = TextToTokens(self._tok)
+            conv = TextToTokens(self._tok, self._facts)  # nothing heavy here: the first piece is on its way
             first_at: float | None = None
             last_at = started
             emitted = 0
@@ -299,6 +304,12 @@ class RkllamaRuntime:
                 self._stop_at_server(stream, info, "aborted" if finished else "ended early")
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _tokenizer(self, folder: Any) -> tuple[Any, VocabFacts]:
+        """The model's tokenizer and what the text-to-token converter needs of it, read now so
+        that no answer pays for it (blocking: run in a thread)."""
+        tok = load_tokenizer(folder, self.config.allow_network)
+        return tok, VocabFacts.of(tok)
+
     def _check_open(self) -> None:
         if self.closed:
             raise GenerationError("the rkllama runtime was closed")
@@ -397,15 +408,44 @@ class RkllamaRuntime:
         else:  # this server cannot stop a generation: read the rest of it
             await self._drain(stream)
 
-    async def _free_after_open(self, opening: asyncio.Future[Any]) -> None:
+    async def _free_after_open(self, opening: asyncio.Future[Any], deadline: float) -> None:
+        """A request given up on before the server answered: rkllama sends its headers only with
+        the first piece, so it has most likely reached the server, which generates it unseen.
+
+        A worker server can stop it: the open is awaited only until the request's own first-token
+        deadline, never longer (an open that timed out is not waited for at all), and then the
+        model is unloaded at once, which ends the generation (rkllama lets it run for at most
+        30 s more). A one-model server cannot stop it, and its text would leak into the next
+        answer: there the answer is awaited for up to one more first-token timeout and read to
+        its end."""
         try:
-            stream, info = await asyncio.wait_for(asyncio.shield(opening), self.client.first_token_timeout)
-        except (asyncio.TimeoutError, Exception) as exc:
+            info = await self.client.info()
+        except RKLLMError as exc:  # the server went away: nothing left to free
             opening.cancel()
+            log.debug("rkllama: an abandoned request's server is gone: %r", exc)
+            return
+        wait = max(0.0, deadline - time.monotonic()) if info.workers else self.client.first_token_timeout
+        try:
+            stream, info = await asyncio.wait_for(asyncio.shield(opening), wait)
+        except asyncio.TimeoutError:
+            opening.cancel()
+            if info.workers:
+                await self._unload_to_stop(self._remote)
+            else:
+                log.warning("rkllama: an abandoned request never got an answer; the server may still be "
+                            "generating it and mix it into the next answer")
+            return
+        except Exception as exc:
             log.debug("rkllama: an abandoned request never got an answer: %r", exc)
             return
         self.cleanups += 1
         await self._free_server(stream, info)
+
+    async def _unload_to_stop(self, name: str | None) -> None:
+        """Worker servers: unloading the model is the only way to end a generation."""
+        self.unloads_for_abort += 1
+        log.info("rkllama: unloading %s at the server to stop an abandoned generation", name)
+        await self.client.unload(name)
 
     async def _read_to_end(self, stream: ChatStream) -> None:
         wait = max(self.client.first_token_timeout, self.client.chunk_timeout)
@@ -433,9 +473,7 @@ class RkllamaRuntime:
             log.debug("rkllama: abandoned answer: %r", exc)
         finally:
             stream.close()
-        self.unloads_for_abort += 1
-        log.info("rkllama: unloading %s at the server to stop an abandoned generation", name)
-        await self.client.unload(name)
+        await self._unload_to_stop(name)
 
     async def _settle(self) -> None:
         task = self._cleanup

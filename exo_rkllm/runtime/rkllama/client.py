@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from ...config import Config
 from ...errors import GenerationError, ModelLoadError, ModelNotFound, RKLLMError, RuntimeUnavailable
 
 log = logging.getLogger("exo_rkllm.rkllama")
@@ -33,8 +34,10 @@ log = logging.getLogger("exo_rkllm.rkllama")
 API_EARLY = "early"
 API_OLLAMA = "ollama"
 
-START_HINT = ("start rkllama on the board (`rkllama serve`, or `bash ~/RKLLAMA/server.sh` for early versions) "
-              "or point RKLLM_SERVER_URL (or RKLLM_SERVER_HOST / RKLLM_SERVER_PORT) at it")
+START_HINT = ("start rkllama on the board (`rkllama_server --models <models folder>`; `rkllama serve` for early "
+              "versions) or point RKLLM_SERVER_URL (or RKLLM_SERVER_HOST / RKLLM_SERVER_PORT) at it")
+LOAD_SETTING = "RKLLM_SERVER_LOAD_TIMEOUT"
+PROBE_TIMEOUT_S = 2.0  # a quick reachability check (RKLLM_BACKEND=auto) gives up after this
 
 
 class ServerNotLoaded(GenerationError):
@@ -220,17 +223,32 @@ class ChatStream:
 
 
 class RkllamaClient:
-    """One aiohttp session to one rkllama server."""
+    """One aiohttp session to one rkllama server.
+
+    Three waits, each bounded on its own: the first piece of an answer (`first_token_timeout`;
+    rkllama sends its headers only with that piece, so this covers the open too), a gap between
+    two pieces and any plain request (`chunk_timeout`), and loading or unloading a model
+    (`load_timeout`). Loading is kept apart from the first piece so that a short first-token
+    limit never cuts a model load short, and a slow load never stretches the first-token limit."""
 
     def __init__(self, url: str, *, connect_timeout: float = 2.0, first_token_timeout: float = 120.0,
-                 chunk_timeout: float = 30.0) -> None:
+                 chunk_timeout: float = 30.0, load_timeout: float = 120.0) -> None:
         self.url = url.rstrip("/")
         self.connect_timeout = connect_timeout
         self.first_token_timeout = first_token_timeout
         self.chunk_timeout = chunk_timeout
+        self.load_timeout = load_timeout
         self._session: Any = None
         self._info: ServerInfo | None = None
         self._detect_lock: asyncio.Lock | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, *, quick: bool = False) -> "RkllamaClient":
+        """The client the settings describe; `quick` for a reachability probe (short waits)."""
+        connect = min(config.server_connect_timeout, PROBE_TIMEOUT_S) if quick else config.server_connect_timeout
+        return cls(config.rkllama_url, connect_timeout=connect, first_token_timeout=config.server_first_token_timeout,
+                   chunk_timeout=PROBE_TIMEOUT_S if quick else config.server_chunk_timeout,
+                   load_timeout=config.server_load_timeout)
 
     # -- session ---------------------------------------------------------------------------------
     def _get_session(self) -> Any:
@@ -264,7 +282,7 @@ class RkllamaClient:
 
     # -- plain requests ---------------------------------------------------------------------------
     async def request(self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None,
-                      retry: bool = True) -> tuple[int, Any]:
+                      retry: bool = True, setting: str = "") -> tuple[int, Any]:
         """(status, parsed JSON or text). Connection failures raise RuntimeUnavailable; a stale
         pooled connection (server restarted) is retried once on a fresh one."""
         import aiohttp
@@ -279,14 +297,16 @@ class RkllamaClient:
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             self.forget()
             if retry and not isinstance(exc, aiohttp.ClientConnectorError):
-                return await self.request(method, path, json_body=json_body, timeout=timeout, retry=False)
+                return await self.request(method, path, json_body=json_body, timeout=timeout, retry=False,
+                                          setting=setting)
             raise self.unreachable(exc) from None
         except asyncio.TimeoutError as exc:  # before ClientConnectionError: aiohttp's timeouts are both
             self.forget()
             if "connect" in f"{type(exc).__name__} {exc}".lower():
                 raise self.unreachable(exc) from None
+            named = f" ({setting})" if setting else ""
             raise RuntimeUnavailable(f"the rkllama server at {self.url} did not answer {method} {path} within "
-                                     f"{limit:g} s") from None
+                                     f"{limit:g} s{named}") from None
         except (aiohttp.ClientConnectionError, ConnectionError, OSError) as exc:
             self.forget()
             raise self.unreachable(exc) from None
@@ -349,11 +369,14 @@ class RkllamaClient:
             return str(name) if name else None
         return None
 
+    async def _model_request(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """POST a load or unload: bounded by the load timeout, never by the first-token one."""
+        return await self.request("POST", path, json_body=body, timeout=self.load_timeout, setting=LOAD_SETTING)
+
     async def load(self, name: str) -> None:
         info = await self.info()
         if info.workers:
-            status, body = await self.request("POST", "/load_model", json_body={"model_name": name},
-                                              timeout=self.first_token_timeout)
+            status, body = await self._model_request("/load_model", {"model_name": name})
             # 200 "A model is already loaded. Nothing to do." carries an "error" key: still fine.
             if status == 404:  # no explicit load route (an Ollama server): models load on demand
                 return
@@ -364,9 +387,8 @@ class RkllamaClient:
         if current == name:
             return
         if current is not None:
-            await self.request("POST", "/unload_model", json_body={}, timeout=self.first_token_timeout)
-        status, body = await self.request("POST", "/load_model", json_body={"model_name": name},
-                                          timeout=self.first_token_timeout)
+            await self._model_request("/unload_model", {})
+        status, body = await self._model_request("/load_model", {"model_name": name})
         if status != 200:
             raise ModelLoadError(f"rkllama at {self.url} could not load {name!r}: HTTP {status} {_error_text(body)}")
 
@@ -375,8 +397,7 @@ class RkllamaClient:
         try:
             info = await self.info()
             body = {"model_name": name} if info.workers and name else {}
-            status, answer = await self.request("POST", "/unload_model", json_body=body,
-                                                timeout=self.first_token_timeout)
+            status, answer = await self._model_request("/unload_model", body)
             if status != 200:
                 log.debug("rkllama unload of %s: HTTP %s %s", name, status, _error_text(answer))
         except RKLLMError as exc:
@@ -385,6 +406,10 @@ class RkllamaClient:
     # -- generation --------------------------------------------------------------------------------
     async def open_chat(self, name: str, messages: list[dict[str, Any]], tools: Sequence[Any] | None) -> ChatStream:
         """POST the conversation; returns once the server has answered with its headers.
+
+        rkllama (Flask) sends its headers together with the first piece, so this waits through
+        the model load and the prefill: the caller bounds it with the first-token timeout (the
+        session has no read timeout of its own).
 
         The server templates the messages itself (once). Raises ServerNotLoaded when an early
         server has no model, RuntimeUnavailable when it cannot be reached, GenerationError on any
