@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from exo_rkllm.bench.exo_process import BIND_ERRORS, START_ATTEMPTS, free_port
 from legacy_exo import find_exo_python  # noqa: F401  (re-exported for the test modules)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class PortTaken(RuntimeError):
+    """A port picked for exo was taken before exo bound it (free ports are only free when picked)."""
 
 
 @dataclass
@@ -67,8 +65,13 @@ def _wait_ready(nodes: list[ExoProcess], timeout: float, path: str = "/v1/models
     pending = list(nodes)
     while pending and time.monotonic() < deadline:
         for exo in list(pending):
+            log = exo.log_text()
+            if any(marker in log.lower() for marker in BIND_ERRORS):  # exo stays up without its API
+                for node in nodes:
+                    node.stop()
+                raise PortTaken(f"a port was taken before exo bound it:\n{log[-1500:]}")
             if exo.proc.poll() is not None:
-                raise RuntimeError(f"exo exited with {exo.proc.returncode}:\n{exo.log_text()[-3000:]}")
+                raise RuntimeError(f"exo exited with {exo.proc.returncode}:\n{log[-3000:]}")
             try:
                 with urllib.request.urlopen(f"{exo.api}{path}", timeout=2) as r:
                     if r.status == 200:
@@ -84,7 +87,19 @@ def _wait_ready(nodes: list[ExoProcess], timeout: float, path: str = "/v1/models
 
 def start_ring(python: str, workdir: Path, models_dir: Path, n: int, env_extra: dict[str, str],
                extra_args: list[str] = (), timeout: float = 180.0) -> list[ExoProcess]:
-    """n exo nodes on loopback that know each other (manual discovery), started in parallel."""
+    """n exo nodes on loopback that know each other (manual discovery), started in parallel; started
+    again on other ports if one was taken in between (a few times)."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _start_ring_once(python, workdir, models_dir, n, env_extra, extra_args, timeout)
+        except PortTaken:
+            if attempt == START_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_ring_once(python: str, workdir: Path, models_dir: Path, n: int, env_extra: dict[str, str],
+                     extra_args: list[str], timeout: float) -> list[ExoProcess]:
     ports = [free_port() for _ in range(n)]
     ids = [f"rkllm-test-{p}" for p in ports]
     peers = workdir / "peers.json"
