@@ -95,7 +95,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"[!!] no servable model in {config.models_dir}: see README 'Model layout' or run `exo-rkllm demo`")
     legacy = legacy_exo_location()
     if legacy:
-        hooked = any(type(f).__name__ == "_ExoHook" for f in sys.meta_path)
+        hook = sys.modules.get("exo_rkllm._autoload")  # imported at start-up only by exo_rkllm.pth
+        hooked = bool(hook and hook.active())
         print(f"[{'ok' if hooked else '!!'}] legacy exo found at {legacy}" +
               ("" if hooked else "; the exo_rkllm.pth hook is not active: reinstall exo-rkllm with pip"))
         problems += 0 if hooked else 1
