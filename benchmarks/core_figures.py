@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 
 from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable
+from exo_rkllm.bench.report import fmt_percent_change
 from exo_rkllm.config import Config
 from exo_rkllm.demo import write_demo_model
 from exo_rkllm.runtime.base import GenerationInput, ModelSpec, TokenEvent
@@ -108,7 +109,7 @@ async def main(argv: list[str] | None = None) -> int:
     n = args.answer_tokens
     try:
         async with aiohttp.ClientSession() as s:
-            await stream(s, exo.url, user(f"warm-up [[sim:tokens=2]]"))  # model load
+            await stream(s, exo.url, user("warm-up [[sim:tokens=2]]"))  # model load
             # 1. TTFT
             exo_ttft, raw_ttft = [], []
             for i in range(args.repeat):
@@ -134,7 +135,7 @@ async def main(argv: list[str] | None = None) -> int:
             print(f"\n2. 8 concurrent streaming requests of {n} tokens")
             print(f"   sum of their generations (runtime alone) {total_gen:6.2f} s")
             print(f"   wall time through exo                    {wall:6.2f} s   "
-                  f"(+{(wall / total_gen - 1) * 100:.1f} %)")
+                  f"({fmt_percent_change(wall, total_gen)})")
             print(f"   clients that got exactly their own text: {own}/8")
             # 3. disconnect
             queued_ttft = (await raw.run(user("queued behind [[sim:tokens=4]]")))[0]

@@ -1,7 +1,8 @@
-"""The exo and rkllama targets over real HTTP, against tiny stand-in servers that replay recorded wire formats.
+"""The exo and rkllama targets over real HTTP: exo against a tiny stand-in replaying its wire format,
+rkllama against the project's fake rkllama server (every API generation).
 
 This checks the client side (requests, stream reading, status lookup, model
-loading on the early rkllama API); timing is not asserted.
+loading, whose token counts are shown); timing is not asserted.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from aiohttp import web
 
 from exo_rkllm.bench.targets import ExoApiTarget, RkllamaTarget, TargetError, TokenCounter
+from fake_rkllama.fixtures import *  # noqa: F401,F403
+from fake_rkllama.fixtures import DEMO_FOLDER_NAME
 
 
 async def serve(app: web.Application):
@@ -22,7 +25,8 @@ async def serve(app: web.Application):
     return runner, f"http://127.0.0.1:{port}"
 
 
-def exo_app(pieces: list[str], *, with_status: bool) -> tuple[web.Application, dict[str, object]]:
+def exo_app(pieces: list[str], *, with_status: bool,
+            backend: str = "sim") -> tuple[web.Application, dict[str, object]]:
     seen: dict[str, object] = {}
 
     async def models(request):
@@ -42,7 +46,7 @@ def exo_app(pieces: list[str], *, with_status: bool) -> tuple[web.Application, d
         return resp
 
     async def status(request):
-        return web.json_response({"backend": "sim", "runtime": {"backend": "sim", "version": "sim-1.2.3"},
+        return web.json_response({"backend": backend, "runtime": {"backend": backend, "version": "sim-1.2.3"},
                                   "recent": [{"request_id": "req-1", "prompt_tokens": 20, "prefilled": 7,
                                               "generated": len(pieces)}]})
 
@@ -95,82 +99,76 @@ async def test_exo_target_unreachable():
         await target.open()
 
 
-def rkllama_app(early: bool) -> tuple[web.Application, dict[str, object]]:
-    state: dict[str, object] = {"current": None, "loads": []}
-
-    async def version(request):
-        return web.json_response({"version": "0.0.42"})
-
-    async def chat(request):
-        body = await request.json()
-        state["options"] = body.get("options")
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
-        for p in ["4", "2", "3"]:
-            await resp.write((json.dumps({"model": body["model"], "message": {"role": "assistant", "content": p},
-                                          "done": False}) + "\n").encode())
-        await resp.write((json.dumps({"model": body["model"], "message": {"role": "assistant", "content": ""},
-                                      "done": True, "done_reason": "stop", "prompt_eval_count": 20,
-                                      "eval_count": 3, "eval_duration": 375_000_000}) + "\n").encode())
-        await resp.write_eof()
-        return resp
-
-    async def root(request):
-        return web.json_response({"message": "Welcome to RKLLama"})
-
-    async def current(request):
-        return web.json_response({"model": state["current"]} if state["current"] else {"error": "no model"})
-
-    async def load(request):
-        state["current"] = (await request.json())["model_name"]
-        state["loads"].append(state["current"])  # type: ignore[union-attr]
-        return web.json_response({"message": "loaded"})
-
-    async def generate(request):
-        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
-        await resp.prepare(request)
-        for p, fin in [("4", None), ("2", None), ("3", None), ("", "stop")]:
-            obj = {"id": "rkllm_chat", "object": "rkllm_chat", "created": 1,
-                   "choices": [{"role": "assistant", "content": p, "logprobs": None, "finish_reason": fin}]}
-            await resp.write(json.dumps(obj).encode() + b"\n\n")
-        await resp.write_eof()
-        return resp
-
-    async def unload(request):
-        state["current"] = None
-        return web.json_response({})
-
-    app = web.Application()
-    app.router.add_get("/", root)
-    if early:
-        app.router.add_get("/current_model", current)
-        app.router.add_post("/load_model", load)
-        app.router.add_post("/unload_model", unload)
-        app.router.add_post("/generate", generate)
-    else:
-        app.router.add_get("/api/version", version)
-        app.router.add_post("/api/chat", chat)
-    return app, state
-
-
-@pytest.mark.parametrize("early", [False, True])
-async def test_rkllama_target_both_api_generations(early):
-    app, state = rkllama_app(early)
-    runner, url = await serve(app)
+async def test_exo_target_on_the_rkllama_backend_marks_counts_as_estimates(demo_model_dir):
+    """exo's engine on an rkllama server: the server templates the messages itself (the early API adds its
+    own system prompt), so exo's prefilled count and the bench's prompt count are estimates."""
+    counter = TokenCounter.from_dir(demo_model_dir)
+    runner, url = await serve(exo_app(["4", "2", "3"], with_status=True, backend="rkllama")[0])
     try:
-        target = RkllamaTarget(url, "qwen2.5:3b", None, max_new_tokens=16)
+        target = ExoApiTarget(url, "demo", counter)
         await target.open()
         res = await target.chat([{"role": "user", "content": "What is 145 + 278?"}])
-        meta = target.describe()
         await target.close()
     finally:
         await runner.cleanup()
-    assert res.text == "423" and len(res.token_times) == 3 and res.finish_reason == "stop"
-    if early:
-        assert meta["api"] == "early" and state["loads"] == ["qwen2.5:3b"]
-        assert res.completion_tokens is None  # no tokenizer, and the early API gives no count
-    else:
-        assert meta["api"] == "ollama" and meta["server_version"] == "0.0.42"
-        assert state["options"] == {"num_predict": 16}
-        assert (res.prompt_tokens, res.completion_tokens, res.completion_source) == (20, 3, "server")
-        assert res.server["server_tokens_per_s"] == pytest.approx(8.0)
+    assert res.prefill_tokens == 7 and res.prefill_tokens_estimated is True
+    assert res.prompt_tokens_estimated is True and res.prompt_tokens_source == "tokenizer"
+
+
+MATH = [{"role": "user", "content": "What is 145 + 278?"}]
+
+
+async def one_answer(server, counter=None):
+    """Open the target on `server`, ask MATH once, close; the result and what the server prefilled."""
+    target = RkllamaTarget(server.url, DEMO_FOLDER_NAME, counter)
+    await target.open()
+    res = await target.chat(MATH)
+    await target.close()
+    return res, len(server.generations()[-1].prompt_ids)
+
+
+@pytest.mark.parametrize("api", ["early", "ollama-single", "ollama"])
+async def test_rkllama_target_does_not_reload_the_loaded_model(make_server, api):
+    """A second run against a server that already holds the model must not load it again
+    (the early API answers /current_model with {"model_name"})."""
+    server = await make_server(api)
+    for _ in range(2):
+        res, _ = await one_answer(server)
+        assert res.text and res.finish_reason == "stop"
+    assert server.state.loads == [DEMO_FOLDER_NAME]
+
+
+async def test_rkllama_target_finds_the_server_name(make_server):
+    server = await make_server("ollama")
+    target = RkllamaTarget(server.url, "qwen2.5-1.5b-instruct-demo", None)  # exo's id of the same folder
+    await target.open()
+    await target.close()
+    assert target.model == DEMO_FOLDER_NAME
+    with pytest.raises(TargetError, match="has no model 'nope'"):
+        await RkllamaTarget(server.url, "nope", None).open()
+
+
+async def test_rkllama_target_reports_the_servers_prompt_count(make_server, demo_model_dir):
+    """Ollama-style API: prompt tokens and prefilled are the server's prompt_eval_count."""
+    counter = TokenCounter.from_dir(demo_model_dir)
+    res, prefilled_by_server = await one_answer(await make_server("ollama"), counter)
+    assert res.prompt_tokens == res.prefill_tokens == prefilled_by_server
+    assert res.prompt_tokens_source == "server" and res.prompt_tokens_estimated is False
+    assert res.completion_tokens == counter.count_text(res.text) and res.server["eval_count"] >= 1
+
+
+async def test_rkllama_early_api_prompt_count_is_an_estimate(make_server, demo_model_dir):
+    """The early API prefills its own system prompt too and reports no count: the bench's count is shown
+    marked as an estimate, never as what the server prefilled."""
+    counter = TokenCounter.from_dir(demo_model_dir)
+    res, prefilled_by_server = await one_answer(await make_server("early"), counter)
+    assert res.prompt_tokens == counter.count_prompt(MATH) < prefilled_by_server  # its system prompt
+    assert res.prompt_tokens_estimated is True and res.prefill_tokens is None
+    assert res.finish_reason == "stop" and res.text
+
+
+async def test_rkllama_early_api_with_a_closing_object_gives_the_servers_count(make_server, demo_model_dir):
+    counter = TokenCounter.from_dir(demo_model_dir)
+    res, prefilled_by_server = await one_answer(await make_server("early", early_final_object=True), counter)
+    assert res.prompt_tokens == prefilled_by_server > counter.count_prompt(MATH)
+    assert res.prompt_tokens_source == "server" and not res.prompt_tokens_estimated

@@ -68,7 +68,8 @@ def test_markdown_overhead_table():
     md = report.render_markdown(make_report())
     section = md[md.index("## exo overhead"):]
     assert _row(section, "Math") == ["Math", "0.90× (-0.80 tok/s)", "1.24× (+48 ms)", "1.13× (+0.17 s)"]
-    assert _row(section, "**All**")[1] == "0.90× (-0.80 tok/s)"
+    # All: the median of the per-category figures, with their range (Math +48 ms, Creative +38 ms)
+    assert _row(section, "**All**")[1:3] == ["0.90× (-0.80 tok/s)", "1.24× (+43 ms) [+38 to +48 ms]"]
 
 
 def test_markdown_multi_turn_and_concurrency():
@@ -130,3 +131,22 @@ def test_png_written_or_skipped_with_reason(tmp_path):
     assert msg is None
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.write_png({"targets": {}}, tmp_path / "none.png") is not None
+
+
+def test_percent_change_is_signed_once():
+    assert report.fmt_percent_change(0.996, 1.0) == "-0.4 %"
+    assert report.fmt_percent_change(1.004, 1.0) == "+0.4 %"
+    assert report.fmt_percent_change(1.0, 1.0) == "+0.0 %"
+
+
+def test_core_figures_prints_the_wall_time_overhead_with_the_shared_formatter():
+    """benchmarks/core_figures.py printed `(+-0.4 %)` when exo was faster than the sum."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "core_figures.py"
+    spec = importlib.util.spec_from_file_location("core_figures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    assert module.fmt_percent_change is report.fmt_percent_change
+    assert "+{(wall" not in path.read_text()

@@ -52,7 +52,7 @@ def test_standard_section_summaries():
     assert rows[0]["n"] == 3
 
 
-def test_compare_sections_ratios_per_category_and_pooled():
+def test_compare_sections_ratios_per_category_and_paired_all():
     comp = results.compare_sections(results.standard_section(CATS, RUNTIME), results.standard_section(CATS, EXO))
     math = {o["metric"]: o for o in comp["per_category"][0]["overheads"]}
     assert math["decode_tps"]["ratio"] == pytest.approx(7.2 / 8.0)
@@ -60,19 +60,36 @@ def test_compare_sections_ratios_per_category_and_pooled():
     assert math["ttft_s"]["ratio"] == pytest.approx(0.250 / 0.202)
     assert math["ttft_s"]["delta"] == pytest.approx(0.048)
     assert math["response_s"]["ratio"] == pytest.approx(1.50 / 1.33)
-    pooled = {o["metric"]: o for o in comp["all"]}
-    # pooled medians: runtime tps [8,7.9,8.1,8,8,7.8] -> 8.0; exo [7.2,7.2,7.6,7.0,7.4,7.2] -> 7.2
-    assert pooled["decode_tps"]["ratio"] == pytest.approx(0.9)
-    # runtime ttft sorted .160 .162 .170 .200 .202 .204 -> (.170+.200)/2; exo .190 .200 .210 .240 .250 .260 -> .225
-    assert pooled["ttft_s"]["ratio"] == pytest.approx(0.225 / 0.185)
+    paired = {o["metric"]: o for o in comp["all"]}
+    assert paired["decode_tps"]["ratio"] == pytest.approx(0.9) and paired["decode_tps"]["worse"] is True
+    # per-category TTFT: Math .250/.202 (+48 ms), Creative .200/.162 (+38 ms): the median of the two
+    assert paired["ttft_s"]["delta"] == pytest.approx(0.043)
+    assert (paired["ttft_s"]["delta_min"], paired["ttft_s"]["delta_max"]) == (pytest.approx(0.038),
+                                                                              pytest.approx(0.048))
+    assert paired["ttft_s"]["ratio"] == pytest.approx((0.250 / 0.202 + 0.200 / 0.162) / 2)
+    assert paired["ttft_s"]["pairs"] == 2
+
+
+def test_all_row_pairs_categories_instead_of_pooling_them():
+    """Three prompts of different lengths: pooling every sample compares the middle category only
+    (+10 ms), while exo cost +30 ms on the median category. The All row is the paired figure."""
+    cats = [("A", "a"), ("B", "b"), ("C", "c")]
+    rt = [sample(c, r, t, 8.0, 1.0) for c, t in (("A", 0.10), ("B", 0.50), ("C", 0.90)) for r in (1, 2)]
+    exo = [sample(c, r, t, 8.0, 1.0) for c, t in (("A", 0.13), ("B", 0.51), ("C", 0.95)) for r in (1, 2)]
+    comp = results.compare_sections(results.standard_section(cats, rt), results.standard_section(cats, exo))
+    ttft = {o["metric"]: o for o in comp["all"]}["ttft_s"]
+    assert ttft["delta"] == pytest.approx(0.030)  # pooled medians would give .51 - .50 = +10 ms
+    assert (ttft["delta_min"], ttft["delta_max"]) == (pytest.approx(0.010), pytest.approx(0.050))
+    assert ttft["ratio"] == pytest.approx(0.95 / 0.90)  # median of 1.30, 1.02, 1.056
+    assert ttft["ratio_min"] == pytest.approx(0.51 / 0.50) and ttft["ratio_max"] == pytest.approx(1.3)
 
 
 def test_compare_skips_categories_missing_on_one_side():
     comp = results.compare_sections(results.standard_section(CATS, RUNTIME),
                                     results.standard_section(CATS[:1], EXO[:3]))
     assert [r["category"] for r in comp["per_category"]] == ["Math"]
-    pooled = {o["metric"]: o for o in comp["all"]}
-    assert pooled["decode_tps"]["ratio"] == pytest.approx(7.2 / 8.0)
+    paired = {o["metric"]: o for o in comp["all"]}
+    assert paired["decode_tps"]["ratio"] == pytest.approx(7.2 / 8.0) and paired["decode_tps"]["pairs"] == 1
 
 
 def test_multi_turn_totals():

@@ -11,7 +11,7 @@ import pytest
 
 from exo_rkllm.bench import cli
 from exo_rkllm.bench.runner import BenchSettings, run_target
-from exo_rkllm.bench.targets import RuntimeTarget, TokenCounter, resolve_local_model
+from exo_rkllm.bench.targets import RuntimeTarget, TargetError, TokenCounter, resolve_local_model
 from exo_rkllm.config import Config
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming
 
@@ -89,9 +89,52 @@ def test_cli_runtime_only_with_exo_unavailable(tmp_path, monkeypatch, demo_model
     assert "cannot run" in data["targets"]["exo"]["reason"]
     assert "comparison" not in data and "exo not measured" in data["comparison_reason"]
     assert data["settings"]["max_new_tokens"] == 4 and data["backend"] == "sim"
+    assert data["pacing"].startswith("SIMULATED") and data["pacing_by_target"]["exo"] == "not measured"
+    assert data["targets"]["runtime"]["integrity"]["answers"] > 0
+    assert data["integrity"]["runtime"].startswith("Integrity: ")
+    assert "Integrity: " in captured.out
     assert next(out.glob("bench-*.md")).read_text().startswith("# exo-rkllm benchmark")
 
 
 def test_cli_rejects_bad_arguments(capsys):
     assert cli.main(["--reps", "0", "--quiet"]) == 2
     assert "--reps" in capsys.readouterr().err
+
+
+def test_pacing_is_known_only_for_what_the_bench_started(sim_config):
+    native = Config.from_env({}, backend="native", models_dir=sim_config.models_dir)
+    board = {"soc": "RK3588"}
+    remote = {"status": "measured", "meta": {"url": "http://10.0.0.2:52415"}}
+    assert cli._pacing({"exo": remote}, native, {})[0] == "unknown (remote exo)"
+    assert cli._pacing({"exo": remote}, native, board)[0] == "unknown (remote exo)"  # not this board's NPU
+    seen = {"status": "measured", "meta": {"backend": "sim"}}
+    assert cli._pacing({"exo": seen}, native, {})[0] == "unknown (remote exo; its engine reports the sim backend)"
+    started = {"status": "measured", "meta": {"started_by_bench": True}}
+    line, by_target = cli._pacing({"runtime": {"status": "measured"}, "exo": started}, native, board)
+    assert by_target == {"runtime": "RK3588 (native backend)",
+                         "exo": "RK3588 (native backend) (exo started by the bench with these settings)"}
+    assert line == "; ".join(f"{k}: {v}" for k, v in by_target.items())
+    assert cli._pacing({"exo": started}, sim_config, {})[0].startswith("SIMULATED runtime paced like an RK3588")
+    assert cli._pacing({"rkllama": {"status": "measured"}}, native, board)[0].startswith("unknown (the rkllama")
+    line, by_target = cli._pacing({"runtime": {"status": "measured"}, "exo": {"status": "not measured"}},
+                                  sim_config, {})
+    assert line.startswith("SIMULATED") and by_target["exo"] == "not measured"
+
+
+def test_local_model_comes_from_the_catalog(tmp_path):
+    """The bench serves what the catalog serves: a model the catalog refuses is refused with its reason
+    (the bench's own folder scan used to benchmark it anyway), and the context length is the catalog's."""
+    from exo_rkllm.demo import write_demo_model
+
+    models = tmp_path / "models"
+    folder = write_demo_model(models)
+    (folder / "Modelfile").write_text('FROM="%s"\nNUM_CTX="2048"\n' % next(folder.glob("*.rkllm")).name)
+    config = Config.from_env({}, backend="sim", models_dir=models)
+    local = resolve_local_model(config, None)
+    assert (local.source, local.spec.max_context_len, local.model_id) == ("catalog", 2048, "qwen2.5-1.5b-instruct-demo")
+    assert resolve_local_model(config, folder.name).model_id == local.model_id  # the folder name is an alias
+    (folder / "Modelfile").write_text('TOP_K="many"\n')
+    with pytest.raises(TargetError, match="broken Modelfile"):
+        resolve_local_model(config, folder.name)
+    with pytest.raises(TargetError, match="no servable model"):
+        resolve_local_model(config, None)

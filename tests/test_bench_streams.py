@@ -1,4 +1,5 @@
-"""The stream parsers on recorded wire data: exo's SSE chunks, rkllama's NDJSON and early /generate.
+"""The stream parsers on recorded wire data: exo's SSE chunks, rkllama's NDJSON and early /generate
+(the latter two read with exo-rkllm's own rkllama client parser, as the bench does).
 
 The two exo streams were recorded from a real legacy exo running the rkllm engine
 with the simulator (answers capped at 6 tokens); no network or clock is involved here.
@@ -9,8 +10,9 @@ import json
 
 import pytest
 
-from exo_rkllm.bench.targets import (ExoStreamAccumulator, JsonStreamDecoder, RkllamaStreamAccumulator, TargetError,
-                                     parse_sse_line)
+from exo_rkllm.bench.targets import ExoStreamAccumulator, RkllamaStreamAccumulator, parse_sse_line
+from exo_rkllm.errors import GenerationError
+from exo_rkllm.runtime.rkllama.client import API_EARLY, API_OLLAMA, LineParser, parse_chunk
 
 
 def _chunk(rid: str, content: str, finish: str | None) -> str:
@@ -80,6 +82,7 @@ def test_plain_exo_echoes_the_eos_marker_which_is_dropped():
     assert res.text == "Hi!"
     assert len(res.token_times) == 2
     assert res.server["eos_text_echoed"] is True
+    assert res.stripped == ["<|im_end|>"]  # kept for the integrity check: a client saw that text
 
 
 def test_length_finish_keeps_the_last_token():
@@ -88,29 +91,25 @@ def test_length_finish_keeps_the_last_token():
     assert res.text == "ab" and len(res.token_times) == 2 and res.finish_reason == "length"
 
 
-def test_json_stream_decoder_handles_split_objects_and_characters():
-    dec = JsonStreamDecoder()
-    line1 = json.dumps({"message": {"content": "日本"}, "done": False}, ensure_ascii=False).encode() + b"\n"
-    line2 = json.dumps({"done": True, "eval_count": 2}).encode() + b"\n"
-    data = line1 + line2
-    cut = line1.index("本".encode()) + 1  # inside the 3-byte character
-    got = dec.feed(data[:cut]) + dec.feed(data[cut:cut + 5]) + dec.feed(data[cut + 5:])
-    assert got == [{"message": {"content": "日本"}, "done": False}, {"done": True, "eval_count": 2}]
-    # early /generate: whole objects separated by blank lines
-    dec2 = JsonStreamDecoder()
-    assert dec2.feed(b'{"a": 1}\n\n{"b"') == [{"a": 1}]
-    assert dec2.feed(b': 2}\n\n') == [{"b": 2}]
+def replay_rkllama(api: str, objects: list[tuple[float, dict]], t_end: float, *, eof: bool = False):
+    """Feed wire objects through the client's parser, as RkllamaTarget.chat does."""
+    acc = RkllamaStreamAccumulator(t_start=0.0)
+    parser = LineParser()
+    sep = b"\n\n" if api == API_EARLY else b"\n"
+    for t, obj in objects:
+        for line in parser.lines(json.dumps(obj).encode() + sep):
+            acc.feed(t, parse_chunk(api, parser.parse(line)))
+    return acc.finish(t_end, ended_cleanly=eof)
 
 
 def test_rkllama_ollama_chat_stream():
-    acc = RkllamaStreamAccumulator(t_start=0.0)
     pieces = ["The", " NPU", " has", " three", " cores", "."]
-    for i, p in enumerate(pieces):
-        acc.feed(0.3 + 0.1 * i, {"model": "qwen2.5:3b", "message": {"role": "assistant", "content": p}, "done": False})
-    acc.feed(0.9, {"model": "qwen2.5:3b", "message": {"role": "assistant", "content": ""}, "done": True,
-                   "done_reason": "stop", "prompt_eval_count": 20, "prompt_eval_duration": 200_000_000,
-                   "eval_count": 6, "eval_duration": 600_000_000, "total_duration": 900_000_000})
-    res = acc.finish(0.95)
+    objs = [(0.3 + 0.1 * i, {"model": "qwen2.5:3b", "message": {"role": "assistant", "content": p}, "done": False})
+            for i, p in enumerate(pieces)]
+    objs.append((0.9, {"model": "qwen2.5:3b", "message": {"role": "assistant", "content": ""}, "done": True,
+                       "done_reason": "stop", "prompt_eval_count": 20, "prompt_eval_duration": 200_000_000,
+                       "eval_count": 6, "eval_duration": 600_000_000, "total_duration": 900_000_000}))
+    res = replay_rkllama(API_OLLAMA, objs, 0.95)
     assert res.text == "The NPU has three cores."
     assert len(res.token_times) == 6
     assert res.finish_reason == "stop"
@@ -119,23 +118,32 @@ def test_rkllama_ollama_chat_stream():
     assert res.t_first == pytest.approx(0.3)
 
 
-def test_rkllama_early_generate_stream():
-    acc = RkllamaStreamAccumulator(t_start=0.0)
-    for i, p in enumerate(["4", "2", "3"]):
-        acc.feed(0.1 * (i + 1), {"id": "rkllm_chat", "object": "rkllm_chat", "created": 1,
-                                 "choices": [{"role": "assistant", "content": p, "logprobs": None,
-                                              "finish_reason": None}]})
-    acc.feed(0.5, {"id": "rkllm_chat", "object": "rkllm_chat", "created": 1,
-                   "choices": [{"role": "assistant", "content": "", "logprobs": None, "finish_reason": "stop"}],
-                   "usage": {"prompt_tokens": 20, "completion_tokens": 3, "tokens_per_second": 8.1,
-                             "total_tokens": 23}})
-    res = acc.finish(0.5)
+def _early(p: str, fin: str | None, usage: dict | None = None) -> dict:
+    obj = {"id": "rkllm_chat", "object": "rkllm_chat", "created": 1,
+           "choices": [{"role": "assistant", "content": p, "logprobs": None, "finish_reason": fin}]}
+    if usage is not None:
+        obj["usage"] = usage
+    return obj
+
+
+def test_rkllama_early_generate_stream_without_a_closing_object():
+    # real early rkllama: finish_reason null throughout, usage.prompt_tokens null, the stream just ends
+    usage = {"prompt_tokens": None, "completion_tokens": None, "tokens_per_second": None, "total_tokens": None}
+    res = replay_rkllama(API_EARLY, [(0.1 * (i + 1), _early(p, None, usage)) for i, p in enumerate("423")], 0.5,
+                         eof=True)
     assert res.text == "423" and len(res.token_times) == 3 and res.finish_reason == "stop"
-    assert res.server["usage"]["completion_tokens"] == 3
     assert res.prefill_tokens is None  # the early API does not say what it prefilled
 
 
+def test_rkllama_early_generate_stream_with_a_closing_object():
+    objs = [(0.1 * (i + 1), _early(p, None)) for i, p in enumerate("423")]
+    objs.append((0.5, _early("", "stop", {"prompt_tokens": 27, "completion_tokens": 3, "tokens_per_second": 8.1,
+                                          "total_tokens": 30})))
+    res = replay_rkllama(API_EARLY, objs, 0.5)
+    assert res.text == "423" and len(res.token_times) == 3 and res.finish_reason == "stop"
+    assert res.prefill_tokens == 27 and res.server["eval_count"] == 3
+
+
 def test_rkllama_error_object_raises():
-    acc = RkllamaStreamAccumulator(t_start=0.0)
-    with pytest.raises(TargetError, match="model not loaded"):
-        acc.feed(0.1, {"error": "model not loaded"})
+    with pytest.raises(GenerationError, match="model not loaded"):
+        replay_rkllama(API_OLLAMA, [(0.1, {"error": "model not loaded"})], 0.2)

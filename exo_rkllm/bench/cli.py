@@ -76,23 +76,47 @@ def _demo_models_dir() -> Path:
     return base / "exo-rkllm" / "bench-models"
 
 
-def _pacing(config: Config, kinds: list[str], started_exo: bool, env: dict[str, Any]) -> str:
-    if config.backend == "sim":
-        tps = 1000 / config.sim_decode_ms if config.sim_decode_ms else float("inf")
-        where = "runtime and the exo node started by the bench" if started_exo else "in-process runtime"
-        return (f"SIMULATED runtime paced like an RK3588 ({config.sim_decode_ms:g} ms/token decode = {tps:.1f} tok/s, "
-                f"prefill {config.sim_prefill_base_ms:g} ms + {config.sim_prefill_ms:g} ms/token) for the {where}; "
-                "not a board measurement")
-    soc = env.get("soc")
-    return f"{soc or 'host'} ({config.backend} backend)" + (
-        "; exo node as configured outside the bench" if "exo" in kinds and not started_exo else "")
+def _sim_pacing(config: Config) -> str:
+    tps = 1000 / config.sim_decode_ms if config.sim_decode_ms else float("inf")
+    return (f"SIMULATED runtime paced like an RK3588 ({config.sim_decode_ms:g} ms/token decode = {tps:.1f} tok/s, "
+            f"prefill {config.sim_prefill_base_ms:g} ms + {config.sim_prefill_ms:g} ms/token); not a board "
+            "measurement")
+
+
+def target_pacing(kind: str, section: dict[str, Any], config: Config, env: dict[str, Any]) -> str:
+    """What paced one target's figures, as far as the bench knows it.
+
+    Known only for what the bench ran itself with known settings: the in-process
+    runtime, and an exo it started (with the same RKLLM_* settings). An exo or an
+    rkllama server running elsewhere keeps its own settings, which the bench cannot see.
+    """
+    local = _sim_pacing(config) if config.backend == "sim" else \
+        f"{env.get('soc') or 'this host'} ({config.backend} backend)"
+    if kind == "runtime":
+        return local
+    if kind == "exo":
+        meta = section.get("meta") or {}
+        if meta.get("started_by_bench"):
+            return local + " (exo started by the bench with these settings)"
+        seen = f"; its engine reports the {meta['backend']} backend" if meta.get("backend") else ""
+        return f"unknown (remote exo{seen})"
+    return "unknown (the rkllama server's own hardware and settings)"
+
+
+def _pacing(sections: dict[str, Any], config: Config, env: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """The header's pacing line and the per-target facts behind it."""
+    by_target = {k: target_pacing(k, s, config, env) if s.get("status") == "measured" else "not measured"
+                 for k, s in sections.items()}
+    distinct = list(dict.fromkeys(v for v in by_target.values() if v != "not measured")) or ["nothing measured"]
+    if len(distinct) == 1:
+        return distinct[0], by_target
+    return "; ".join(f"{k}: {v}" for k, v in by_target.items() if v != "not measured"), by_target
 
 
 async def _run(args: argparse.Namespace, config: Config, local: LocalModel | None, counter: TokenCounter | None,
                kinds: list[str], settings: BenchSettings, out_dir: Path, stamp: str,
-               progress: Progress) -> tuple[dict[str, Any], bool]:
+               progress: Progress) -> dict[str, Any]:
     sections: dict[str, Any] = {}
-    started_exo = False
     for kind in kinds:
         if kind == "runtime":
             if local is None:
@@ -137,7 +161,6 @@ async def _run(args: argparse.Namespace, config: Config, local: LocalModel | Non
                                        "meta": {"python": proc.python, "log": str(proc.log_path)}}
                     progress.say(f"exo NOT measured: {exc}")
                     continue
-                started_exo = True
                 label = "exo API (started by the bench)"
                 progress.say(f"exo is up at {url} after {proc.started_s:.1f} s (log: {proc.log_path})")
             target = ExoApiTarget(url, model_id, counter, label=label)
@@ -158,7 +181,7 @@ async def _run(args: argparse.Namespace, config: Config, local: LocalModel | Non
             if sections["exo"].get("status") != "measured" and proc is not None:
                 sections["exo"].setdefault("reason", "")
                 sections["exo"]["exo_log_tail"] = proc.log_tail(30)
-    return sections, started_exo
+    return sections
 
 
 def _notes(report: dict[str, Any], config: Config, settings: BenchSettings) -> list[str]:
@@ -173,6 +196,10 @@ def _notes(report: dict[str, Any], config: Config, settings: BenchSettings) -> l
         notes.append(f"the host was busy (load average {load} on {env['cpus']} CPUs): timings are noisy, trust "
                      "medians over single runs and ignore differences smaller than the spread")
     t = report["targets"]
+    rk = t.get("rkllama") or {}
+    if rk.get("status") == "measured" and settings.max_new_tokens and not (rk.get("meta") or {}).get("max_new_tokens"):
+        notes.append("rkllama: answers were not capped (the early API takes no limit, and the rkllama client sends "
+                     "none): its response times are for full answers")
     if "runtime" in t and "exo" in t and t["exo"].get("status") == "measured" and t["runtime"].get("status") == "measured":
         for rt_row, exo_row in zip(t["runtime"]["standard"], t["exo"]["standard"]):
             a = (rt_row["summary"].get("completion_tokens") or {}).get("median")
@@ -251,8 +278,9 @@ def _main(args: argparse.Namespace, t0: float) -> int:
     out_dir: Path = args.out
     progress = Progress(enabled=not args.quiet)
     env = describe_host()
-    sections, started_exo = asyncio.run(_run(args, config, local, counter, kinds, settings, out_dir, stamp, progress))
+    sections = asyncio.run(_run(args, config, local, counter, kinds, settings, out_dir, stamp, progress))
 
+    pacing, pacing_by_target = _pacing(sections, config, env)
     report: dict[str, Any] = {
         "schema": "exo-rkllm-bench/1",
         "exo_rkllm_version": __version__,
@@ -264,7 +292,8 @@ def _main(args: argparse.Namespace, t0: float) -> int:
                   "resolved_by": local.source if local else None, "tokenizer": counter.source if counter else None,
                   "max_context_len": local.spec.max_context_len if local else None},
         "backend": config.backend,
-        "pacing": _pacing(config, kinds, started_exo, env),
+        "pacing": pacing,
+        "pacing_by_target": pacing_by_target,
         "environment": env,
         "targets": sections,
         "definitions": report_mod.DEFINITIONS,
@@ -280,6 +309,8 @@ def _main(args: argparse.Namespace, t0: float) -> int:
             report["comparison_reason"] = f"{' and '.join(missing)} not measured: " + "; ".join(
                 str(s.get("reason") or "; ".join(s.get("errors", []))) for k, s in (("runtime", rt), ("exo", exo))
                 if k in missing)
+    report["integrity"] = {k: report_mod.integrity_line(s.get("integrity")) for k, s in sections.items()
+                           if s.get("status") == "measured"}
     report["notes"] = _notes(report, config, settings)
     report["duration_s"] = time.monotonic() - t0
 

@@ -101,8 +101,26 @@ def ratio(value: float | None, baseline: float | None) -> float | None:
     return value / baseline
 
 
+class _Comparison:
+    """`worse` and the JSON form, shared by the per-category and the paired overheads."""
+
+    ratio: float | None
+    higher_is_better: bool
+
+    @property
+    def worse(self) -> bool | None:
+        if self.ratio is None:
+            return None
+        return self.ratio < 1 if self.higher_is_better else self.ratio > 1
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)  # type: ignore[call-overload]
+        d["worse"] = self.worse
+        return d
+
+
 @dataclass(frozen=True)
-class Overhead:
+class Overhead(_Comparison):
     """How one metric through exo compares with the raw runtime.
 
     `ratio` is exo / runtime for every metric; `worse` says which way hurts
@@ -116,21 +134,43 @@ class Overhead:
     delta: float | None  # exo - runtime, in the metric's unit
     higher_is_better: bool
 
-    @property
-    def worse(self) -> bool | None:
-        if self.ratio is None:
-            return None
-        return self.ratio < 1 if self.higher_is_better else self.ratio > 1
-
-    def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d["worse"] = self.worse
-        return d
-
 
 def overhead(metric: str, runtime: float | None, exo: float | None, *, higher_is_better: bool) -> Overhead:
     delta = None if runtime is None or exo is None else exo - runtime
     return Overhead(metric, runtime, exo, ratio(exo, runtime), delta, higher_is_better)
+
+
+@dataclass(frozen=True)
+class PairedOverhead(_Comparison):
+    """exo against the runtime over several categories, each compared with itself.
+
+    `ratio` and `delta` are the medians of the per-category ratios and
+    differences, `*_min`/`*_max` their range: the same prompt is the pair, so
+    categories of different lengths do not mix.
+    """
+
+    metric: str
+    ratio: float | None
+    ratio_min: float | None
+    ratio_max: float | None
+    delta: float | None
+    delta_min: float | None
+    delta_max: float | None
+    pairs: int
+    higher_is_better: bool
+    method: str = "median of the per-category ratios and differences [min-max]"
+
+
+def paired_overhead(metric: str, pairs: Iterable[tuple[float | None, float | None]], *,
+                    higher_is_better: bool) -> PairedOverhead:
+    """Median [min-max] of exo/runtime and exo-runtime over (runtime, exo) pairs; pairs with a
+    missing side are left out."""
+    both = [(r, e) for r, e in pairs if r is not None and e is not None]
+    ratios = _clean(ratio(e, r) for r, e in both)
+    deltas = [e - r for r, e in both]
+    return PairedOverhead(metric, median(ratios), min(ratios, default=None), max(ratios, default=None),
+                          median(deltas), min(deltas, default=None), max(deltas, default=None), len(both),
+                          higher_is_better)
 
 
 def throughput(total_tokens: int, wall_seconds: float) -> float | None:

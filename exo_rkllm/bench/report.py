@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .results import integrity_line
+
 NOT_MEASURED = "not measured"
 
 DEFINITIONS = {
@@ -19,12 +21,19 @@ DEFINITIONS = {
                     "them; the first token's cost is in TTFT",
     "ttft": "time to first token: request sent (messages in hand, before templating) to the first text received",
     "response_time": "request sent to stream closed",
-    "prompt_tokens": "the model's tokenizer on the chat-templated prompt (add_generation_prompt=True)",
+    "prompt_tokens": "the model's tokenizer on the chat-templated prompt (add_generation_prompt=True); against "
+                     "an rkllama server, the server's own prompt_eval_count when it reports one. ~ marks an "
+                     "estimate: the server templates the messages itself and may add its own system prompt, so "
+                     "it prefills more than the bench (or exo) counted",
     "completion_tokens": "runtime target: the token ids generated; exo / rkllama: the model's tokenizer re-counting "
                          "the streamed text (the streamed chunk count is kept in the JSON)",
     "spread": "median over the repetitions, [min-max] in brackets",
     "overhead": "exo / runtime of the medians: below 1x for tokens/s, above 1x for times, is what the path through "
-                "exo costs",
+                "exo costs; the All row is the median of the per-category ratios and differences, "
+                "[min to max] over the categories",
+    "integrity": "every answer is checked for U+FFFD replacement characters, special-token text (the tokenizer's "
+                 "special tokens, e.g. <|im_end|>, in the text or removed from it by the bench), empty answers, and "
+                 "the same answer given to different prompts",
 }
 
 
@@ -50,17 +59,31 @@ def fmt_metric(summary: Mapping[str, Any] | None, key: str) -> str:
     return cell if n < 2 else f"{cell} [{rng}]"
 
 
-def fmt_ratio(ov: Mapping[str, Any]) -> str:
-    r, d, metric = ov.get("ratio"), ov.get("delta"), ov.get("metric")
-    if r is None:
-        return NOT_MEASURED
+def _delta(d: float, metric: str | None) -> tuple[str, str]:
+    """A signed difference in the metric's unit: (number, unit)."""
     if metric == "ttft_s":
-        delta = f"{d * 1000:+.0f} ms"
-    elif metric == "response_s":
-        delta = f"{d:+.2f} s"
-    else:
-        delta = f"{d:+.2f} tok/s"
-    return f"{r:.2f}× ({delta})"
+        return f"{d * 1000:+.0f}", "ms"
+    if metric == "response_s":
+        return f"{d:+.2f}", "s"
+    return f"{d:+.2f}", "tok/s"
+
+
+def fmt_ratio(ov: Mapping[str, Any]) -> str:
+    """`1.24× (+48 ms)`; for the All row (paired, with a range) `1.22× (+43 ms) [+38 to +48 ms]`."""
+    r, d, metric = ov.get("ratio"), ov.get("delta"), ov.get("metric")
+    if r is None or d is None:
+        return NOT_MEASURED
+    cell = f"{r:.2f}× ({' '.join(_delta(d, metric))})"
+    lo, hi = ov.get("delta_min"), ov.get("delta_max")
+    if lo is not None and hi is not None and _delta(lo, metric) != _delta(hi, metric):
+        (a, unit), (b, _) = _delta(lo, metric), _delta(hi, metric)
+        cell += f" [{a} to {b} {unit}]"
+    return cell
+
+
+def fmt_percent_change(value: float, baseline: float) -> str:
+    """`+0.4 %` / `-0.4 %`: how much `value` exceeds `baseline`, signed once (never `+-0.4 %`)."""
+    return f"{(value / baseline - 1) * 100:+.1f} %"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -77,12 +100,25 @@ def _s(x: float | None) -> str:
     return NOT_MEASURED if x is None else f"{x:.2f} s"
 
 
+def _estimated(samples: Sequence[Mapping[str, Any]], key: str = "prompt_tokens_estimated") -> bool:
+    return any(s.get(key) for s in samples)
+
+
+def _count_cell(value: Any, estimated: bool) -> str:
+    if value is None:
+        return NOT_MEASURED
+    return f"~{value}" if estimated else str(value)
+
+
 def standard_table(section: Mapping[str, Any]) -> list[str]:
     rows = []
     for row in section.get("standard", []):
         s = row.get("summary") or {}
+        prompt = fmt_metric(s.get("prompt_tokens"), "prompt_tokens")
+        if prompt != NOT_MEASURED and _estimated(row.get("samples", [])):
+            prompt = "~" + prompt
         rows.append([row["category"], fmt_metric(s.get("decode_tps"), "decode_tps"), fmt_metric(s.get("ttft_s"), "ttft_s"),
-                     fmt_metric(s.get("prompt_tokens"), "prompt_tokens"),
+                     prompt,
                      fmt_metric(s.get("completion_tokens"), "completion_tokens"),
                      fmt_metric(s.get("response_s"), "response_s")])
     return _table(["Test", "Tokens/sec", "TTFT", "Prompt tokens", "Completion tokens", "Response time"], rows)
@@ -130,6 +166,20 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines.append("")
             continue
         lines += standard_table(section)
+        samples = [s for row in section.get("standard", []) for s in row.get("samples", [])]
+        if _estimated(samples):
+            lines.append("")
+            lines.append("~ estimated prompt tokens: the bench's count of the chat template; the server templates "
+                         "the messages itself and may add its own system prompt, so it prefilled more.")
+        lines.append("")
+        lines.append(integrity_line(section.get("integrity")) + ".")
+        fails = (section.get("integrity") or {}).get("failures", [])
+        for fail in fails[:5]:
+            same = f", same answer as {', '.join(fail['same_answer_as'])}" if fail.get("same_answer_as") else ""
+            lines.append(f"- {fail['part']} {fail['prompt']} (rep {fail.get('rep')}): {', '.join(fail['problems'])}"
+                         f"{same}: {fail['text'][:80]!r}")
+        if len(fails) > 5:
+            lines.append(f"- ... and {len(fails) - 5} more in the JSON (targets.*.integrity.failures)")
         warm = section.get("warmup") or []
         meta = section.get("meta") or {}
         if warm and warm[0].get("ttft_s") is not None:
@@ -172,15 +222,18 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             row = [str(i + 1)]
             for m in mt.values():
                 t = m["turns"][i] if i < len(m["turns"]) else {}
-                row += [str(t.get("prompt_tokens", NOT_MEASURED)) if t else NOT_MEASURED,
-                        str(t["prefill_tokens"]) if t.get("prefill_tokens") is not None else NOT_MEASURED,
+                row += [_count_cell(t.get("prompt_tokens"), bool(t.get("prompt_tokens_estimated"))),
+                        _count_cell(t.get("prefill_tokens"), bool(t.get("prefill_tokens_estimated"))),
                         _ms(t.get("ttft_s"))]
             rows.append(row)
         lines += _table(header, rows)
         lines.append("")
         for k, m in mt.items():
             saved = m.get("prefill_saved_fraction")
-            extra = f"; the KV cache saved {saved * 100:.0f}% of prompt prefill" if saved is not None else ""
+            extra = ""
+            if saved is not None:
+                extra = f"; the KV cache saved {'an estimated ' if m.get('estimated') else ''}{saved * 100:.0f}% " \
+                        "of prompt prefill"
             lines.append(f"- {k}: {m.get('note', '')}{extra}.")
     else:
         lines.append(NOT_MEASURED)
@@ -318,7 +371,7 @@ def write_png(report: Mapping[str, Any], path: Path) -> str | None:
         ax.set_xlabel("turn")
         ax.set_ylabel("TTFT (ms)")
         ax2.set_ylabel("tokens (dotted: prompt, dashed: prefilled)")
-        ax.set_title("Multi-turn TTFT (flat = KV cache reused)")
+        ax.set_title("Multi-turn TTFT (flat while the prompt grows: KV reuse, or history dropped)", fontsize=9)
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")

@@ -49,12 +49,16 @@ def sample_from_result(res: Any, *, category: str, rep: int,
         "decode_tps": metrics.decode_rate(res.token_times),
         "response_s": res.t_end - res.t_start,
         "prompt_tokens": res.prompt_tokens,
+        "prompt_tokens_source": res.prompt_tokens_source,
+        "prompt_tokens_estimated": res.prompt_tokens_estimated,
         "completion_tokens": completion,
         "completion_tokens_source": source,
         "token_events": len(res.token_times),
         "chunks": res.chunks,
         "content_chunks": res.content_chunks,
         "prefill_tokens": res.prefill_tokens,
+        "prefill_tokens_estimated": res.prefill_tokens_estimated,
+        "stripped": list(res.stripped),
         "finish_reason": res.finish_reason,
         "server": dict(res.server),
         "notes": list(res.notes),
@@ -89,10 +93,14 @@ def _median_of(section: Sequence[Mapping[str, Any]], key: str, category: str | N
 
 
 def compare_sections(runtime: Sequence[Mapping[str, Any]], exo: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """exo's overhead against the raw runtime, per category and over all samples pooled.
+    """exo's overhead against the raw runtime, per category, and over all categories paired.
 
-    Ratios are exo / runtime of the medians, for each metric: below 1 for
-    tokens/s and above 1 for times is what exo costs.
+    Per category: exo / runtime of the medians, for each metric (below 1 for
+    tokens/s and above 1 for times is what exo costs). "All" pairs each
+    category with itself: the median of the per-category ratios and
+    differences, with their min and max. Pooling every sample first would
+    compare medians of mixtures of prompts of different lengths, and tell
+    more about which category the pooled median lands in than about exo.
     """
     cats = [row["category"] for row in runtime if any(r["category"] == row["category"] for r in exo)]
     per_category = []
@@ -100,10 +108,10 @@ def compare_sections(runtime: Sequence[Mapping[str, Any]], exo: Sequence[Mapping
         per_category.append({"category": cat, "overheads": [
             metrics.overhead(key, _median_of(runtime, key, cat), _median_of(exo, key, cat),
                              higher_is_better=hib).to_dict() for key, _t, hib in OVERHEAD_METRICS]})
-    pooled_rt = [r for r in runtime if r["category"] in cats]
-    pooled_exo = [r for r in exo if r["category"] in cats]
-    overall = [metrics.overhead(key, _median_of(pooled_rt, key), _median_of(pooled_exo, key),
-                                higher_is_better=hib).to_dict() for key, _t, hib in OVERHEAD_METRICS]
+    overall = []
+    for i, (key, _t, hib) in enumerate(OVERHEAD_METRICS):
+        pairs = [(row["overheads"][i]["runtime"], row["overheads"][i]["exo"]) for row in per_category]
+        overall.append(metrics.paired_overhead(key, pairs, higher_is_better=hib).to_dict())
     return {"per_category": per_category, "all": overall}
 
 
@@ -207,3 +215,119 @@ def is_deterministic(section: Sequence[Mapping[str, Any]]) -> bool:
 
 def references_from(section: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
     return {row["category"]: {s.get("text", "") for s in row.get("samples", [])} for row in section}
+
+
+# -- integrity of the answers ------------------------------------------------------------------
+# Used when no tokenizer is known: the end-of-turn and role markers of the common chat templates.
+COMMON_SPECIAL_TEXTS: frozenset[str] = frozenset({
+    "<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|begin_of_text|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<end_of_turn>", "<start_of_turn>", "<|end|>", "</s>"})
+
+FFFD = "\ufffd"
+PROBLEM_FFFD = "U+FFFD"
+PROBLEM_FFFD_CUT = "U+FFFD at a length cut"
+PROBLEM_SPECIAL = "special-token text"
+PROBLEM_IDENTICAL = "identical to another prompt's answer"
+PROBLEM_EMPTY = "empty"
+PROBLEMS = (PROBLEM_FFFD, PROBLEM_FFFD_CUT, PROBLEM_SPECIAL, PROBLEM_IDENTICAL, PROBLEM_EMPTY)
+
+
+def _cut_by_cap(sample: Mapping[str, Any], max_new_tokens: int | None) -> bool:
+    if sample.get("finish_reason") == "length":
+        return True
+    n = sample.get("completion_tokens")
+    return bool(max_new_tokens) and n is not None and n >= max_new_tokens  # type: ignore[operator]
+
+
+def answer_problems(sample: Mapping[str, Any], special_texts: Iterable[str],
+                    max_new_tokens: int | None = None) -> list[str]:
+    """What is wrong with one answer's text, by itself (not compared with others).
+
+    A replacement character means bytes that did not decode: corrupt output, or a
+    character whose second half the length cap cut off (only then is it the last
+    thing in the text, and it is named apart). Special-token text (`<|im_end|>`...)
+    never belongs in an answer, whether it is in the text or a target removed it
+    (a server that echoed its end-of-turn marker).
+    """
+    text = sample.get("text") or ""
+    out: list[str] = []
+    if FFFD in text:
+        trailing_only = FFFD not in text.rstrip(FFFD)
+        out.append(PROBLEM_FFFD_CUT if trailing_only and _cut_by_cap(sample, max_new_tokens) else PROBLEM_FFFD)
+    if sample.get("stripped") or any(t and t in text for t in special_texts):
+        out.append(PROBLEM_SPECIAL)
+    if not text and not sample.get("error"):
+        out.append(PROBLEM_EMPTY)
+    return out
+
+
+SIMULATOR_ANSWERS = "expected on the simulator: its answers are drawn from a few fixed fragments"
+
+
+def integrity(parts: Mapping[str, Sequence[Mapping[str, Any]]], special_texts: Iterable[str] | None = None,
+              max_new_tokens: int | None = None, *, simulated: bool = False) -> dict[str, Any]:
+    """Checks every answer of one target: `parts` maps a part of the run ("standard",
+    "multi-turn", ...) to its samples, each keyed to its prompt by `category`.
+
+    Besides each answer's own problems, the same non-empty text given to two
+    different prompts is flagged: a server that drops the prompt or the history
+    answers different questions alike. Flagged but not failed: a character the
+    length cap cut in half, and (`simulated`) identical answers from the
+    simulator, whose answers come from a small pool of fragments.
+    """
+    specials = frozenset(special_texts) if special_texts else COMMON_SPECIAL_TEXTS
+    rows = [(part, s) for part, samples in parts.items() for s in samples if not s.get("error")]
+    prompts_by_text: dict[str, set[str]] = {}
+    for _part, s in rows:
+        if s.get("text"):
+            prompts_by_text.setdefault(s["text"], set()).add(str(s.get("category")))
+    failures: list[dict[str, Any]] = []
+    counts = {p: 0 for p in PROBLEMS}
+    tolerated = {PROBLEM_FFFD_CUT} | ({PROBLEM_IDENTICAL} if simulated else set())
+    found: set[str] = set()
+    for part, s in rows:
+        problems = answer_problems(s, specials, max_new_tokens)
+        text = s.get("text") or ""
+        others = sorted(prompts_by_text.get(text, set()) - {str(s.get("category"))}) if text else []
+        if others:
+            problems.append(PROBLEM_IDENTICAL)
+        if not problems:
+            continue
+        for p in problems:
+            counts[p] += 1
+        found.update(t for t in specials if t and t in text)
+        found.update(s.get("stripped") or [])
+        failures.append({"part": part, "prompt": s.get("category"), "rep": s.get("rep"), "problems": problems,
+                         **({"same_answer_as": others} if others else {}), "text": text[:200]})
+    return {"answers": len(rows), "clean": len(rows) - len(failures),
+            # Passed: nothing but what is expected (flagged, not corruption).
+            "passed": all(set(f["problems"]) <= tolerated for f in failures), "tolerated": sorted(tolerated),
+            "by_part": {part: len([s for s in samples if not s.get("error")]) for part, samples in parts.items()},
+            "problems": {p: n for p, n in counts.items() if n}, "special_texts_found": sorted(found),
+            "failures": failures,
+            "checks": "U+FFFD in the text; special-token text in it or removed from it; the same answer to "
+                      "different prompts; empty answers"}
+
+
+def integrity_line(check: Mapping[str, Any] | None) -> str:
+    """`Integrity: 15/15 answers clean`, or the counts of each problem found."""
+    if not check:
+        return "Integrity: not checked"
+    parts = ", ".join(f"{n} {part}" for part, n in (check.get("by_part") or {}).items() if n)
+    head = f"Integrity: {check['clean']}/{check['answers']} answers clean" + (f" ({parts})" if parts else "")
+    problems = check.get("problems") or {}
+    if not problems:
+        return head
+    tolerated = set(check.get("tolerated") or [PROBLEM_FFFD_CUT])
+    failed, flagged = [], []
+    for p, n in problems.items():
+        extra = ""
+        if p == PROBLEM_SPECIAL and check.get("special_texts_found"):
+            extra = " (" + ", ".join(f"`{t}`" for t in check["special_texts_found"]) + ")"
+        elif p == PROBLEM_FFFD_CUT:
+            extra = " (the cap cut a character in half)"
+        elif p == PROBLEM_IDENTICAL and p in tolerated:
+            extra = f" ({SIMULATOR_ANSWERS})"
+        (flagged if p in tolerated else failed).append(f"{p} in {n}{extra}")
+    out = head + (" — FAILED: " + "; ".join(failed) if failed else " — no corruption")
+    return out + ("; flagged: " + "; ".join(flagged) if flagged else "")

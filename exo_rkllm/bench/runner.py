@@ -147,7 +147,18 @@ async def run_target(target: Target, settings: BenchSettings, counter: TokenCoun
         section["run_s"] = time.monotonic() - t_run
         section["meta"] = target.describe()
         await target.close()
+    section["integrity"] = check_section(section, counter, settings.max_new_tokens)
     return section
+
+
+def check_section(section: dict[str, Any], counter: TokenCounter | None, max_new_tokens: int | None) -> dict[str, Any]:
+    """The integrity check of every answer a target gave (see results.integrity)."""
+    parts = {"warm-up": section.get("warmup") or [],
+             "standard": [s for row in section.get("standard") or [] for s in row.get("samples", [])],
+             "multi-turn": (section.get("multi_turn") or {}).get("turns") or [],
+             "concurrent": (section.get("concurrency") or {}).get("results") or []}
+    simulated = (section.get("meta") or {}).get("backend") == "sim"
+    return results.integrity(parts, counter.special_texts if counter else None, max_new_tokens, simulated=simulated)
 
 
 async def _multi_turn(target: Target, settings: BenchSettings, count_text: Callable[[str], int] | None,
@@ -155,7 +166,8 @@ async def _multi_turn(target: Target, settings: BenchSettings, count_text: Calla
     """A 10-turn conversation; per turn the prompt's size, the tokens actually prefilled and TTFT.
 
     A target that keeps the KV cache prefills only the new turn (plus the
-    template's glue), so its TTFT stays flat; one that re-prefills climbs.
+    template's glue), so its TTFT stays flat; one that re-prefills climbs. One that
+    drops the history is flat too: only the prefilled counts (and the answers) tell.
     """
     script = [MULTI_TURN_SCRIPT[i % len(MULTI_TURN_SCRIPT)] for i in range(settings.turns)]
     history: list[dict[str, str]] = []
@@ -175,17 +187,29 @@ async def _multi_turn(target: Target, settings: BenchSettings, count_text: Calla
     if not turns:
         return None
     visible = all(t.get("prefill_tokens") is not None for t in turns)
+    estimated = any(t.get("prefill_tokens_estimated") or t.get("prompt_tokens_estimated") for t in turns)
     if target.kind == "runtime":
         note = "prefilled = tokens fed to the runtime after KV-cache reuse, from the runtime's own stats"
     elif target.kind == "rkllama" and visible:
-        note = "prefilled = the server's prompt_eval_count"
+        note = "prefilled and prompt tokens = the server's own prompt_eval_count"
+    elif target.kind == "rkllama":
+        note = ("the server does not say what it prefilled (early API); prompt tokens are the bench's count of "
+                "the template, an estimate (~): the server templates the messages itself and adds its own "
+                "system prompt")
     elif visible:
         note = ("prefilled = what the engine fed the runtime, read from exo-rkllm's /v1/rkllm/status after each "
                 "turn (matched by exo's request id)")
+        if estimated:
+            note += ("; exo's engine runs on an rkllama server, which templates the messages itself (and may add "
+                     "its own system prompt): these counts are exo's template, estimates (~) of what it prefilled")
     else:
         note = ("prefilled tokens are not visible through exo's HTTP API: only the prompt size and TTFT are "
-                "measured; a TTFT that stays flat while the prompt grows is the sign of KV-cache reuse")
-    return results.multi_turn_section(turns, prefill_visible=visible, note=note)
+                "measured; a TTFT that stays flat while the prompt grows is consistent with KV-cache reuse, "
+                "but also with the history being dropped: a hint, not proof (compare the answers with the "
+                "history, and the prompt tokens)")
+    out = results.multi_turn_section(turns, prefill_visible=visible, note=note)
+    out["estimated"] = estimated
+    return out
 
 
 async def _concurrency(target: Target, settings: BenchSettings, count_text: Callable[[str], int] | None,

@@ -6,24 +6,31 @@ one another. A target only records what it saw and when (arrival times,
 text, what the server reported); the arithmetic lives in metrics.py and the
 token counting in `TokenCounter`, so both are identical for every target.
 
-The stream parsers (`ExoStreamAccumulator`, `RkllamaStreamAccumulator`,
-`JsonStreamDecoder`) are plain classes fed (time, bytes or dict), so the tests
-replay recorded streams through them without a network or a clock.
+The stream accumulators (`ExoStreamAccumulator`, `RkllamaStreamAccumulator`)
+are plain classes fed (time, chunk), so the tests replay recorded streams
+through them without a network or a clock. Talking to rkllama (detection,
+loading, the wire formats of both API generations) is the project's own
+`RkllamaClient`, and models come from the project's `Catalog`: the bench
+measures what exo-rkllm would serve, not a re-implementation of it.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import json
-import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
+from ..catalog import Catalog
 from ..config import Config
+from ..errors import RKLLMError
 from ..runtime.base import FinishEvent, GenerationInput, ModelSpec, TokenEvent, split_prompt
-from ..tokenizer import has_tokenizer_files, load_tokenizer, stop_token_ids
+from ..runtime.rkllama.client import (API_EARLY, API_OLLAMA, Chunk, RkllamaClient, match_remote_name,
+                                      parse_chunk)
+from ..tokenizer import load_tokenizer, stop_token_ids
 
 Messages = Sequence[Mapping[str, Any]]
 
@@ -43,12 +50,18 @@ class ChatResult:
     token_times: list[float] = field(default_factory=list)  # arrival of each token-bearing event
     text: str = ""
     finish_reason: str | None = None
-    prompt_tokens: int | None = None  # tokenizer count of the templated prompt
+    prompt_tokens: int | None = None  # tokens of the templated prompt (see prompt_tokens_source)
+    prompt_tokens_source: str | None = None  # "tokenizer" (the bench's template count) or "server"
     completion_tokens: int | None = None  # exact count when the target sees token ids
     completion_source: str | None = None  # where completion_tokens came from
     chunks: int = 0  # stream chunks / runtime events received
     content_chunks: int = 0  # of those, the ones with non-empty text
     prefill_tokens: int | None = None  # tokens actually prefilled; None: not visible to this target
+    # The counts are the bench's (or exo's) template count while the server that prefilled
+    # templates the messages itself and may add its own system prompt: an estimate.
+    prompt_tokens_estimated: bool = False
+    prefill_tokens_estimated: bool = False
+    stripped: list[str] = field(default_factory=list)  # special-token text removed from the answer's text
     server: dict[str, Any] = field(default_factory=dict)  # counters the server itself reported
     notes: list[str] = field(default_factory=list)
 
@@ -72,6 +85,13 @@ class TokenCounter:
         self.source = source
         self.stop_ids = stop_token_ids(tokenizer)
         self.stop_texts = frozenset(t for t in (tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids) if t)
+        # Every special token's text: none of it belongs in an answer a client reads.
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.special_ids = frozenset({int(i) for i in tokenizer.all_special_ids}
+                                     | {int(i) for i, t in added.items() if getattr(t, "special", False)})
+        self.special_texts = frozenset({str(t) for t in tokenizer.all_special_tokens}
+                                       | {str(t.content) for t in added.values() if getattr(t, "special", False)}
+                                       | self.stop_texts)
 
     @classmethod
     def from_dir(cls, folder: Path | str) -> "TokenCounter":
@@ -123,75 +143,37 @@ class LocalModel:
     spec: ModelSpec
     folder: Path
     tokenizer_dir: Path | None
-    source: str  # "catalog" or "folder scan"
-
-
-_CTX = re.compile(r"-(\d+)k(?:[-_.]|$)", re.I)
-
-
-def _model_files(models_dir: Path) -> dict[str, Path]:
-    """name -> .rkllm file, in rkllama's layout (`<dir>/<Name>/*.rkllm`, loose `<dir>/*.rkllm`)."""
-    found: dict[str, Path] = {}
-    if not models_dir.is_dir():
-        return found
-    for entry in sorted(models_dir.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            files = sorted(entry.glob("*.rkllm"))
-            if files:
-                found[entry.name] = files[0]
-        elif entry.suffix == ".rkllm":
-            found[entry.stem] = entry
-    return found
+    source: str  # where it was resolved: "catalog"
 
 
 def resolve_local_model(config: Config, name: str | None, max_new_tokens: int = 0) -> LocalModel:
-    """Find `name` (or the only model) under config.models_dir.
+    """Find `name` (or the only servable model) in the project's catalog of config.models_dir.
 
-    The catalog (exo_rkllm.catalog) is the authority when it is present, because
-    it decides the model ids exo's API uses; the folder scan is the fallback so
-    the benchmark works on its own.
+    The catalog decides the model ids exo's API uses, the context length and the
+    tokenizer, so the bench reads them from it rather than scanning on its own:
+    the figures are then for the model exactly as exo would serve it.
     """
+    catalog = Catalog(config)
     try:
-        from ..catalog import Catalog  # type: ignore[import-not-found]
-    except ImportError:
-        Catalog = None  # noqa: N806
-    files = _model_files(config.models_dir)
-    if name is None:
-        if len(files) == 1:
-            name = next(iter(files))
-        elif not files:
-            raise TargetError(f"no .rkllm model found in {config.models_dir} (set RKLLM_MODELS_DIR or --models-dir, "
-                              "or use --sim for the demo model)")
+        if name is None:
+            servable = catalog.servable()
+            if len(servable) == 1:
+                entry = servable[0]
+            elif not servable:
+                broken = "; ".join(f"{e.model_id}: {e.problem}" for e in catalog.entries() if e.problem)
+                raise TargetError(f"no servable model in {config.models_dir} (set RKLLM_MODELS_DIR or --models-dir, "
+                                  "or use --sim for the demo model)" + (f"; {broken}" if broken else ""))
+            else:
+                raise TargetError(f"several models in {config.models_dir}: choose one with --model "
+                                  f"({', '.join(e.model_id for e in servable)})")
         else:
-            raise TargetError(f"several models in {config.models_dir}: choose one with --model "
-                              f"({', '.join(sorted(files))})")
-    if Catalog is not None:
-        try:
-            entry = Catalog(config).resolve(name)
-            spec = entry.spec(config)
-            if max_new_tokens:
-                spec = replace(spec, max_new_tokens=max_new_tokens)
-            tok_dir = getattr(entry, "tokenizer_dir", None) or spec.tokenizer_dir
-            return LocalModel(str(entry.model_id), spec, Path(spec.path).parent, Path(tok_dir) if tok_dir else None,
-                              "catalog")
-        except Exception as exc:  # fall back to the scan, but say why
-            if not files:
-                raise TargetError(f"model {name!r}: {exc}") from exc
-    path = files.get(name) or next((p for n, p in files.items() if n.lower() == name.lower()), None)
-    if path is None:
-        path = next((p for p in files.values() if p.stem.lower() == name.lower()), None)
-    if path is None:
-        raise TargetError(f"model {name!r} not found in {config.models_dir} (have: {', '.join(sorted(files)) or 'none'})")
-    folder = path.parent
-    tok_dir = folder if has_tokenizer_files(folder) else config.tokenizer_dir
-    m = _CTX.search(path.name)
-    ctx = config.max_context or (int(m.group(1)) * 1024 if m else 4096)
-    model_id = folder.name if folder != config.models_dir else path.stem
-    spec = ModelSpec(model_id=model_id, path=path, max_context_len=ctx, max_new_tokens=max_new_tokens,
-                     tokenizer_dir=tok_dir)
-    return LocalModel(model_id, spec, folder, tok_dir, "folder scan")
+            entry = catalog.resolve(name)
+        spec = entry.spec(config)
+    except RKLLMError as exc:
+        raise TargetError(str(exc)) from None
+    if max_new_tokens:
+        spec = replace(spec, max_new_tokens=max_new_tokens)
+    return LocalModel(entry.model_id, spec, entry.folder, entry.tokenizer_dir, "catalog")
 
 
 # -- in-process runtime ------------------------------------------------------------------------
@@ -284,6 +266,8 @@ class RuntimeTarget:
                 if ev.token_id in self.counter.stop_ids:  # some runtimes report the EOS token itself
                     continue
                 generated.append(ev.token_id)
+                if ev.token_id in self.counter.special_ids:  # hidden by the decode below: say so
+                    res.stripped.append(str(self.counter.tok.convert_ids_to_tokens(ev.token_id)))
                 res.token_times.append(now)
                 res.add_text(now, ev.text)
             elif isinstance(ev, FinishEvent):
@@ -300,6 +284,7 @@ class RuntimeTarget:
             res.text = full
         res.completion_tokens = len(generated)
         res.completion_source = "token ids"
+        res.prompt_tokens_source = "tokenizer"
         capped = bool(self.max_new_tokens) and len(generated) >= self.max_new_tokens
         res.finish_reason = "length" if capped else "stop"
         if stats is not None:
@@ -382,6 +367,7 @@ class ExoStreamAccumulator:
             # the text it still held back (a character cut by the cap decodes to U+FFFD), or "".
             if isinstance(content, str) and content in self.stop_texts:
                 self.eos_echoed = True
+                res.stripped.append(content)
             elif isinstance(content, str):
                 res.add_text(t, content)
             return
@@ -475,22 +461,29 @@ class ExoApiTarget:
                        runtime_version=rt.get("version"))
         return out
 
-    async def _prompt_tokens(self, messages: Messages) -> int | None:
+    async def _prompt_tokens(self, messages: Messages) -> tuple[int | None, str | None]:
         if self.counter is not None:
-            return self.counter.count_prompt(messages)
+            return self.counter.count_prompt(messages), "tokenizer"
         try:  # exo's own count, with exo's tokenizer and template
             async with self._session.post(f"{self.url}/v1/chat/token/encode",
                                           json={"model": self.model_id, "messages": list(messages)}) as resp:
                 if resp.status == 200:
-                    return int((await resp.json(content_type=None))["num_tokens"])
+                    return int((await resp.json(content_type=None))["num_tokens"]), "exo"
         except Exception:
             pass
-        return None
+        return None, None
+
+    @property
+    def server_templates(self) -> bool:
+        """exo's engine runs on an rkllama server, which templates the messages itself (and may add
+        its own system prompt): exo's and the bench's token counts are then estimates."""
+        rt = (self.engine_status or {}).get("runtime") or {}
+        return (rt.get("backend") or (self.engine_status or {}).get("backend")) == "rkllama"
 
     async def chat(self, messages: Messages) -> ChatResult:
         import aiohttp
 
-        prompt_tokens = await self._prompt_tokens(messages)  # before the clock: not exo's work
+        prompt_tokens, prompt_source = await self._prompt_tokens(messages)  # before the clock: not exo's work
         body = {"model": self.model_id, "messages": [dict(m) for m in messages], "stream": True}
         acc = ExoStreamAccumulator(time.monotonic(), self.counter.stop_texts if self.counter else frozenset())
         try:
@@ -509,18 +502,22 @@ class ExoApiTarget:
             raise TargetError(f"request to exo failed: {exc.__class__.__name__}: {exc}") from None
         res = acc.finish(time.monotonic())
         self.fingerprint = self.fingerprint or res.server.get("system_fingerprint")
-        res.prompt_tokens = prompt_tokens
+        res.prompt_tokens, res.prompt_tokens_source = prompt_tokens, prompt_source
         if self.engine_status is not None and acc.request_id:
             run = await self._engine_run(acc.request_id)  # after the clock stopped
             if run is not None:
                 res.server["engine"] = run
                 if run.get("prefilled") is not None:
                     res.prefill_tokens = int(run["prefilled"])
+        if self.server_templates:
+            res.prompt_tokens_estimated = res.prompt_tokens is not None
+            res.prefill_tokens_estimated = res.prefill_tokens is not None
         if res.finish_reason is None:
             res.notes.append("stream ended without finish_reason")
         if self.counter is not None:
             text, echoed = self.counter.strip_stop(res.text)
             if echoed:
+                res.stripped.append(res.text[len(text):])
                 res.text = text
                 res.server["eos_text_echoed"] = True
             res.completion_tokens = self.counter.count_text(res.text)
@@ -534,197 +531,131 @@ class ExoApiTarget:
 
 
 # -- rkllama server ----------------------------------------------------------------------------
-class JsonStreamDecoder:
-    """Splits a byte stream into whole JSON objects, whatever separates them.
-
-    rkllama's /api/* stream NDJSON; its early /generate streams one object per
-    token followed by a blank line as text/plain; both decode here, and an
-    object cut across two network reads waits for its second half.
-    """
-
-    def __init__(self) -> None:
-        self._buf = ""
-        self._pending = b""
-        self._dec = json.JSONDecoder()
-
-    def feed(self, data: bytes) -> list[Any]:
-        data = self._pending + data
-        try:
-            text = data.decode("utf-8")
-            self._pending = b""
-        except UnicodeDecodeError as exc:  # a multi-byte character split across reads
-            text = data[: exc.start].decode("utf-8")
-            self._pending = data[exc.start:]
-        self._buf += text
-        out: list[Any] = []
-        while True:
-            stripped = self._buf.lstrip()
-            if stripped.startswith("data:"):  # tolerate SSE framing
-                stripped = stripped[5:].lstrip()
-            if not stripped:
-                self._buf = ""
-                return out
-            try:
-                obj, end = self._dec.raw_decode(stripped)
-            except ValueError:
-                self._buf = stripped
-                return out
-            out.append(obj)
-            self._buf = stripped[end:]
-
-
 class RkllamaStreamAccumulator:
-    """Turns rkllama stream objects (either API generation) into a ChatResult."""
+    """Turns the client's parsed chunks (`parse_chunk`, either API generation) into a ChatResult."""
 
     def __init__(self, t_start: float) -> None:
         self.res = ChatResult(t_start=t_start)
 
-    def feed(self, t: float, obj: Mapping[str, Any]) -> None:
+    def feed(self, t: float, chunk: Chunk) -> None:
         res = self.res
         res.chunks += 1
-        if "error" in obj:
-            raise TargetError(f"rkllama reported: {obj['error']}")
-        if "message" in obj or "response" in obj or "done" in obj:  # Ollama-style /api/chat, /api/generate
-            piece = (obj.get("message") or {}).get("content") if "message" in obj else obj.get("response")
-            if obj.get("done"):
-                res.finish_reason = obj.get("done_reason") or "stop"
-                for key in ("prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration",
-                            "load_duration", "total_duration"):
-                    if key in obj:
-                        res.server[key] = obj[key]
-                if piece:
-                    self._token(t, piece)
-                return
-            self._token(t, piece or "")
-            return
-        choices = obj.get("choices") or [{}]  # early /generate
-        choice = choices[0] if isinstance(choices[0], dict) else {}
-        piece = choice.get("content")
-        if piece is None and isinstance(choice.get("message"), dict):
-            piece = choice["message"].get("content")
-        if isinstance(obj.get("usage"), dict):
-            res.server["usage"] = obj["usage"]
-        if choice.get("finish_reason"):
-            res.finish_reason = choice["finish_reason"]
-            if piece:
-                self._token(t, piece)
-            return
-        self._token(t, piece or "")
+        if chunk.text:
+            res.token_times.append(t)
+            res.add_text(t, chunk.text)
+        if chunk.done:
+            res.finish_reason = chunk.done_reason or "stop"
+            res.server.update({k: v for k, v in chunk.counters.items() if v is not None})
 
-    def _token(self, t: float, piece: str) -> None:
-        self.res.token_times.append(t)
-        self.res.add_text(t, piece)
-
-    def finish(self, t_end: float) -> ChatResult:
-        self.res.t_end = t_end
-        s = self.res.server
+    def finish(self, t_end: float, *, ended_cleanly: bool = False) -> ChatResult:
+        """`ended_cleanly`: the early API has no closing object, its stream just ends after the last token."""
+        res = self.res
+        res.t_end = t_end
+        if res.finish_reason is None and ended_cleanly:
+            res.finish_reason = "stop"
+            res.notes.append("the early API ends the stream without a finish_reason")
+        s = res.server
         if s.get("eval_count") and s.get("eval_duration"):
             s["server_tokens_per_s"] = s["eval_count"] / (s["eval_duration"] / 1e9)
-        if "prompt_eval_count" in s:
-            self.res.prefill_tokens = int(s["prompt_eval_count"])
-        return self.res
+        if s.get("prompt_eval_count") is not None:
+            res.prefill_tokens = int(s["prompt_eval_count"])
+        return res
+
+
+# Whether the client can pass Ollama options (num_predict caps the answer); without it the
+# answers through rkllama are not capped, and the report says so.
+_CLIENT_TAKES_OPTIONS = "options" in inspect.signature(RkllamaClient.open_chat).parameters
 
 
 class RkllamaTarget:
-    """An rkllama server, spoken to directly (Ollama-style /api/chat, or the early /generate).
+    """An rkllama server, spoken to through exo-rkllm's own RkllamaClient (either API generation).
 
-    It templates prompts itself, so we send messages; our tokenizer (when we
-    have the model's) still counts tokens so the figures match the other targets.
+    It templates prompts itself, so we send messages. Prompt tokens are the server's
+    own count (`prompt_eval_count`) when it reports one; otherwise our tokenizer's
+    count of the template, marked as an estimate (the early API adds its own system
+    prompt, so it prefills more than that).
     """
 
     kind = "rkllama"
 
     def __init__(self, url: str, model: str, counter: TokenCounter | None, *, max_new_tokens: int = 0,
-                 timeout_s: float = 600.0) -> None:
-        self.url = url.rstrip("/")
+                 timeout_s: float = 600.0, client: RkllamaClient | None = None) -> None:
+        self.client = client or RkllamaClient(url, first_token_timeout=timeout_s, chunk_timeout=timeout_s)
+        self.url = self.client.url
         self.model = model
         self.counter = counter
         self.max_new_tokens = max_new_tokens
         self.timeout_s = timeout_s
-        self.api: str | None = None  # "ollama" | "early"
+        self.api: str | None = None  # API_OLLAMA | API_EARLY
         self.version: str | None = None
         self.label = "rkllama"
-        self._session: Any = None
+        self.load_s: float | None = None
 
     async def open(self) -> None:
-        import aiohttp
-
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=5))
         try:
-            async with self._session.get(f"{self.url}/api/version") as resp:
-                if resp.status == 200:
-                    self.api = "ollama"
-                    self.version = (await resp.json(content_type=None)).get("version")
-            if self.api is None:
-                async with self._session.get(f"{self.url}/") as resp:
-                    if resp.status != 200:
-                        raise TargetError(f"{self.url} is not an rkllama server (GET / answered {resp.status})")
-                self.api = "early"
-                await self._load_early()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            info = await self.client.info()
+            names = await self.client.list_models()
+            name = match_remote_name(names, self.model)
+            if name is None:
+                raise TargetError(f"the rkllama server at {self.url} has no model {self.model!r} "
+                                  f"(it has: {', '.join(names) or 'none'}); pass one of those with --model")
+            self.model = name
+            t0 = time.monotonic()
+            await self.client.load(name)  # the early API holds one model: load it unless it is the current one
+            self.load_s = time.monotonic() - t0
+        except RKLLMError as exc:
             await self.close()
-            raise TargetError(f"rkllama is not reachable at {self.url}: {exc.__class__.__name__}: {exc}") from None
+            raise TargetError(str(exc)) from None
         except TargetError:
             await self.close()
             raise
-        self.label = f"rkllama ({self.api} API)"
+        self.api, self.version = info.api, info.version
+        self.label = f"rkllama ({info.label})"
 
-    async def _load_early(self) -> None:
-        """The early API holds one model and fails to load another while one is loaded."""
-        async with self._session.get(f"{self.url}/current_model") as resp:
-            current = (await resp.json(content_type=None)).get("model") if resp.status == 200 else None
-        if current == self.model:
-            return
-        if current:
-            async with self._session.post(f"{self.url}/unload_model") as resp:
-                await resp.read()
-        async with self._session.post(f"{self.url}/load_model", json={"model_name": self.model}) as resp:
-            if resp.status != 200:
-                raise TargetError(f"rkllama could not load {self.model!r}: HTTP {resp.status} {(await resp.text())[:200]}")
+    @property
+    def caps_answers(self) -> bool:
+        return bool(self.max_new_tokens) and self.api == API_OLLAMA and _CLIENT_TAKES_OPTIONS
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "url": self.url, "api": self.api, "server_version": self.version,
-                "model": self.model, "max_new_tokens": self.max_new_tokens or None}
+                "model": self.model, "max_new_tokens": self.max_new_tokens if self.caps_answers else None,
+                "load_s": self.load_s}
 
     async def chat(self, messages: Messages) -> ChatResult:
-        import aiohttp
-
-        prompt_tokens = self.counter.count_prompt(messages) if self.counter else None
+        estimate = self.counter.count_prompt(messages) if self.counter else None
         msgs = [dict(m) for m in messages]
-        if self.api == "ollama":
-            path, body = "/api/chat", {"model": self.model, "messages": msgs, "stream": True}
-            if self.max_new_tokens:
-                body["options"] = {"num_predict": self.max_new_tokens}
-        else:
-            path, body = "/generate", {"messages": msgs, "stream": True}
+        options = {"options": {"num_predict": self.max_new_tokens}} if self.caps_answers else {}
         acc = RkllamaStreamAccumulator(time.monotonic())
-        dec = JsonStreamDecoder()
+        stream = None
         try:
-            async with self._session.post(f"{self.url}{path}", json=body) as resp:
-                if resp.status != 200:
-                    raise TargetError(f"rkllama answered HTTP {resp.status}: {(await resp.text())[:300]}")
-                async for data in resp.content.iter_any():
-                    now = time.monotonic()
-                    for obj in dec.feed(data):
-                        if isinstance(obj, dict):
-                            acc.feed(now, obj)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise TargetError(f"request to rkllama failed: {exc.__class__.__name__}: {exc}") from None
-        res = acc.finish(time.monotonic())
-        if prompt_tokens is not None:
-            res.prompt_tokens = prompt_tokens
-        elif res.prefill_tokens is not None:
-            res.prompt_tokens = res.prefill_tokens
-            res.notes.append("prompt tokens as counted by the server")
+            stream = await self.client.open_chat(self.model, msgs, None, **options)
+            while True:
+                data = await asyncio.wait_for(stream.read(), self.timeout_s)
+                now = time.monotonic()
+                for line in stream.parser.lines(data):
+                    acc.feed(now, parse_chunk(stream.api, stream.parser.parse(line)))
+                if acc.res.finish_reason is not None or stream.eof:
+                    break
+        except RKLLMError as exc:
+            raise TargetError(f"rkllama: {exc}") from None
+        except asyncio.TimeoutError:
+            raise TargetError(f"rkllama at {self.url} sent nothing for {self.timeout_s:g} s") from None
+        finally:
+            if stream is not None:
+                stream.release()
+        res = acc.finish(time.monotonic(), ended_cleanly=stream.api == API_EARLY and stream.eof)
+        if res.prefill_tokens is not None:  # the server's own count of what it prefilled
+            res.prompt_tokens, res.prompt_tokens_source = res.prefill_tokens, "server"
+        elif estimate is not None:
+            res.prompt_tokens, res.prompt_tokens_source = estimate, "tokenizer"
+            res.prompt_tokens_estimated = True
         if self.counter is not None:
             res.completion_tokens = self.counter.count_text(res.text)
             res.completion_source = "tokenizer"
         elif res.server.get("eval_count"):
             res.completion_tokens = int(res.server["eval_count"])
-            res.completion_source = 'server'
+            res.completion_source = "server"
         return res
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.client.close()
