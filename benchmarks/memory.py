@@ -13,8 +13,10 @@ Rows:
                    tokenizer), with the old tokenizer path
   engine, new      the same with the new path
   + one answer     engine, new, after one answer through the engine (exo's node path)
+  exo (--exo)      a real legacy exo process (`python -m exo.main --inference-engine rkllm`, simulator):
+                   RSS once it answers /v1/models, then after two chat completions through its API
 
-    python benchmarks/memory.py [--runs 3] [--python /path/to/exo/python] [--models-dir DIR]
+    python benchmarks/memory.py [--runs 3] [--python /path/to/exo/python] [--models-dir DIR] [--exo]
 
 --python runs the children with another interpreter (legacy exo's environment, which
 pins transformers 4.46.3); the repository is put on its PYTHONPATH.
@@ -36,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODES = ("baseline", "tokenizer-old", "tokenizer-new", "engine-old", "engine-new", "engine-answer")
 LABELS = {"baseline": "baseline (transformers imported)", "tokenizer-old": "tokenizer, old (AutoTokenizer)",
           "tokenizer-new": "tokenizer, new (load_tokenizer)", "engine-old": "engine + model, old tokenizer path",
-          "engine-new": "engine + model, new", "engine-answer": "engine + model, new, after one answer"}
+          "engine-new": "engine + model, new", "engine-answer": "engine + model, new, after one answer",
+          "exo": "exo process, after two answers (vs ready)"}
 
 
 def rss_mb() -> float:
@@ -120,6 +123,37 @@ def run_child(python: str, mode: str, models_dir: Path) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def exo_process(models_dir: Path) -> dict[str, float]:
+    """One real exo: RSS when ready, and after two answers (the model and its tokenizer loaded)."""
+    import urllib.request
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from legacy_exo import find_exo_python
+    from real_exo import start_exo
+
+    python, why = find_exo_python()
+    if python is None:
+        raise SystemExit(f"--exo needs legacy exo: {why}")
+    with tempfile.TemporaryDirectory() as tmp:
+        exo = start_exo(python, Path(tmp), models_dir, {"TRANSFORMERS_VERBOSITY": "error"})
+        try:
+            time_ready = _pid_rss(exo.proc.pid)
+            model = json.load(urllib.request.urlopen(f"{exo.api}/v1/models", timeout=30))["data"][0]["id"]
+            for i in range(2):
+                body = json.dumps({"model": model, "messages": [{"role": "user", "content": f"hi {i}"}]}).encode()
+                request = urllib.request.Request(f"{exo.api}/v1/chat/completions", body,
+                                                 {"Content-Type": "application/json"})
+                urllib.request.urlopen(request, timeout=180).read()
+            return {"base": time_ready, "after": _pid_rss(exo.proc.pid), "kind": ""}
+        finally:
+            exo.stop()
+
+
+def _pid_rss(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def fmt(values: list[float]) -> str:
     return f"{statistics.median(values):6.0f} MB ({min(values):.0f}-{max(values):.0f})"
 
@@ -129,6 +163,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--python", default=sys.executable, help="interpreter for the measured processes")
     parser.add_argument("--models-dir", type=Path, help="a models folder with the demo model (default: written)")
+    parser.add_argument("--exo", action="store_true", help="also measure a real legacy exo process (tests/legacy_exo.py "
+                        "finds it: EXO_PYTHON or the environment `python -m tests.legacy_exo build` made)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -148,8 +184,11 @@ def main() -> None:
         print(f"VmRSS of fresh processes, median of {args.runs} (min-max); 'added' is after minus the same "
               "process's baseline\n")
         print(f"{'':40} {'RSS':>22} {'added':>22}  tokenizer class")
-        for mode in MODES:
-            results = [run_child(args.python, mode, models_dir) for _ in range(args.runs)]
+        for mode in MODES + (("exo",) if args.exo else ()):
+            if mode == "exo":
+                results = [exo_process(models_dir) for _ in range(args.runs)]
+            else:
+                results = [run_child(args.python, mode, models_dir) for _ in range(args.runs)]
             after = [r["after"] for r in results]
             added = [r["after"] - r["base"] for r in results]
             print(f"{LABELS[mode]:40} {fmt(after):>22} {fmt(added) if mode != 'baseline' else '':>22}  "
