@@ -133,6 +133,11 @@ def test_png_written_or_skipped_with_reason(tmp_path):
     assert report.write_png({"targets": {}}, tmp_path / "none.png") is not None
 
 
+def test_a_difference_that_rounds_to_nothing_has_no_minus_sign():
+    ov = {"metric": "response_s", "ratio": 1.0, "delta": 0.001, "delta_min": -0.001, "delta_max": 0.006}
+    assert report.fmt_ratio(ov) == "1.00× (+0.00 s) [+0.00 to +0.01 s]"
+
+
 def test_percent_change_is_signed_once():
     assert report.fmt_percent_change(0.996, 1.0) == "-0.4 %"
     assert report.fmt_percent_change(1.004, 1.0) == "+0.4 %"

@@ -97,20 +97,30 @@ def target_pacing(kind: str, section: dict[str, Any], config: Config, env: dict[
     if kind == "exo":
         meta = section.get("meta") or {}
         if meta.get("started_by_bench"):
-            return local + " (exo started by the bench with these settings)"
+            return local
         seen = f"; its engine reports the {meta['backend']} backend" if meta.get("backend") else ""
         return f"unknown (remote exo{seen})"
     return "unknown (the rkllama server's own hardware and settings)"
+
+
+_WHO = {"runtime": "the in-process runtime", "exo": "exo", "rkllama": "the rkllama server"}
 
 
 def _pacing(sections: dict[str, Any], config: Config, env: dict[str, Any]) -> tuple[str, dict[str, str]]:
     """The header's pacing line and the per-target facts behind it."""
     by_target = {k: target_pacing(k, s, config, env) if s.get("status") == "measured" else "not measured"
                  for k, s in sections.items()}
-    distinct = list(dict.fromkeys(v for v in by_target.values() if v != "not measured")) or ["nothing measured"]
-    if len(distinct) == 1:
-        return distinct[0], by_target
-    return "; ".join(f"{k}: {v}" for k, v in by_target.items() if v != "not measured"), by_target
+    groups: dict[str, list[str]] = {}
+    for k, v in by_target.items():
+        if v != "not measured":
+            who = "exo started by the bench with the same settings" if k == "exo" and \
+                (sections[k].get("meta") or {}).get("started_by_bench") else _WHO.get(k, k)
+            groups.setdefault(v, []).append(who)
+    if not groups:
+        return "nothing measured", by_target
+    if len(by_target) == 1:
+        return next(iter(groups)), by_target
+    return "; ".join(f"{v}: {', '.join(who)}" for v, who in groups.items()), by_target
 
 
 async def _run(args: argparse.Namespace, config: Config, local: LocalModel | None, counter: TokenCounter | None,

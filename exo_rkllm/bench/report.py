@@ -59,13 +59,18 @@ def fmt_metric(summary: Mapping[str, Any] | None, key: str) -> str:
     return cell if n < 2 else f"{cell} [{rng}]"
 
 
+def _signed(x: float, digits: int) -> str:
+    x = round(x, digits)
+    return f"{x + 0.0 if x else 0.0:+.{digits}f}"  # no "-0.00" for a difference that rounds to nothing
+
+
 def _delta(d: float, metric: str | None) -> tuple[str, str]:
     """A signed difference in the metric's unit: (number, unit)."""
     if metric == "ttft_s":
-        return f"{d * 1000:+.0f}", "ms"
+        return _signed(d * 1000, 0), "ms"
     if metric == "response_s":
-        return f"{d:+.2f}", "s"
-    return f"{d:+.2f}", "tok/s"
+        return _signed(d, 2), "s"
+    return _signed(d, 2), "tok/s"
 
 
 def fmt_ratio(ov: Mapping[str, Any]) -> str:
