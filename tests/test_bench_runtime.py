@@ -112,10 +112,10 @@ def test_pacing_is_known_only_for_what_the_bench_started(sim_config):
     started = {"status": "measured", "meta": {"started_by_bench": True}}
     line, by_target = cli._pacing({"runtime": {"status": "measured"}, "exo": started}, native, board)
     assert by_target == {"runtime": "RK3588 (native backend)", "exo": "RK3588 (native backend)"}
-    assert line == ("RK3588 (native backend): the in-process runtime, exo started by the bench with the same "
+    assert line == ("RK3588 (native backend) — for the in-process runtime, exo started by the bench with the same "
                     "settings")
     line, _ = cli._pacing({"runtime": {"status": "measured"}, "exo": remote}, native, board)
-    assert line == "RK3588 (native backend): the in-process runtime; unknown (remote exo): exo"
+    assert line == "RK3588 (native backend) — for the in-process runtime; unknown (remote exo) — for exo"
     assert cli._pacing({"exo": started}, sim_config, {})[0].startswith("SIMULATED runtime paced like an RK3588")
     assert cli._pacing({"rkllama": {"status": "measured"}}, native, board)[0].startswith("unknown (the rkllama")
     line, by_target = cli._pacing({"runtime": {"status": "measured"}, "exo": {"status": "not measured"}},

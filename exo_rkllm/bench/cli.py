@@ -120,7 +120,7 @@ def _pacing(sections: dict[str, Any], config: Config, env: dict[str, Any]) -> tu
         return "nothing measured", by_target
     if len(by_target) == 1:
         return next(iter(groups)), by_target
-    return "; ".join(f"{v}: {', '.join(who)}" for v, who in groups.items()), by_target
+    return "; ".join(f"{v} — for {', '.join(who)}" for v, who in groups.items()), by_target
 
 
 async def _run(args: argparse.Namespace, config: Config, local: LocalModel | None, counter: TokenCounter | None,
