@@ -33,7 +33,7 @@ def make_report(exo_measured: bool = True) -> dict:
     else:
         exo = {"label": "exo API", "kind": "exo", "status": "not measured",
                "reason": "/usr/bin/python3 cannot import exo (legacy exo-explore/exo)"}
-    rep = {"schema": "exo-rkllm-bench/1", "date": "2026-11-22T18:19:36+00:00", "duration_s": 88.0,
+    rep = {"schema": "exo-rkllm-bench/2", "date": "2026-11-22T18:19:36+00:00", "duration_s": 88.0,
            "settings": {"reps": 3, "warmup": 1, "max_new_tokens": 10},
            "model": {"model_id": "qwen2.5-1.5b-instruct-demo", "file": "demo.rkllm"},
            "pacing": "SIMULATED runtime paced like an RK3588", "environment": {"platform": "Linux", "cpus": 2,

@@ -89,6 +89,7 @@ def test_cli_runtime_only_with_exo_unavailable(tmp_path, monkeypatch, demo_model
     assert "cannot run" in data["targets"]["exo"]["reason"]
     assert "comparison" not in data and "exo not measured" in data["comparison_reason"]
     assert data["settings"]["max_new_tokens"] == 4 and data["backend"] == "sim"
+    assert data["schema"] == "exo-rkllm-bench/2"  # the All row's meaning changed (paired), integrity added
     assert data["pacing"].startswith("SIMULATED") and data["pacing_by_target"]["exo"] == "not measured"
     assert data["targets"]["runtime"]["integrity"]["answers"] > 0
     assert data["integrity"]["runtime"].startswith("Integrity: ")

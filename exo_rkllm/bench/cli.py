@@ -292,7 +292,7 @@ def _main(args: argparse.Namespace, t0: float) -> int:
 
     pacing, pacing_by_target = _pacing(sections, config, env)
     report: dict[str, Any] = {
-        "schema": "exo-rkllm-bench/1",
+        "schema": "exo-rkllm-bench/2",  # 2: paired All row, integrity, prompt-count sources
         "exo_rkllm_version": __version__,
         "date": now_iso(),
         "duration_s": 0.0,
