@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None,
                    help=f"cap answers at N tokens (0 = no cap; default {SIM_MAX_TOKENS} with --sim, so the run ends in "
                         f"under two minutes, else {BOARD_MAX_TOKENS}). Reaches exo only when the bench starts it "
-                        "(RKLLM_MAX_NEW_TOKENS): exo ignores max_tokens in requests")
+                        "(RKLLM_MAX_NEW_TOKENS): exo ignores max_tokens in requests; an rkllama server gets it as "
+                        "num_predict only where the rkllama client can send options (the report says when not)")
     p.add_argument("--turns", type=int, default=10, help="multi-turn conversation length (0 to skip; default 10)")
     p.add_argument("--clients", type=int, default=4, help="parallel clients for the concurrency run (0 to skip)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default ./bench-results)")
