@@ -42,12 +42,12 @@ LABELS = {"baseline": "baseline (transformers imported)", "tokenizer-old": "toke
           "exo": "exo process, after two answers (vs ready)"}
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
+def rss_mb(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
 # -- child --------------------------------------------------------------------------------------
@@ -137,21 +137,16 @@ def exo_process(models_dir: Path) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         exo = start_exo(python, Path(tmp), models_dir, {"TRANSFORMERS_VERBOSITY": "error"})
         try:
-            time_ready = _pid_rss(exo.proc.pid)
+            time_ready = rss_mb(exo.proc.pid)
             model = json.load(urllib.request.urlopen(f"{exo.api}/v1/models", timeout=30))["data"][0]["id"]
             for i in range(2):
                 body = json.dumps({"model": model, "messages": [{"role": "user", "content": f"hi {i}"}]}).encode()
                 request = urllib.request.Request(f"{exo.api}/v1/chat/completions", body,
                                                  {"Content-Type": "application/json"})
                 urllib.request.urlopen(request, timeout=180).read()
-            return {"base": time_ready, "after": _pid_rss(exo.proc.pid), "kind": ""}
+            return {"base": time_ready, "after": rss_mb(exo.proc.pid), "kind": ""}
         finally:
             exo.stop()
-
-
-def _pid_rss(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def fmt(values: list[float]) -> str:

@@ -50,8 +50,8 @@ def read_config(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def light_support(folder: Path, config: Mapping[str, Any], added: Mapping[str, int] | None) -> str | None:
-    """None if this class reproduces transformers for the folder; otherwise the reason it does not.
+def light_support(config: Mapping[str, Any], added: Mapping[str, int] | None) -> str | None:
+    """None if this class reproduces transformers for a folder with this config; else the reason it does not.
 
     `added` is tokenizer.json's added vocabulary (content -> id); None checks the config alone."""
     cls = config.get("tokenizer_class")

@@ -305,3 +305,23 @@ async def test_exo_api_engine_and_runtime_share_one_tokenizer(demo_models_dir, m
     assert api_tok is engine.tokenizer is engine.model_for(DEMO_ID).tokenizer
     assert api_tok is runtime.inner._tok, "the simulator holds a second copy"
     assert isinstance(api_tok, LightTokenizer)
+
+
+def test_loading_the_demo_tokenizer_adds_at_most_150_mb(demo_model_dir):
+    """The README's figure, in a fresh process with transformers imported first (as in exo's).
+    Without the light class, or without handing the freed heap back, it is 150-215 MB."""
+    import subprocess
+    import sys
+
+    probe = ("import gc, json\n"
+             "from transformers import AutoTokenizer, AutoProcessor\n"
+             "from exo_rkllm.tokenizer import load_tokenizer\n"
+             "def rss():\n"
+             "    return next(int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmRSS'))\n"
+             "gc.collect(); base = rss()\n"
+             f"tok = load_tokenizer({str(demo_model_dir)!r}); gc.collect()\n"
+             "print(json.dumps({'added': rss() - base, 'kind': type(tok).__name__}))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["kind"] == "LightTokenizer" and result["added"] <= 150, result
