@@ -119,6 +119,12 @@ def test_pacing_is_known_only_for_what_the_bench_started(sim_config):
     assert line == "RK3588 (native backend) — for the in-process runtime; unknown (remote exo) — for exo"
     assert cli._pacing({"exo": started}, sim_config, {})[0].startswith("SIMULATED runtime paced like an RK3588")
     assert cli._pacing({"rkllama": {"status": "measured"}}, native, board)[0].startswith("unknown (the rkllama")
+    # an exo the bench started on the rkllama backend is paced by that server, which the bench cannot see
+    on_rkllama = Config.from_env({}, backend="rkllama", models_dir=sim_config.models_dir)
+    assert cli._pacing({"exo": started}, on_rkllama, board)[0].startswith("unknown (the rkllama")
+    auto = Config.from_env({}, backend="auto", models_dir=sim_config.models_dir)
+    resolved = {"status": "measured", "meta": {"started_by_bench": True, "backend": "sim"}}
+    assert cli._pacing({"exo": resolved}, auto, board)[0].startswith("SIMULATED")
     line, by_target = cli._pacing({"runtime": {"status": "measured"}, "exo": {"status": "not measured"}},
                                   sim_config, {})
     assert line.startswith("SIMULATED") and by_target["exo"] == "not measured"

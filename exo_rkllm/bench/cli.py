@@ -91,17 +91,19 @@ def target_pacing(kind: str, section: dict[str, Any], config: Config, env: dict[
     runtime, and an exo it started (with the same RKLLM_* settings). An exo or an
     rkllama server running elsewhere keeps its own settings, which the bench cannot see.
     """
-    local = _sim_pacing(config) if config.backend == "sim" else \
-        f"{env.get('soc') or 'this host'} ({config.backend} backend)"
-    if kind == "runtime":
-        return local
-    if kind == "exo":
-        meta = section.get("meta") or {}
-        if meta.get("started_by_bench"):
-            return local
+    server = "unknown (the rkllama server's own hardware and settings)"
+    meta = section.get("meta") or {}
+    if kind == "rkllama" or (kind == "exo" and not meta.get("started_by_bench")):
+        if kind == "rkllama":
+            return server
         seen = f"; its engine reports the {meta['backend']} backend" if meta.get("backend") else ""
         return f"unknown (remote exo{seen})"
-    return "unknown (the rkllama server's own hardware and settings)"
+    backend = meta.get("backend") or config.backend  # what `auto` resolved to, when the target says
+    if backend == "sim":
+        return _sim_pacing(config)
+    if backend == "rkllama":  # the engine runs on a server whose NPU and settings the bench cannot see
+        return server
+    return f"{env.get('soc') or 'this host'} ({backend} backend)"
 
 
 _WHO = {"runtime": "the in-process runtime", "exo": "exo", "rkllama": "the rkllama server"}
