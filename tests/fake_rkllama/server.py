@@ -500,8 +500,9 @@ def create_app(state: FakeRkllama) -> web.Application:
 
         async def end_run() -> None:
             """A simulated failure ends the generation at the server, as a runtime error or a crash
-            does: none of its text is left in the shared token list to leak into the next answer
-            (without this the test outcome would depend on how fast the simulator is stopped)."""
+            does, before the client can notice it: none of its text is left in the shared token
+            list to leak into the next answer, and the runtime is idle for the next request
+            (otherwise the outcome would depend on how fast the simulator stops)."""
             await state.sim.abort()
             if run.task is not None:
                 try:
@@ -512,11 +513,11 @@ def create_app(state: FakeRkllama) -> web.Application:
                 state.global_text.clear()
 
         async def die() -> None:
+            await end_run()  # first: the client must not see the crash while the run still goes on
             transport = request.transport
             if transport is not None:
                 transport.abort()  # the server failed: no terminating chunk
             rec.disconnected = True
-            await end_run()
 
         async def send(piece: str) -> bool:
             nonlocal sent
@@ -524,8 +525,8 @@ def create_app(state: FakeRkllama) -> web.Application:
                 await die()
                 return False
             if faults.error_after is not None and sent >= faults.error_after:
+                await end_run()  # the runtime failed: its generation is over when the error line goes out
                 await body.write(error_frame("simulated server failure"))
-                await end_run()
                 return False
             if faults.stall_after is not None and sent == faults.stall_after:
                 faults.stall_after = None
