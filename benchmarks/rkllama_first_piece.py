@@ -8,8 +8,8 @@ gap, median [min-max] over the runs:
 * against the fake server (tests/fake_rkllama, in this process, headers with the first piece
   as Flask sends them): gap = backend's first TokenEvent - the moment the fake wrote the piece;
 * against a real rkllama (`--url`): no server-side clock, so the gap is the backend's first
-  TokenEvent - the moment its first read returned the first bytes (the HTTP client's own
-  share is not included; compare runs of this script with each other, not with the above).
+  TokenEvent - the moment the answer opened (headers and first piece arrive together); the
+  network and the HTTP client's parsing of the headers are not included.
 
 Run:  python benchmarks/rkllama_first_piece.py [--runs 30] [--api ollama early] [--url URL --model NAME]
 Run it with legacy exo's python to measure what exo's process pays (its transformers release
@@ -82,18 +82,17 @@ async def against_fake(api: str, runs: int) -> list[float]:
 
 
 async def against_url(url: str, model: str, tokenizer_dir: Path, runs: int) -> list[float]:
-    """First TokenEvent minus the return of the stream's first read (timed by wrapping it)."""
-    first_read: list[float] = []
-    real_read = client_mod.ChatStream.read
+    """First TokenEvent minus the moment the answer opened (rkllama's headers come with its first
+    piece, so that is when the first piece reached the client)."""
+    opened: list[float] = []
+    real_open = client_mod.RkllamaClient.open_chat
 
-    async def timed_read(self: Any) -> bytes:
-        data = await real_read(self)
-        if not getattr(self, "_bench_seen", False) and data:
-            self._bench_seen = True
-            first_read.append(time.monotonic())
-        return data
+    async def timed_open(self: Any, *args: Any, **kwargs: Any) -> Any:
+        stream = await real_open(self, *args, **kwargs)
+        opened.append(time.monotonic())
+        return stream
 
-    client_mod.ChatStream.read = timed_read  # type: ignore[method-assign]
+    client_mod.RkllamaClient.open_chat = timed_open  # type: ignore[method-assign]
     spec = ModelSpec(model_id=model, path=tokenizer_dir / f"{model}.rkllm", max_context_len=4096, max_new_tokens=0,
                      tokenizer_dir=tokenizer_dir, remote_name=model)
     runtime = RkllamaRuntime(Config(backend="rkllama", server_url=url, server_first_token_timeout=600))
@@ -101,13 +100,13 @@ async def against_url(url: str, model: str, tokenizer_dir: Path, runs: int) -> l
         await runtime.load(spec)
         gaps = []
         for i in range(runs + 1):
-            first_read.clear()
+            opened.clear()
             at = await first_token(runtime, ask(i, f"Say hello {i}."))
             if i:
-                gaps.append((at - first_read[0]) * 1000)
+                gaps.append((at - opened[-1]) * 1000)
         return gaps
     finally:
-        client_mod.ChatStream.read = real_read  # type: ignore[method-assign]
+        client_mod.RkllamaClient.open_chat = real_open  # type: ignore[method-assign]
         await runtime.close()
 
 
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.model and args.tokenizer_dir):
             parser.error("--url needs --model and --tokenizer-dir")
         gaps = asyncio.run(against_url(args.url, args.model, args.tokenizer_dir, args.runs))
-        print(f"  rkllama at {args.url} (first read -> token): {summary(gaps)}")
+        print(f"  rkllama at {args.url} (answer opened -> token): {summary(gaps)}")
         return 0
     for api in args.api:
         gaps = asyncio.run(against_fake(api, args.runs))
