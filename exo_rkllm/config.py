@@ -69,6 +69,10 @@ SETTINGS: tuple[Setting, ...] = (
             "`--max-generate-tokens` still applies)."),
     Setting("kv_reuse", "RKLLM_KV_REUSE", _bool,
             "Reuse the NPU's KV cache when a prompt extends the previous one (follow-up chat turns)."),
+    Setting("model_cache", "RKLLM_MODEL_CACHE", int,
+            "Models not on the NPU whose tokenizer and entry stay in memory for their next request; beyond "
+            "this the least recently used are dropped (the loaded model and models with a request running "
+            "or waiting are always kept). 0 keeps only those."),
     Setting("lib_path", "RKLLM_LIB_PATH", _opt_path,
             "Path of librkllmrt.so (native backend); default: searched in /usr/lib, /usr/local/lib, ~/RKLLAMA/lib."),
     Setting("runtime_version", "RKLLM_RUNTIME_VERSION", str,
@@ -116,6 +120,7 @@ class Config:
     max_context: int = 0
     max_new_tokens: int = 0
     kv_reuse: bool = True
+    model_cache: int = 2
     lib_path: Path | None = None
     runtime_version: str = ""
     native_isolation: bool = True
@@ -155,6 +160,8 @@ class Config:
     def validate(self) -> None:
         if self.max_queue < 1:
             raise ConfigError("RKLLM_MAX_QUEUE must be at least 1")
+        if self.model_cache < 0:
+            raise ConfigError("RKLLM_MODEL_CACHE must not be negative")
         if self.idle_timeout <= 0:
             raise ConfigError("RKLLM_IDLE_TIMEOUT must be positive")
         for name in ("sim_decode_ms", "sim_prefill_ms", "sim_prefill_base_ms", "sim_load_ms"):

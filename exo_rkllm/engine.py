@@ -31,11 +31,12 @@ import numpy as np
 from .catalog import Catalog, ModelEntry
 from .config import Config
 from .errors import ModelLoadError, ModelUnavailable, RequestCancelled, RKLLMError
+from .model_cache import ModelCache
 from .runtime.base import ChatMessage, ModelSpec, Runtime
 from .runtime.factory import create_runtime
 from .scheduler import Scheduler
 from .streams import FinishReason, RequestStream
-from .tokenizer import load_tokenizer, stop_token_ids
+from .tokenizer import load_tokenizer, release_freed_memory, release_tokenizer, stop_token_ids
 
 log = logging.getLogger("exo_rkllm.engine")
 
@@ -86,7 +87,7 @@ class RKLLMInferenceEngine:
         self._scheduler: Scheduler | None = None
         self._scheduler_lock = asyncio.Lock()
         self._shard_lock = asyncio.Lock()
-        self._models: dict[str, _Model] = {}
+        self._models: ModelCache[_Model] = ModelCache(self.config.model_cache, self._models_in_use)
         self._contexts: collections.OrderedDict[str, RequestContext] = collections.OrderedDict()
         self._context_waiters: dict[str, asyncio.Event] = {}
         self._end_listeners: list[EndListener] = []
@@ -182,10 +183,14 @@ class RKLLMInferenceEngine:
             waiter.set()
 
     def finish_request(self, request_id: str, reason: str = FINISHED_BY_EXO) -> None:
-        """exo has ended the request (EOS, max tokens): stop the NPU work if any is left."""
+        """exo has ended the request (EOS, max tokens): stop the NPU work if any is left. A model
+        that has no request left may now be one too many to keep (RKLLM_MODEL_CACHE)."""
         self._contexts.pop(request_id, None)
         if self._scheduler is not None:
             self._scheduler.cancel(request_id, reason)
+        dropped = self._models.trim()
+        if dropped:
+            self._forget(dropped, in_background=True)
 
     def cancel_request(self, request_id: str, reason: str) -> None:
         """The request was abandoned (client gone, timeout): abort it, free the NPU at once."""
@@ -231,10 +236,43 @@ class RKLLMInferenceEngine:
         Modelfile, a refusal), it is built again: a stale entry is never served."""
         cached = self._models.get(model_id)
         if cached is not None and self.catalog.resolve(model_id).fingerprint == cached.entry.fingerprint:
-            return cached
-        model = self._resolve_model(model_id)
-        self._models[model_id] = model
+            model = cached
+        else:
+            if cached is not None:  # rebuilt from changed files: the old build is not kept for it
+                self._forget([cached])
+            model = self._resolve_model(model_id)
+        dropped = self._models.touch(model_id, model)
+        if dropped:
+            self._forget(dropped)
         return model
+
+    def _models_in_use(self) -> set[str]:
+        """Models the cache must keep: the one on the NPU, those with a request running or waiting,
+        the current shard's (its request may be on its way to the scheduler)."""
+        ids = {self.shard.model_id} if self.shard is not None else set()
+        scheduler = self._scheduler
+        if scheduler is not None:
+            loaded = scheduler.runtime.loaded
+            if loaded is not None:
+                ids.add(loaded.model_id)
+            ids.update(stream.model_id for stream in list(scheduler.streams.values()))
+        return ids
+
+    def _forget(self, dropped: list[_Model], in_background: bool = False) -> None:
+        """Models dropped from the cache: release their tokenizers (freed once no request or runtime
+        holds them) and hand the freed heap back to the system (~50 MB a Qwen vocabulary)."""
+        log.debug("model cache: dropped %s", ", ".join(m.entry.model_id for m in dropped))
+        for model in dropped:
+            if model.entry.tokenizer_source is not None:
+                release_tokenizer(model.entry.tokenizer_source, allow_network=self.config.allow_network)
+        dropped.clear()
+        if in_background:  # on the event loop: trimming a large heap is not free
+            try:
+                asyncio.get_running_loop().run_in_executor(None, release_freed_memory)
+                return
+            except RuntimeError:
+                pass
+        release_freed_memory()
 
     def _note_refusal(self, model: _Model, exc: RKLLMError) -> None:
         """A local runtime that refused the model file will refuse it again: list the entry as broken,

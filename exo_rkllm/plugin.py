@@ -27,6 +27,7 @@ import json
 import logging
 import sys
 import types
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -46,8 +47,12 @@ DISCONNECT_POLL_S = 0.1
 SHUTDOWN_DRAIN_S = 3.0  # how long a stopping exo waits for open HTTP requests to write how they ended
 
 _engine: RKLLMInferenceEngine | None = None
+# One row per model folder the catalog ever listed (a path and an id): what exo's resolve_tokenizer
+# needs to find our models; bounded by the folders on disk, like exo's own model_cards.
 _repo_to_model: dict[str, str] = {}
-_our_tokenizers: set[int] = set()
+# The tokenizers this plugin handed to exo's API, by object and only while they live: an id kept
+# after its tokenizer was dropped (RKLLM_MODEL_CACHE) could name another object later.
+_our_tokenizers: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _texts = CompletionText()
 # How requests of this node's API ended, when exo cannot tell it from the tokens (see RequestEnding).
 _endings: dict[str, RequestEnding] = {}
@@ -328,7 +333,7 @@ def _patch_tokenizers(module: types.ModuleType) -> None:
         if engine is None:
             raise RKLLMError(f"model {model_id} belongs to the rkllm engine, which is not running")
         tokenizer = (await asyncio.to_thread(engine.model_for, model_id)).tokenizer
-        _our_tokenizers.add(id(tokenizer))
+        _our_tokenizers.add(tokenizer)
         return tokenizer
 
     resolve_tokenizer.__wrapped__ = original  # type: ignore[attr-defined]
@@ -502,7 +507,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
                             object_type):
         completion = original_generate_completion(chat_request, tokenizer, prompt, request_id, tokens, stream,
                                                   finish_reason, object_type)
-        if id(tokenizer) not in _our_tokenizers:
+        if tokenizer not in _our_tokenizers:
             return completion
         if stream:
             text = _texts.chunk(request_id, tokenizer, tokens, finish_reason is not None)

@@ -7,6 +7,10 @@ Where transformers would load tokenizer.json unchanged, that object is a
 LightTokenizer (light_tokenizer.py); a load gives the heap it freed back to the
 system. Together: ~53 MB of RSS for Qwen's 151k vocabulary instead of ~215-240 MB
 (benchmarks/memory.py).
+
+The cache keeps a tokenizer until its owner (the engine, which bounds the models it keeps:
+RKLLM_MODEL_CACHE) releases it; a released one stays shared for as long as anyone still
+holds it (a request in flight, the runtime), so a folder never has two objects at once.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import functools
 import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,7 +37,8 @@ _END_TOKENS = (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 _load_lock = threading.Lock()  # loads are rare and large: one at a time, never the same folder twice
-_cache: dict[tuple[str, bool], Any] = {}
+_cache: dict[tuple[str, bool], Any] = {}  # kept until released
+_alive: "weakref.WeakValueDictionary[tuple[str, bool], Any]" = weakref.WeakValueDictionary()  # kept or still held
 _logged: set[str] = set()
 
 
@@ -58,8 +64,12 @@ def load_tokenizer(source: str | Path, allow_network: bool = False) -> Any:
     by transformers' AutoTokenizer."""
     key = _cache_key(source, allow_network)
     with _load_lock:
-        if key in _cache:
-            return _cache[key]
+        tok = _cache.get(key)
+        if tok is None:
+            tok = _alive.get(key)  # released but still held somewhere: the same object again
+        if tok is not None:
+            _cache[key] = tok
+            return tok
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
         try:
             tok = _load_light(Path(key[0])) if not key[1] and Path(key[0]).is_dir() else None
@@ -76,8 +86,18 @@ def load_tokenizer(source: str | Path, allow_network: bool = False) -> Any:
             release_freed_memory()
         if tok.eos_token_id is None:
             raise ModelUnavailable(f"the tokenizer in {source} defines no eos_token: exo needs one to end answers")
-        _cache[key] = tok
+        _cache[key] = _alive[key] = tok
         return tok
+
+
+def release_tokenizer(source: str | Path, allow_network: bool = False) -> None:
+    """The caller no longer needs the tokenizer of `source` kept: it is freed once nobody holds it.
+
+    Until then load_tokenizer still returns that same object (one per folder). Call
+    release_freed_memory() once the holders are gone to hand its memory back."""
+    key = _cache_key(source, allow_network)
+    with _load_lock:
+        _cache.pop(key, None)
 
 
 def _load_transformers(source: str | Path, allow_network: bool) -> Any:
@@ -127,7 +147,9 @@ def release_freed_memory() -> None:
 
     Parsing a large tokenizer.json frees ~100-160 MB that glibc keeps mapped (small blocks
     between live ones, and the arena of the loading thread): that is most of the RSS a load
-    adds. malloc_trim(0) returns those pages; elsewhere (musl) this does nothing."""
+    adds. malloc_trim(0) returns those pages; elsewhere (musl) this does nothing. The same holds
+    for a tokenizer that was freed (released and no longer held): its vocabulary was many small
+    blocks."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
