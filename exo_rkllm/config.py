@@ -62,6 +62,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Requests that may wait for the NPU at once; one more is refused with HTTP 429."),
     Setting("idle_timeout", "RKLLM_IDLE_TIMEOUT", float,
             "Seconds a started generation may go unread by exo before it is aborted and its NPU time given back."),
+    Setting("background_max_wait", "RKLLM_BACKGROUND_MAX_WAIT", float,
+            "Seconds after its arrival that a background request (non-streamed, `X-Priority: background`, a "
+            "chat client's title/tags/follow-up task) stops yielding to interactive ones: it then runs by arrival "
+            "order and is no longer paused, so it is never starved. 0 turns priorities off."),
     Setting("max_context", "RKLLM_MAX_CONTEXT", int,
             "Context length in tokens; 0 takes it from the Modelfile or the file name (`-16k`), else 4096."),
     Setting("max_new_tokens", "RKLLM_MAX_NEW_TOKENS", int,
@@ -117,6 +121,7 @@ class Config:
     allow_network: bool = False
     max_queue: int = 32
     idle_timeout: float = 60.0
+    background_max_wait: float = 30.0
     max_context: int = 0
     max_new_tokens: int = 0
     kv_reuse: bool = True
@@ -164,6 +169,8 @@ class Config:
             raise ConfigError("RKLLM_MODEL_CACHE must not be negative")
         if self.idle_timeout <= 0:
             raise ConfigError("RKLLM_IDLE_TIMEOUT must be positive")
+        if self.background_max_wait < 0:
+            raise ConfigError("RKLLM_BACKGROUND_MAX_WAIT must not be negative")
         for name in ("sim_decode_ms", "sim_prefill_ms", "sim_prefill_base_ms", "sim_load_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"RKLLM_{name.upper()} must not be negative")

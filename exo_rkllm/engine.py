@@ -34,7 +34,7 @@ from .errors import ModelLoadError, ModelUnavailable, RequestCancelled, RKLLMErr
 from .model_cache import ModelCache
 from .runtime.base import ChatMessage, ModelSpec, Runtime
 from .runtime.factory import create_runtime
-from .scheduler import Scheduler
+from .scheduler import Priority, Scheduler
 from .streams import FinishReason, RequestStream
 from .tokenizer import load_tokenizer, release_freed_memory, release_tokenizer, stop_token_ids
 
@@ -50,10 +50,12 @@ CONTEXT_WAIT_S = 2.0  # how long a messages-only backend waits for a request's m
 
 @dataclass(frozen=True)
 class RequestContext:
-    """What the API knew about a request before templating it (for backends that template themselves)."""
+    """What the API knew about a request before templating it (for backends that template themselves),
+    and who waits for it (the plugin classifies it; a request with no context is interactive)."""
 
     messages: tuple[ChatMessage, ...]
     tools: tuple[Any, ...] | None = None
+    priority: Priority = Priority.INTERACTIVE
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,8 @@ class RKLLMInferenceEngine:
             realign = functools.partial(self._realign, model.tokenizer, prompt_text)
         return scheduler.submit(request_id, model.spec, prompt, stop_ids=model.stop_ids,
                                 messages=context.messages if context else None,
-                                tools=context.tools if context else None, realign=realign)
+                                tools=context.tools if context else None, realign=realign,
+                                priority=context.priority if context else Priority.INTERACTIVE)
 
     @staticmethod
     def _realign(tokenizer: Any, prompt_text: str, cached: Sequence[int]) -> tuple[int, ...] | None:

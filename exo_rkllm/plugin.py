@@ -37,6 +37,7 @@ from .catalog import ModelEntry
 from .config import Config
 from .engine import RKLLMInferenceEngine, RequestContext, RequestEnding, messages_from_openai
 from .errors import RKLLMError
+from .scheduler import Priority
 
 log = logging.getLogger("exo_rkllm.plugin")
 
@@ -67,6 +68,7 @@ class _HttpRequest:
     request_ids: list[str] = field(default_factory=list)
     finished: set[str] = field(default_factory=set)
     disconnected: bool = False
+    priority: Priority = Priority.INTERACTIVE
 
 
 # -- entry points --------------------------------------------------------------------------------
@@ -117,7 +119,9 @@ def on_opaque_status(engine: RKLLMInferenceEngine, request_id: str, status: str)
     elif kind == CONTEXT_STATUS and isinstance(data.get("messages"), list):
         tools = data.get("tools")
         engine.set_request_context(rid, RequestContext(messages_from_openai(data["messages"]),
-                                                       tuple(tools) if tools else None))
+                                                       tuple(tools) if tools else None,
+                                                       _priority_named(data.get("priority"))
+                                                       or Priority.INTERACTIVE))
     elif kind == ENDED_STATUS and rid in _active and rid not in _endings:
         reason = data.get("finish_reason")
         error = RKLLMError(data.get("message") or "the request failed") if reason == "error" else None
@@ -367,6 +371,43 @@ def _patch_node(module: types.ModuleType) -> None:
 
 
 # -- patches: exo.api.chatgpt_api -------------------------------------------------------------------
+PRIORITY_HEADER = "X-Priority"
+# Open WebUI's task prompts (title, tags, follow-ups, queries, autocomplete, emoji) all open so.
+TASK_PROMPT_OPENING = "### Task:"
+
+
+def _priority_named(value: Any) -> Priority | None:
+    text = str(value).strip().lower() if isinstance(value, str) else ""
+    return next((p for p in Priority if p.value == text), None)
+
+
+def _text_of(content: Any) -> str:
+    """A message's text: a string, or the text parts of an OpenAI content list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def classify_request(data: dict[str, Any], headers: Any) -> Priority:
+    """Who waits for a chat request, from the first rule that says:
+
+    1. the `X-Priority` header, `background` or `interactive`;
+    2. the request's own `"priority"` field, same values;
+    3. a chat client's background task: the last user message opens with Open WebUI's task
+       heading (`### Task:`, as its title, tags and follow-up prompts do);
+    4. otherwise a streamed request is a person reading as it comes (interactive), and a
+       non-streamed one (exo's default) is background: whoever sent it waits for all of it anyway."""
+    named = _priority_named(headers.get(PRIORITY_HEADER)) or _priority_named(data.get("priority"))
+    if named is not None:
+        return named
+    users = [m for m in data.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    if users and _text_of(users[-1].get("content")).lstrip().startswith(TASK_PROMPT_OPENING):
+        return Priority.BACKGROUND
+    return Priority.INTERACTIVE if data.get("stream") else Priority.BACKGROUND
+
+
 def _error(status: int, message: str, code: str) -> Any:
     from aiohttp import web
 
@@ -408,13 +449,15 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
             if http is not None:
                 track(request_id, http)
             context = RequestContext(messages_from_openai(chat_request.messages),
-                                     tuple(chat_request.tools) if chat_request.tools else None)
+                                     tuple(chat_request.tools) if chat_request.tools else None,
+                                     http.priority if http is not None else Priority.INTERACTIVE)
             engine.set_request_context(request_id, context)
             if node.peers:  # the node running the model may be another one (and exo's gRPC cannot
                 # carry a non-tensor inference_state on Linux), so send the messages as a status
                 _broadcast(request_id, {"type": CONTEXT_STATUS, "request_id": request_id,
                                         "messages": [{"role": m.role, "content": m.content} for m in context.messages],
-                                        "tools": list(context.tools) if context.tools else None})
+                                        "tools": list(context.tools) if context.tools else None,
+                                        "priority": context.priority.value})
             if upstream:
                 upstream(request_id, chat_request, prompt)
 
@@ -441,7 +484,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         if refused is not None:
             return refused
         register_model_cards([entry])  # a model added while exo runs becomes an exo model now
-        http = _HttpRequest()
+        http = _HttpRequest(priority=classify_request(data, request.headers))
         token = _current.set(http)
         watcher = asyncio.ensure_future(_watch_disconnect(request, http, engine))
         try:

@@ -1,19 +1,29 @@
-"""Owns the one NPU context: generations run one at a time, in arrival order.
+"""Owns the one NPU context: generations run one at a time, the person's first.
 
 exo may have many requests in flight on one node; the NPU runs one generation.
-The scheduler queues them (bounded), runs each to its end or until whoever
-wanted it lets go (then the runtime is aborted at once), and keeps track of
-what the KV cache holds so a follow-up turn only prefills its new suffix.
-It also owns every RequestStream, so per-request state lives in one place and
-an idle sweep can reclaim what exo forgot.
+The scheduler queues them (bounded) and serves interactive requests before
+background ones (a chat client's title, tag and follow-up tasks), arrival order
+among equals. An interactive arrival preempts a running background generation:
+the run is aborted at once, the tokens it produced are kept, and it is requeued
+to resume later from its prompt plus those tokens; its stream stays open and
+never repeats a token, so its client sees one answer. A background request
+waiting longer than RKLLM_BACKGROUND_MAX_WAIT (since its arrival) is promoted:
+it ranks as interactive by its arrival and is no longer preempted, so it is not
+starved. Each run goes to its end or until whoever wanted it lets go (then the
+runtime is aborted at once). The scheduler keeps track of what the KV cache
+holds, exactly or not at all, so a follow-up turn or a resumed answer only
+prefills its new suffix. It also owns every RequestStream, so per-request state
+lives in one place and an idle sweep can reclaim what exo forgot.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import enum
+import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .config import Config
@@ -27,6 +37,13 @@ log = logging.getLogger("exo_rkllm.scheduler")
 Realign = Callable[[Sequence[int]], "tuple[int, ...] | None"]
 
 
+class Priority(enum.Enum):
+    """Who waits for a request: a person reading it as it streams, or a client's background task."""
+
+    INTERACTIVE = "interactive"
+    BACKGROUND = "background"
+
+
 @dataclass
 class _Job:
     stream: RequestStream
@@ -36,6 +53,12 @@ class _Job:
     tools: tuple[Any, ...] | None = None
     max_new_tokens: int = 0
     realign: Realign | None = None  # same text as the prompt, but extending the cached tokens
+    priority: Priority = Priority.INTERACTIVE
+    seq: int = 0  # arrival order
+    prompt_run: tuple[int, ...] | None = None  # the prompt as its first run fed it (None: never ran)
+    done: list[int] = field(default_factory=list)  # tokens produced by runs before a preemption
+    preempt: bool = False  # set while the running generation is being aborted to make room
+    preemptions: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,9 @@ class RunSummary:
     ttft_s: float | None
     total_s: float
     outcome: str
+    priority: str = Priority.INTERACTIVE.value
+    preemptions: int = 0
+    decode_s: float | None = None  # first token to the end of the last run
 
 
 class Scheduler:
@@ -62,7 +88,8 @@ class Scheduler:
         # Recently ended request ids (bounded): exo may still step a request after we ended it,
         # and its fed-back token must not be mistaken for a new prompt.
         self.ended: collections.OrderedDict[str, str] = collections.OrderedDict()  # request id -> why it ended
-        self._queue: collections.deque[_Job] = collections.deque()
+        self._queue: list[_Job] = []  # arrival order; `_pop_next` picks by priority
+        self._seq = itertools.count()
         self._wakeup = asyncio.Event()
         self._device = asyncio.Lock()
         self._running: _Job | None = None
@@ -74,7 +101,7 @@ class Scheduler:
     def submit(self, request_id: str, spec: ModelSpec, prompt_tokens: Sequence[int], *,
                stop_ids: frozenset[int] = frozenset(), messages: tuple[ChatMessage, ...] | None = None,
                tools: tuple[Any, ...] | None = None, max_new_tokens: int = 0,
-               realign: Realign | None = None) -> RequestStream:
+               realign: Realign | None = None, priority: Priority = Priority.INTERACTIVE) -> RequestStream:
         """Queue a generation; returns its stream at once. Raises QueueFull / ContextOverflow.
 
         `realign(cached_tokens)` may return the prompt's text tokenized so that it extends the
@@ -98,10 +125,13 @@ class Scheduler:
         self._start()
         stream = RequestStream(request_id, prompt, spec.model_id, on_close=self._on_stream_closed)
         self.streams[request_id] = stream
-        self._queue.append(_Job(stream, spec, stop_ids, messages, tools, max_new_tokens, realign))
+        job = _Job(stream, spec, stop_ids, messages, tools, max_new_tokens, realign, priority, next(self._seq))
+        self._queue.append(job)
         self._wakeup.set()
         position = len(self._queue) + (1 if self._running else 0)
-        log.debug("request %s queued (position %d, %d prompt tokens)", request_id, position, len(prompt))
+        log.debug("request %s queued (%s, position %d, %d prompt tokens)", request_id, priority.value, position,
+                  len(prompt))
+        self._maybe_preempt(job)
         return stream
 
     def get(self, request_id: str) -> RequestStream | None:
@@ -129,6 +159,43 @@ class Scheduler:
     @property
     def kv_tokens(self) -> tuple[int, ...] | None:
         return tuple(self._kv) if self._kv is not None else None
+
+    # -- priorities ------------------------------------------------------------------------------
+    def _interactive(self, job: _Job, now: float) -> bool:
+        """Ranks as interactive: asked as such, or a background request past the starvation bound."""
+        return (job.priority is Priority.INTERACTIVE
+                or now - job.stream.created_at >= self.config.background_max_wait)
+
+    def _rank(self, job: _Job, now: float) -> tuple[int, int]:
+        return (0 if self._interactive(job, now) else 1, job.seq)
+
+    def _pop_next(self) -> _Job | None:
+        """The open job to run next: interactive before background, then arrival order."""
+        self._queue = [j for j in self._queue if j.stream.open]
+        if not self._queue:
+            return None
+        now = time.monotonic()
+        job = min(self._queue, key=lambda j: self._rank(j, now))
+        self._queue.remove(job)
+        return job
+
+    def _outranked(self, job: _Job) -> bool:
+        """A queued job would run before `job` (it arrived while `job`'s model was loading)."""
+        now = time.monotonic()
+        return any(j.stream.open and self._rank(j, now) < self._rank(job, now) for j in self._queue)
+
+    def _maybe_preempt(self, arrival: _Job) -> None:
+        """An interactive arrival pauses a background generation; never an interactive one, nor a
+        background one past its starvation bound (it ranks as interactive then). Resuming feeds the
+        generated tokens back, so a backend that takes only chat messages is never preempted."""
+        running, now = self._running, time.monotonic()
+        if (running is None or not self.runtime.capabilities.token_input or running.preempt or not running.stream.open
+                or not self._interactive(arrival, now) or self._interactive(running, now)):
+            return
+        running.preempt = True
+        log.debug("request %s (background) paused for interactive request %s", running.stream.request_id,
+                  arrival.stream.request_id)
+        asyncio.ensure_future(self._abort())
 
     # -- models ----------------------------------------------------------------------------------
     async def preload(self, spec: ModelSpec) -> None:
@@ -164,12 +231,10 @@ class Scheduler:
 
     async def _worker(self) -> None:
         while not self._closed:
-            if not self._queue:
+            job = self._pop_next()
+            if job is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                continue
-            job = self._queue.popleft()
-            if not job.stream.open:
                 continue
             async with self._device:
                 try:
@@ -182,12 +247,18 @@ class Scheduler:
                     log.exception("loading %s failed", job.spec.model_id)
                     job.stream.fail(GenerationError(f"loading {job.spec.model_id} failed: {exc!r}"))
                     continue
-                if job.stream.open:
+                if job.stream.open and self._outranked(job):
+                    self._queue.append(job)  # keeps its arrival rank
+                elif job.stream.open:
                     await self._run(job)
 
     def _plan(self, job: _Job) -> tuple[tuple[int, ...], tuple[int, ...], bool, bool]:
-        """(prompt as run, tokens to feed, keep_history, clear the cache first)."""
-        prompt = job.stream.prompt_tokens
+        """(prompt as run, tokens to feed, keep_history, clear the cache first).
+
+        A resumed job runs its first prompt plus the tokens it already produced: greedy decoding
+        continues from there as if it had never stopped."""
+        resumed = job.prompt_run is not None
+        prompt = job.prompt_run + tuple(job.done) if job.prompt_run is not None else job.stream.prompt_tokens
         caps = self.runtime.capabilities
         if not caps.token_input or not caps.keep_history:
             return prompt, prompt, False, False
@@ -195,7 +266,7 @@ class Scheduler:
             reused = split_prompt(prompt, self._kv)
             if 0 < reused < len(prompt):
                 return prompt, prompt[reused:], True, False
-            aligned = job.realign(self._kv) if job.realign is not None else None
+            aligned = job.realign(self._kv) if job.realign is not None and not resumed else None
             if aligned and 0 < split_prompt(aligned, self._kv) < len(aligned) < job.spec.max_context_len:
                 return aligned, aligned[len(self._kv):], True, False
         if not caps.clear_kv_cache:
@@ -208,10 +279,16 @@ class Scheduler:
         if clear:
             await self.runtime.clear_kv_cache()
             self._kv = []
-        inp = GenerationInput(stream.request_id, feed, keep_history=keep, max_new_tokens=job.max_new_tokens,
+        resumed = job.prompt_run is not None
+        if not resumed:
+            job.prompt_run = prompt
+        inp = GenerationInput(stream.request_id, feed, keep_history=keep, max_new_tokens=self._run_cap(job),
                               messages=job.messages, tools=job.tools)
         self._running = job
-        stream.started(prefilled=len(feed))
+        if resumed:
+            stream.resumed(prefilled=len(feed))
+        else:
+            stream.started(prefilled=len(feed))
         log.debug("request %s on the NPU: prefill %d tokens (%d reused from the KV cache)", stream.request_id,
                   len(feed), len(prompt) - len(feed))
         self._kv = None  # unknown until the run ends cleanly
@@ -233,8 +310,13 @@ class Scheduler:
             log.exception("runtime failure in request %s", stream.request_id)
             stream.fail(GenerationError(f"the runtime failed: {exc!r}"))
         else:
+            if job.preempt and stream.open and (finish is None or finish.aborted):
+                self._pause(job, prompt, emitted, keep)
+                return
             if finish is None or finish.aborted:
                 outcome = "aborted"
+                if finish is not None and keep:
+                    self._kv = self._kv_after_abort(prompt, emitted)
                 reason = self._finish_reason(job, prompt, emitted)
                 if finish is not None and reason is FinishReason.LENGTH:
                     stream.finish(finish.stats, reason)  # the backend stopped the run at its token limit
@@ -247,20 +329,66 @@ class Scheduler:
                     self._kv = self._kv_after(job, prompt, emitted)
         finally:
             self._running = None
+            job.preempt = False
         if stream.state is StreamState.CLOSED:
             outcome = f"cancelled ({stream.close_reason})"
-        now = time.monotonic()
-        self.history.append(RunSummary(
-            stream.request_id, spec.model_id, len(prompt), len(feed), len(emitted),
-            (stream.started_at or now) - stream.created_at,
-            (stream.first_token_at - stream.started_at) if stream.first_token_at and stream.started_at else None,
-            now - stream.created_at, outcome))
-        log.debug("request %s %s: %d tokens", stream.request_id, outcome, len(emitted))
+        job.done.extend(emitted)
+        self._record(job, outcome)
+
+    def _run_cap(self, job: _Job) -> int:
+        """max_new_tokens for this run: the request's own (0: the model's), less what earlier runs made."""
+        if not job.done:
+            return job.max_new_tokens
+        cap = job.max_new_tokens or job.spec.max_new_tokens
+        return max(1, cap - len(job.done)) if cap else 0
+
+    def _pause(self, job: _Job, prompt: tuple[int, ...], emitted: list[int], keep: bool) -> None:
+        """Requeue a preempted job with what it produced; its stream stays open and waits."""
+        job.done.extend(emitted)
+        job.preemptions += 1
+        self._kv = self._kv_after_abort(prompt, emitted) if keep else None
+        job.stream.pause()
+        self._queue.append(job)  # keeps its arrival rank
+        self._wakeup.set()
+        log.debug("request %s paused after %d tokens (%d in all); the KV cache holds %s", job.stream.request_id,
+                  len(emitted), len(job.done), "unknown tokens" if self._kv is None else f"{len(self._kv)} tokens")
+
+    def _kv_after_abort(self, prompt_run: tuple[int, ...], emitted: list[int]) -> list[int] | None:
+        """What the cache holds after an aborted run: unknown, unless the backend reports its length.
+
+        The cache is filled in order (the prompt, then each token fed back), so a reported length
+        n names its content exactly: the first n tokens of prompt + emitted. Anything else is unknown."""
+        reported = getattr(self.runtime, "kv_cache_len", None)
+        n = reported() if callable(reported) else None
+        ran = list(prompt_run) + list(emitted)
+        if n is None or not 0 <= n <= len(ran):
+            return None
+        return ran[:n]
+
+    def _record(self, job: _Job, outcome: str) -> None:
+        """One line per request at its real end (a preempted one counts once, over all its runs)."""
+        stream, now = job.stream, time.monotonic()
+        started, first = stream.started_at, stream.first_token_at
+        prompt_tokens = len(job.prompt_run if job.prompt_run is not None else stream.prompt_tokens)
+        decode_s = now - first if first is not None else None
+        summary = RunSummary(
+            stream.request_id, job.spec.model_id, prompt_tokens, stream.prefilled, len(job.done),
+            (started or now) - stream.created_at, (first - started) if first and started else None,
+            now - stream.created_at, outcome, job.priority.value, job.preemptions, decode_s)
+        self.history.append(summary)
+        rate = f"{(len(job.done) - 1) / decode_s:.1f}" if decode_s and len(job.done) > 1 else "-"
+        ttft = f"{first - stream.created_at:.2f} s" if first is not None else "-"
+        log.info("request %s %s: model %s, %s, prompt %d tokens (%d prefilled), %d generated, queued %.2f s, "
+                 "first token %s after arrival, %s tokens/s%s", stream.request_id, outcome, job.spec.model_id,
+                 job.priority.value, prompt_tokens, stream.prefilled, len(job.done), summary.queued_s, ttft, rate,
+                 f", paused {job.preemptions}x" if job.preemptions else "")
 
     @staticmethod
     def _limit(job: _Job, prompt_run: Sequence[int]) -> int:
-        """Most tokens this run may generate: the request's or the model's cap, and the context's room."""
-        return min(job.max_new_tokens or job.spec.max_new_tokens or 1 << 30, job.spec.max_context_len - len(prompt_run))
+        """Most tokens this run may generate: the request's or the model's cap (less what earlier runs
+        of a preempted job made), and the context's room."""
+        cap = job.max_new_tokens or job.spec.max_new_tokens or 1 << 30
+        return min(cap - len(job.done), job.spec.max_context_len - len(prompt_run))
 
     def _finish_reason(self, job: _Job, prompt_run: Sequence[int], emitted: list[int]) -> FinishReason:
         """`length` when the run stopped because it ran out of tokens, not because the model ended it."""
@@ -294,6 +422,11 @@ class Scheduler:
         if self._running is not None and self._running.stream is stream:
             log.debug("aborting request %s on the NPU: %s", stream.request_id, stream.close_reason)
             asyncio.ensure_future(self._abort())
+            return
+        for job in [j for j in self._queue if j.stream is stream]:  # waiting, or paused: drop it now
+            self._queue.remove(job)
+            if job.prompt_run is not None:  # it ran: its end is now
+                self._record(job, f"cancelled ({stream.close_reason})")
 
     async def _abort(self) -> None:
         try:

@@ -20,6 +20,7 @@ from .runtime.base import GenerationStats, TokenEvent
 class StreamState(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
+    PAUSED = "paused"  # preempted: requeued with its tokens kept; its reader just waits longer
     DONE = "done"  # the runtime finished; unread tokens may remain
     FAILED = "failed"
     CLOSED = "closed"  # abandoned before the end
@@ -60,19 +61,32 @@ class RequestStream:
         self.last_read_at = self.created_at
         self.readers = 0
         self.delivered = 0  # tokens exo has taken
-        self.prefilled = 0  # tokens the runtime actually had to prefill (after KV reuse)
+        self.prefilled = 0  # tokens the runtime actually had to prefill (after KV reuse), over all runs
+        self.pauses = 0  # times it was preempted
         self._queue: asyncio.Queue[int | _End | BaseException] = asyncio.Queue()
         self._on_close = on_close
 
     # -- producer side (the scheduler) ----------------------------------------------------------
     @property
     def open(self) -> bool:
-        return self.state in (StreamState.QUEUED, StreamState.RUNNING)
+        return self.state in (StreamState.QUEUED, StreamState.RUNNING, StreamState.PAUSED)
 
     def started(self, prefilled: int) -> None:
         self.state = StreamState.RUNNING
         self.started_at = time.monotonic()
         self.prefilled = prefilled
+
+    def pause(self) -> None:
+        """Preempted: no token comes until it resumes; what was delivered stays delivered."""
+        if self.state is StreamState.RUNNING:
+            self.state = StreamState.PAUSED
+            self.pauses += 1
+
+    def resumed(self, prefilled: int) -> None:
+        """Back on the NPU, continuing the same answer (start and first-token times stay the first run's)."""
+        if self.state is StreamState.PAUSED:
+            self.state = StreamState.RUNNING
+            self.prefilled += prefilled
 
     def put(self, event: TokenEvent) -> None:
         if self.state is not StreamState.RUNNING:
