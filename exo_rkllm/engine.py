@@ -127,7 +127,8 @@ class RKLLMInferenceEngine:
         await self.ensure_shard(shard)
         if not shard.is_first_layer():
             return input_data, inference_state  # the model ran on the layer-0 node already
-        model = self._models[shard.model_id]
+        # the cache may have dropped it since (RKLLM_MODEL_CACHE): a request that ended, a model switch
+        model = self._models.get(shard.model_id) or await asyncio.to_thread(self.model_for, shard.model_id)
         scheduler = await self._get_scheduler()
         stream = scheduler.get(request_id)
         if stream is None:

@@ -156,3 +156,21 @@ def test_the_bound_is_a_setting_and_cannot_be_negative():
     assert Config.from_env({"RKLLM_MODEL_CACHE": "5"}).model_cache == 5
     with pytest.raises(ConfigError):
         Config.from_env({"RKLLM_MODEL_CACHE": "-1"})
+
+
+async def test_a_model_dropped_right_after_its_shard_was_made_current_still_serves(many_models_dir, monkeypatch):
+    """Lookups run in worker threads: one for another model may drop this one between the
+    engine's ensure_shard and its use (with RKLLM_MODEL_CACHE=0, or a request exo still steps
+    after it ended and the NPU moved on). The engine builds it again instead of failing."""
+    engine, _ = make_engine(many_models_dir, model_cache=0)
+    ids = model_ids(engine)
+    original = engine.ensure_shard
+
+    async def ensure_then_dropped(shard: Any) -> None:
+        await original(shard)
+        engine._models._items.pop(shard.model_id, None)  # what a concurrent trim does at that instant
+
+    monkeypatch.setattr(engine, "ensure_shard", ensure_then_dropped)
+    answer = await ExoRing([engine]).complete(ids[0], user("hello [[sim:tokens=6]]"), DEMO_LAYERS)
+    assert answer.finish_reason == "stop" and answer.tokens
+    await engine.shutdown()
