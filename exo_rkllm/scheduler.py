@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 from .config import Config
 from .errors import ContextOverflow, GenerationError, QueueFull, RequestCancelled, RKLLMError, ShuttingDown
+from .lifecycle import LoadState, LoadStatus
 from .runtime.base import ChatMessage, FinishEvent, GenerationInput, ModelSpec, Runtime, TokenEvent, split_prompt
 from .streams import FinishReason, RequestStream, StreamState
 
@@ -199,28 +200,80 @@ class Scheduler:
 
     # -- models ----------------------------------------------------------------------------------
     async def preload(self, spec: ModelSpec) -> None:
-        """Load a model ahead of its first request (exo announces prompts before running them)."""
+        """Load a model ahead of its first request (exo announces prompts before running them;
+        RKLLM_PRELOAD and POST /v1/rkllm/load come here too)."""
         async with self._device:
             await self._ensure_loaded(spec)
 
     async def _ensure_loaded(self, spec: ModelSpec) -> None:
+        self._used_at = time.monotonic()
         current = self.runtime.loaded
         if current is not None and current.model_id == spec.model_id and current.path == spec.path:
             return
+        if current is not None:  # one model at a time: give the NPU's memory back before the next one loads
+            await self._unload_runtime(current)
         log.info("loading %s from %s (context %d) on the %s runtime...", spec.model_id, spec.path,
                  spec.max_context_len, self.runtime.capabilities.backend)
-        started = time.monotonic()
+        state = self._load = LoadState(spec.model_id)
         last = [-1.0]
 
         def progress(what: str, fraction: float) -> None:
+            state.report(what, fraction)
             if fraction - last[0] >= 0.25 or fraction >= 1.0:
                 last[0] = fraction
                 log.info("  %s: %3.0f%%", what, fraction * 100)
 
         self._kv = None
-        await self.runtime.load(spec, progress)
+        try:
+            await self.runtime.load(spec, progress)
+        except BaseException as exc:
+            state.finish(LoadStatus.FAILED, str(exc) or type(exc).__name__)
+            raise
         self._kv = []
-        log.info("%s ready in %.1f s", spec.model_id, time.monotonic() - started)
+        state.finish(LoadStatus.LOADED)
+        log.info("%s ready in %.1f s", spec.model_id, state.as_dict()["elapsed_s"])
+
+    # -- lifecycle (exo_rkllm/lifecycle.py drives these) ---------------------------------------
+    _load: LoadState | None = None  # the last load or unload started
+    _used_at: float = 0.0  # when a request last asked for the NPU (monotonic)
+
+    @property
+    def load_state(self) -> LoadState | None:
+        return self._load
+
+    @property
+    def used_at(self) -> float:
+        return self._used_at
+
+    @property
+    def busy(self) -> bool:
+        """A request is running, waiting, or paused (a finished one whose tokens exo still reads is not)."""
+        return self._running is not None or any(s.open for s in list(self.streams.values()))
+
+    async def unload(self, idle_since: float | None = None) -> bool:
+        """Unload the model on the NPU; False if there is none, or a request has come (or, with
+        `idle_since`, one asked for the NPU after that time): the request keeps its model."""
+        async with self._device:
+            current = self.runtime.loaded
+            if current is None or self._closed or self.busy:
+                return False
+            if idle_since is not None and self._used_at > idle_since:
+                return False
+            await self._unload_runtime(current)
+            return True
+
+    async def _unload_runtime(self, current: ModelSpec) -> None:
+        """With the device held: the runtime lets go of `current` (rkllm_destroy on the native backend)."""
+        state = self._load = LoadState(current.model_id, LoadStatus.UNLOADING)
+        self._kv = None
+        try:
+            await self.runtime.unload()
+        except BaseException as exc:
+            state.finish(LoadStatus.FAILED, f"unload failed: {exc}")
+            raise
+        self._kv = []
+        state.finish(LoadStatus.UNLOADED)
+        log.info("unloaded %s from the %s runtime", current.model_id, self.runtime.capabilities.backend)
 
     # -- the worker ------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -242,14 +295,18 @@ class Scheduler:
                 except RKLLMError as exc:
                     log.error("cannot load %s: %s", job.spec.model_id, exc)
                     job.stream.fail(exc)
+                    self._record(job, "failed (model load)")
                     continue
                 except Exception as exc:  # a backend bug must not kill the worker
                     log.exception("loading %s failed", job.spec.model_id)
                     job.stream.fail(GenerationError(f"loading {job.spec.model_id} failed: {exc!r}"))
+                    self._record(job, "failed (model load)")
                     continue
-                if job.stream.open and self._outranked(job):
+                if not job.stream.open:  # cancelled while its model loaded
+                    self._record(job, f"cancelled ({job.stream.close_reason})")
+                elif self._outranked(job):
                     self._queue.append(job)  # keeps its arrival rank
-                elif job.stream.open:
+                else:
                     await self._run(job)
 
     def _plan(self, job: _Job) -> tuple[tuple[int, ...], tuple[int, ...], bool, bool]:
@@ -423,10 +480,9 @@ class Scheduler:
             log.debug("aborting request %s on the NPU: %s", stream.request_id, stream.close_reason)
             asyncio.ensure_future(self._abort())
             return
-        for job in [j for j in self._queue if j.stream is stream]:  # waiting, or paused: drop it now
+        for job in [j for j in self._queue if j.stream is stream]:  # waiting, or paused: its end is now
             self._queue.remove(job)
-            if job.prompt_run is not None:  # it ran: its end is now
-                self._record(job, f"cancelled ({stream.close_reason})")
+            self._record(job, f"cancelled ({stream.close_reason})")
 
     async def _abort(self) -> None:
         try:

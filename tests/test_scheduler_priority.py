@@ -318,3 +318,17 @@ def test_request_classification(data, headers, expected):
 
 def test_a_context_without_a_priority_is_interactive():
     assert RequestContext(()).priority is FG
+
+
+async def test_a_request_cancelled_before_it_ran_is_logged_once(demo_models_dir, caplog):
+    engine, runtime = make_engine(demo_models_dir, PACED)
+    ring = PriorityRing([engine])
+    await ring.start("blocker", "hold the NPU [[sim:tokens=30]]", FG)
+    with caplog.at_level(logging.INFO, logger="exo_rkllm.scheduler"):
+        await ring.start("waiting", "never runs [[sim:tokens=5]]", BG)
+        ring.abandon("waiting")
+        await finished(ring, "blocker")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request waiting ")]
+    assert len(lines) == 1 and "cancelled (client disconnected)" in lines[0] and "0 generated" in lines[0]
+    assert service_order(runtime) == ["blocker"] and engine._scheduler._queue == []
+    await engine.shutdown()
