@@ -332,3 +332,16 @@ async def test_a_request_cancelled_before_it_ran_is_logged_once(demo_models_dir,
     assert len(lines) == 1 and "cancelled (client disconnected)" in lines[0] and "0 generated" in lines[0]
     assert service_order(runtime) == ["blocker"] and engine._scheduler._queue == []
     await engine.shutdown()
+
+
+async def test_an_interactive_request_arriving_while_the_model_loads_runs_first(demo_models_dir):
+    """The background request took the worker first, but the model was still loading (1 s, a lower
+    bound) when the interactive one came: once loaded, the interactive request runs first."""
+    engine, runtime = make_engine(demo_models_dir, SimTiming(1000.0, 0.0, 0.0, 10.0))
+    ring = PriorityRing([engine])
+    await ring.start("bg", "a title [[sim:tokens=10]]", BG)
+    assert runtime.loaded is None, "the model must still be loading"
+    await ring.start("fg", "the question [[sim:tokens=10]]", FG)
+    await finished(ring, "bg", "fg")
+    assert service_order(runtime) == ["fg", "bg"] and runtime.aborts == 0
+    await engine.shutdown()
