@@ -345,3 +345,22 @@ async def test_an_interactive_request_arriving_while_the_model_loads_runs_first(
     await finished(ring, "bg", "fg")
     assert service_order(runtime) == ["fg", "bg"] and runtime.aborts == 0
     await engine.shutdown()
+
+
+async def test_a_resumed_answer_keeps_the_token_limit_of_the_whole_answer(demo_models_dir):
+    """RKLLM_MAX_NEW_TOKENS caps the whole answer: the resumed run may only make what is left."""
+    text = "a long task [[sim:tokens=40]]"
+    engine, _ = make_engine(demo_models_dir, max_new_tokens=20)
+    expected = await ExoRing([engine]).complete(DEMO_ID, user(text), DEMO_LAYERS)
+    await engine.shutdown()
+    engine, runtime = make_engine(demo_models_dir, PACED, max_new_tokens=20)
+    ring = PriorityRing([engine])
+    await ring.start("bg", text, BG)
+    await until(lambda: len(runtime.tokens["bg"]) >= 6)
+    await ring.start("fg", "hi [[sim:tokens=3]]", FG)
+    bg, _ = await finished(ring, "bg", "fg")
+    assert service_order(runtime) == ["bg", "fg", "bg"]
+    assert expected.finish_reason == "length" and bg.finish_reason == "length"
+    assert bg.tokens == expected.tokens and bg.streamed_text == expected.streamed_text
+    assert len(runtime.tokens["bg"]) == 20
+    await engine.shutdown()
