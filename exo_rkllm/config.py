@@ -6,6 +6,7 @@ CLI turns it into flags, and a test checks that the README documents each row.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -38,6 +39,22 @@ def _backend(text: str) -> str:
 
 
 BACKENDS = ("auto", "native", "rkllama", "sim")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(text: str) -> float:
+    """Seconds, from plain seconds (`300`, `-1`) or an Ollama/Go duration (`5m`, `30s`, `1h30m`, `-1m`)."""
+    value = text.strip().lower()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    sign, body = (-1.0, value[1:]) if value.startswith("-") else (1.0, value.lstrip("+"))
+    parts = _DURATION_PART.findall(body)
+    if not body or "".join(n + u for n, u in parts) != body:
+        raise ValueError(f"expected seconds or a duration such as 5m, 30s, 1h, got {text!r}") from None
+    return sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_new_tokens", "RKLLM_MAX_NEW_TOKENS", int,
             "Runtime cap on generated tokens per request; 0 means up to the context length (exo's "
             "`--max-generate-tokens` still applies)."),
+    Setting("preload", "RKLLM_PRELOAD", str,
+            "Models to load at start-up, so the first request does not pay the load: `first` (the first model "
+            "listed, exo's default) or model ids separated by commas. The NPU holds one model: the first id that "
+            "resolves is loaded on it, the others only get their tokenizer ready (within "
+            "`RKLLM_MODEL_CACHE`). Empty: the first request loads its model."),
+    Setting("keep_alive", "RKLLM_KEEP_ALIVE", _duration,
+            "How long a model stays on the NPU with no request running or waiting before it is unloaded to give "
+            "its memory back (Ollama's meaning): seconds or a duration (`30s`, `5m`, `1h`); 0 unloads it as soon "
+            "as it is idle; negative keeps it loaded (never unloaded). The next request loads it again."),
     Setting("kv_reuse", "RKLLM_KV_REUSE", _bool,
             "Reuse the NPU's KV cache when a prompt extends the previous one (follow-up chat turns)."),
     Setting("model_cache", "RKLLM_MODEL_CACHE", int,
@@ -124,6 +150,8 @@ class Config:
     background_max_wait: float = 30.0
     max_context: int = 0
     max_new_tokens: int = 0
+    preload: str = ""
+    keep_alive: float = -1.0
     kv_reuse: bool = True
     model_cache: int = 2
     lib_path: Path | None = None
@@ -169,6 +197,8 @@ class Config:
             raise ConfigError("RKLLM_MODEL_CACHE must not be negative")
         if self.idle_timeout <= 0:
             raise ConfigError("RKLLM_IDLE_TIMEOUT must be positive")
+        if self.keep_alive != self.keep_alive:
+            raise ConfigError("RKLLM_KEEP_ALIVE must be a number of seconds or a duration such as 5m")
         if self.background_max_wait < 0:
             raise ConfigError("RKLLM_BACKGROUND_MAX_WAIT must not be negative")
         for name in ("sim_decode_ms", "sim_prefill_ms", "sim_prefill_base_ms", "sim_load_ms"):

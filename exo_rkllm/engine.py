@@ -31,6 +31,7 @@ import numpy as np
 from .catalog import Catalog, ModelEntry
 from .config import Config
 from .errors import ModelLoadError, ModelUnavailable, RequestCancelled, RKLLMError
+from .lifecycle import Lifecycle, ModelStatus, model_status
 from .model_cache import ModelCache
 from .runtime.base import ChatMessage, ModelSpec, Runtime
 from .runtime.factory import create_runtime
@@ -93,6 +94,7 @@ class RKLLMInferenceEngine:
         self._contexts: collections.OrderedDict[str, RequestContext] = collections.OrderedDict()
         self._context_waiters: dict[str, asyncio.Event] = {}
         self._end_listeners: list[EndListener] = []
+        self._lifecycle: Lifecycle | None = None  # built with the scheduler
 
     # -- exo's abstract methods ------------------------------------------------------------------
     async def encode(self, shard: Any, prompt: str) -> np.ndarray:
@@ -213,6 +215,7 @@ class RKLLMInferenceEngine:
         pending = 0
         if self._scheduler is not None:
             pending = len(self._scheduler.streams)
+            await self._stop_lifecycle()
             await self._scheduler.close()
         self._contexts.clear()
         log.info("rkllm engine stopped: %d unfinished request(s) cancelled, runtime released", pending)
@@ -292,9 +295,47 @@ class RKLLMInferenceEngine:
                 if self._scheduler is None:
                     runtime = self._runtime or await create_runtime(self.config)
                     self._scheduler = Scheduler(runtime, self.config)
+                    self._start_lifecycle(self._scheduler)
                     log.info("rkllm engine ready: %s runtime %s", runtime.capabilities.backend,
                              runtime.capabilities.version or "")
         return self._scheduler
+
+    # -- model lifecycle (exo_rkllm/lifecycle.py) ---------------------------------------------------
+    def start_lifecycle(self) -> None:
+        """exo's start-up (needs the running loop): build the runtime now rather than at the first
+        request, so RKLLM_PRELOAD loads its model and the keep-alive timer runs."""
+        asyncio.ensure_future(self._start_up())
+
+    async def _start_up(self) -> None:
+        try:
+            await self._get_scheduler()
+        except Exception as exc:  # the first request reports it to its client
+            log.error("the rkllm runtime could not start: %s", exc)
+
+    def _start_lifecycle(self, scheduler: Scheduler) -> None:
+        self._lifecycle = Lifecycle(scheduler, self.config, self._prepare, self._servable_ids)
+        self._lifecycle.start()
+
+    async def _stop_lifecycle(self) -> None:
+        if self._lifecycle is not None:
+            await self._lifecycle.stop()
+
+    async def lifecycle(self) -> Lifecycle:
+        """The lifecycle of this engine's NPU (built with the runtime, which this creates if needed)."""
+        await self._get_scheduler()
+        assert self._lifecycle is not None
+        return self._lifecycle
+
+    def model_status(self, model_id: str) -> ModelStatus:
+        return model_status(self._scheduler, model_id)
+
+    async def _prepare(self, name: str) -> ModelSpec:
+        """The model `name` (an id or alias) names, its tokenizer built: what loading it needs."""
+        model = await asyncio.to_thread(lambda: self.model_for(self.catalog.resolve(name).model_id))
+        return model.spec
+
+    def _servable_ids(self) -> list[str]:
+        return [e.model_id for e in self.catalog.servable()]
 
     async def _preload(self, scheduler: Scheduler, spec: ModelSpec) -> None:
         try:

@@ -49,6 +49,13 @@ class ModelLoadError(ModelUnavailable):
     client can change: the model is unavailable (409), with the runtime's reason."""
 
 
+class NPUBusy(RKLLMError):
+    """An explicit model load or unload while requests run or wait for the NPU: it would take their model away."""
+
+    http_status = 409
+    _code = "npu_busy"
+
+
 class ContextOverflow(RKLLMError):
     http_status = 400
 

@@ -154,7 +154,18 @@ def make_engine(shard_downloader: Any = None, config: Config | None = None) -> R
         log.info("rkllm models: %s", ", ".join(e.model_id for e in servable))
     engine.add_end_listener(on_engine_end)
     _engine = engine
+    _start_lifecycle(engine)
     return engine
+
+
+def _start_lifecycle(engine: RKLLMInferenceEngine) -> None:
+    """RKLLM_PRELOAD and the keep-alive timer start with the event loop: now if it runs, else (exo
+    builds its engine before its loop) when exo's API server starts."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    engine.start_lifecycle()
 
 
 def _check_runtime_available(config: Config) -> None:
@@ -412,7 +423,8 @@ def _error(status: int, message: str, code: str) -> Any:
     from aiohttp import web
 
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return web.json_response({"error": {"message": message, "type": kind, "code": code}, "detail": message},
+    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": code},
+                              "detail": message},
                              status=status)
 
 
@@ -463,6 +475,9 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
 
         self.on_chat_completion_request = on_chat_completion_request
         self.app.router.add_get("/v1/rkllm/status", lambda request: _status(engine))
+        self.app.router.add_post("/v1/rkllm/load", lambda request: _load_route(engine, request))
+        self.app.router.add_post("/v1/rkllm/unload", lambda request: _unload_route(engine, request))
+        self.app.on_startup.append(lambda app: _on_api_startup(engine))
 
     async def handle_post_chat_completions(self, request):
         engine = self.node.inference_engine
@@ -515,8 +530,9 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         entries = await asyncio.to_thread(engine.catalog.refresh)
         register_model_cards(entries)
         data = [{"id": e.model_id, "object": "model", "created": int(e.model_file.stat().st_mtime) if e.model_file
-                 and e.model_file.exists() else 0, "owned_by": "exo-rkllm", "ready": True,
-                 "context_length": e.context_len, "aliases": list(e.aliases)} for e in entries if e.ok]
+                 and e.model_file.exists() else 0, "owned_by": "exo-rkllm", "ready": status.ready,
+                 "status": status.value, "context_length": e.context_len, "aliases": list(e.aliases)}
+                for e in entries if e.ok for status in [engine.model_status(e.model_id)]]
         return web.json_response({"object": "list", "data": data})
 
     async def handle_get_initial_models(self, request):
@@ -645,7 +661,49 @@ async def _status(engine: RKLLMInferenceEngine) -> Any:
                     queued=scheduler.queued, streams=len(scheduler.streams),
                     kv_cache_tokens=len(scheduler.kv_tokens) if scheduler.kv_tokens is not None else None,
                     recent=[asdict(r) for r in list(scheduler.history)[-5:]])
+        if engine._lifecycle is not None:
+            body.update(engine._lifecycle.status())
     return web.json_response(body)
+
+
+async def _on_api_startup(engine: RKLLMInferenceEngine) -> None:
+    engine.start_lifecycle()
+
+
+async def _model_request(request: Any, required: bool) -> tuple[str | None, Any]:
+    """The `model` of a load/unload body: (name, None), or (None, the 400 answer)."""
+    try:
+        data = await request.json() if request.can_read_body else {}
+    except ValueError:
+        return None, _error(400, "the request body is not valid JSON", "invalid_json")
+    name = data.get("model") if isinstance(data, dict) else None
+    if (required or name is not None) and (not isinstance(name, str) or not name):
+        return None, _error(400, "'model' must name a model (see GET /v1/models)", "invalid_model")
+    return name, None
+
+
+async def _lifecycle_route(engine: RKLLMInferenceEngine, request: Any, load: bool) -> Any:
+    from aiohttp import web
+
+    name, refused = await _model_request(request, required=load)
+    if refused is not None:
+        return refused
+    lifecycle = await engine.lifecycle()
+    try:
+        body = await (lifecycle.load(name) if load else lifecycle.unload(name))  # type: ignore[arg-type]
+    except RKLLMError as exc:
+        return _error(exc.http_status, str(exc), exc.code)
+    return web.json_response(body)
+
+
+async def _load_route(engine: RKLLMInferenceEngine, request: Any) -> Any:
+    """POST /v1/rkllm/load {"model"}: load it on the NPU now; answers once it is loaded."""
+    return await _lifecycle_route(engine, request, load=True)
+
+
+async def _unload_route(engine: RKLLMInferenceEngine, request: Any) -> Any:
+    """POST /v1/rkllm/unload {"model"?}: unload the NPU's model (only if it is `model`, when given)."""
+    return await _lifecycle_route(engine, request, load=False)
 
 
 def plugin_state_sizes() -> dict[str, int]:
