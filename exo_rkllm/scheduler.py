@@ -196,7 +196,7 @@ class Scheduler:
         running.preempt = True
         log.debug("request %s (background) paused for interactive request %s", running.stream.request_id,
                   arrival.stream.request_id)
-        asyncio.ensure_future(self._abort())
+        asyncio.ensure_future(self._abort(running))
 
     # -- models ----------------------------------------------------------------------------------
     async def preload(self, spec: ModelSpec) -> None:
@@ -478,13 +478,18 @@ class Scheduler:
     def _on_stream_closed(self, stream: RequestStream) -> None:
         if self._running is not None and self._running.stream is stream:
             log.debug("aborting request %s on the NPU: %s", stream.request_id, stream.close_reason)
-            asyncio.ensure_future(self._abort())
+            asyncio.ensure_future(self._abort(self._running))
             return
         for job in [j for j in self._queue if j.stream is stream]:  # waiting, or paused: its end is now
             self._queue.remove(job)
             self._record(job, f"cancelled ({stream.close_reason})")
 
-    async def _abort(self) -> None:
+    async def _abort(self, job: _Job | None = None) -> None:
+        """Abort the run on the NPU; with `job`, only if that job's run still holds it. The abort
+        is scheduled from a callback and may land after the run ended by itself: it must not then
+        stop the next request's run."""
+        if job is not None and self._running is not job:
+            return
         try:
             await self.runtime.abort()
         except Exception:

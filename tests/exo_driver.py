@@ -99,7 +99,11 @@ class ExoRing:
         plugin.track(request_id)  # the plugin's API handler serves it on this node
         self._share_messages(api_node, request_id, messages)
         base = Shard(model_id, 0, 0, n_layers)
-        await self.process_prompt(api_node, base, prompt, request_id)
+        try:
+            await self.process_prompt(api_node, base, prompt, request_id)
+        except BaseException:
+            plugin.forget(request_id)  # exo's API answers with the error; the plugin's handler releases it
+            raise
         return answer
 
     async def complete(self, model_id: str, messages: list[dict[str, Any]], n_layers: int, **kw: Any) -> Answer:

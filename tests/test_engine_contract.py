@@ -238,6 +238,7 @@ async def test_unread_generation_is_aborted_after_the_idle_timeout(demo_models_d
     assert runtime.inner.runs[-1].aborted
     assert engine.active_requests() == []
     assert answer.request_id in engine._scheduler.ended
+    ring.abandon(answer.request_id, "the API timed out")  # what exo's handler then does: nothing is kept
 
 
 async def test_follow_up_turn_reuses_the_cache_when_the_answer_retokenizes_differently(demo_models_dir):
@@ -333,3 +334,20 @@ async def test_request_cancelled_by_a_peer_or_the_idle_sweep_is_not_an_answer(de
     await asyncio.wait_for(answer.finished.wait(), 5)
     assert answer.finish_reason == "error" and "idle timeout" in answer.error["message"]
     await ring.drain()
+
+
+async def test_an_abort_that_lands_after_its_run_ended_does_not_stop_the_next_run(demo_models_dir):
+    """A disconnect schedules the abort; if the run ends by itself first, the abort must not hit
+    whatever runs next (that request would end with no answer)."""
+    engine, runtime = make_engine(demo_models_dir)
+    scheduler = await engine._get_scheduler()
+    ended, running = object(), object()
+    scheduler._running = running
+    try:
+        await scheduler._abort(ended)
+        assert runtime.aborts == 0
+        await scheduler._abort(running)
+        assert runtime.aborts == 1
+    finally:
+        scheduler._running = None
+        await engine.shutdown()
