@@ -208,7 +208,7 @@ class Scheduler:
     async def _ensure_loaded(self, spec: ModelSpec) -> None:
         self._used_at = time.monotonic()
         current = self.runtime.loaded
-        if current is not None and current.model_id == spec.model_id and current.path == spec.path:
+        if current == spec:  # the same model with the same settings (a changed Modelfile loads it again)
             return
         if current is not None:  # one model at a time: give the NPU's memory back before the next one loads
             await self._unload_runtime(current)

@@ -351,3 +351,22 @@ async def test_an_abort_that_lands_after_its_run_ended_does_not_stop_the_next_ru
     finally:
         scheduler._running = None
         await engine.shutdown()
+
+
+async def test_a_changed_modelfile_loads_the_model_again_with_its_new_settings(tmp_path, demo_model_dir):
+    """The runtime takes the context length (and sampling) at load: a Modelfile edited while exo
+    runs must not keep serving the old settings from the loaded model."""
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(demo_model_dir, models / demo_model_dir.name)
+    engine, runtime = make_engine(models)
+    ring = ExoRing([engine])
+    await ring.complete(DEMO_ID, user("first [[sim:tokens=2]]"), DEMO_LAYERS)
+    assert runtime.loaded.max_context_len == 4096
+    modelfile = models / demo_model_dir.name / "Modelfile"
+    modelfile.write_text(modelfile.read_text() + 'NUM_CTX="2048"\n')
+    answer = await ring.complete(DEMO_ID, user("second [[sim:tokens=2]]"), DEMO_LAYERS)
+    assert answer.finish_reason == "stop"
+    assert runtime.loaded.max_context_len == 2048
+    await engine.shutdown()
