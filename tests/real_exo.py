@@ -16,8 +16,16 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from exo_rkllm.bench.exo_process import BIND_ERRORS, START_ATTEMPTS, free_port
-from legacy_exo import find_exo_python  # noqa: F401  (re-exported for the test modules)
+from legacy_exo import find_exo_python
+
+
+EXO_PYTHON, WHY = find_exo_python()
+requires_exo = pytest.mark.skipif(EXO_PYTHON is None, reason=WHY)
+# A module's `pytestmark` for tests that start a real exo: counted by the run's closing line, skipped with the reason.
+REAL_EXO = [pytest.mark.real_exo, requires_exo]
 
 
 class PortTaken(RuntimeError):

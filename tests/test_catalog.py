@@ -15,6 +15,7 @@ from exo_rkllm.config import Config
 from exo_rkllm.errors import ModelLoadError, ModelNotFound, ModelUnavailable
 from exo_rkllm.runtime.sim import SIM_MAGIC, SimRuntime, SimTiming, write_sim_model
 from fake_rkllm.fixtures import *  # noqa: F401,F403  (fake_lib)
+from real_exo import requires_exo
 
 
 def tokenizer_files(src: Path, dst: Path) -> None:
@@ -454,14 +455,12 @@ def test_tokenizer_in_the_tokenizer_subfolder_is_found_after_the_folder_itself(t
 
 # -- through a real legacy exo, on the fake runtime library ---------------------------------------------
 @pytest.mark.real_exo
+@requires_exo
 async def test_through_real_exo_what_cannot_work_is_a_409_with_the_reason_and_not_listed(
         fake_lib, tmp_path, demo_model_dir, demo_tokenizer):
     from fake_rkllm import write_fake_model_folder
-    from real_exo import find_exo_python, start_exo
+    from real_exo import EXO_PYTHON as python, start_exo
 
-    python, why = find_exo_python()
-    if python is None:
-        pytest.skip(why)
     aiohttp = pytest.importorskip("aiohttp")
     models = tmp_path / "models"
     answers = ("fine",)

@@ -21,6 +21,7 @@ from fake_rkllm import write_fake_model_folder
 from fake_rkllm.fixtures import *  # noqa: F401,F403
 from native_support import MULTIBYTE, trace
 from support import RecordingRuntime, user
+from real_exo import requires_exo
 
 SECOND = "Second answer: 二つ目の答え ✨ ok."
 LAYERS = 28  # the demo folder's config.json
@@ -134,12 +135,10 @@ async def test_exo_ending_or_abandoning_a_request_stops_the_npu(fake_lib, tmp_pa
 
 # -- a real exo on the fake library ------------------------------------------------------------------------
 @pytest.mark.real_exo
+@requires_exo
 async def test_real_exo_on_the_fake_library(fake_lib, tmp_path, demo_model_dir, demo_tokenizer) -> None:
-    from real_exo import find_exo_python, start_exo
+    from real_exo import EXO_PYTHON as python, start_exo
 
-    python, why = find_exo_python()
-    if python is None:
-        pytest.skip(why)
     aiohttp = pytest.importorskip("aiohttp")
     models = models_with_fake(tmp_path, demo_model_dir, demo_tokenizer, copy=True, decode_ms=5)
     model_id = Catalog(Config(models_dir=models)).servable()[0].model_id

@@ -17,11 +17,10 @@ import pytest
 
 from exo_rkllm.runtime.base import GenerationInput, TokenEvent
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming
-from real_exo import find_exo_python, start_exo
+from real_exo import EXO_PYTHON, REAL_EXO, start_exo
 from support import DEMO_ID
 
-EXO_PYTHON, WHY = find_exo_python()
-pytestmark = [pytest.mark.real_exo, pytest.mark.skipif(EXO_PYTHON is None, reason=WHY)]
+pytestmark = REAL_EXO
 MAX_TOKENS = 40
 
 

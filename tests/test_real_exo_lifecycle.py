@@ -14,11 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from real_exo import find_exo_python, start_exo
+from real_exo import EXO_PYTHON, REAL_EXO, start_exo
 from support import DEMO_ID
 
-EXO_PYTHON, WHY = find_exo_python()
-pytestmark = [pytest.mark.real_exo, pytest.mark.skipif(EXO_PYTHON is None, reason=WHY)]
+pytestmark = REAL_EXO
 CEILING_S = 60.0
 LOAD_MS = 3000
 

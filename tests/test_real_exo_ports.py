@@ -5,13 +5,10 @@ from __future__ import annotations
 import socket
 import urllib.request
 
-import pytest
-
 import real_exo
-from real_exo import find_exo_python, start_exo
+from real_exo import EXO_PYTHON, REAL_EXO, start_exo
 
-EXO_PYTHON, WHY = find_exo_python()
-pytestmark = [pytest.mark.real_exo, pytest.mark.skipif(EXO_PYTHON is None, reason=WHY)]
+pytestmark = REAL_EXO
 
 
 def test_a_port_taken_before_exo_binds_it_is_retried_on_fresh_ports(tmp_path, demo_models_dir, monkeypatch):

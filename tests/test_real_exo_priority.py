@@ -15,12 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from real_exo import find_exo_python, start_exo
+from real_exo import EXO_PYTHON, REAL_EXO, start_exo
 from support import DEMO_ID
 from test_real_exo import expected_text, stream_chat, user
 
-EXO_PYTHON, WHY = find_exo_python()
-pytestmark = [pytest.mark.real_exo, pytest.mark.skipif(EXO_PYTHON is None, reason=WHY)]
+pytestmark = REAL_EXO
 TITLE = ("### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing the chat history.\n"
          "### Chat History:\n<chat_history>\nUSER: {}\n</chat_history>")
 

@@ -9,11 +9,10 @@ import time
 import aiohttp
 import pytest
 
-from real_exo import find_exo_python, start_ring
+from real_exo import EXO_PYTHON, REAL_EXO, start_ring
 from support import DEMO_ID
 
-EXO_PYTHON, WHY = find_exo_python()
-pytestmark = [pytest.mark.real_exo, pytest.mark.skipif(EXO_PYTHON is None, reason=WHY)]
+pytestmark = REAL_EXO
 TEXT = " Hé 世界 🤖👩‍💻 ring of nodes 🇫🇷"
 
 

@@ -20,11 +20,10 @@ import pytest
 
 from exo_rkllm.runtime.sim import SimTiming
 from fake_rkllama import APIS, FakeRkllamaServer
-from real_exo import find_exo_python, free_port, start_exo
+from real_exo import EXO_PYTHON, REAL_EXO, free_port, start_exo
 from support import DEMO_ID
 
-EXO_PYTHON, WHY = find_exo_python()
-pytestmark = [pytest.mark.real_exo, pytest.mark.skipif(EXO_PYTHON is None, reason=WHY)]
+pytestmark = REAL_EXO
 
 FAST = SimTiming(0, 0, 0, 2.0)
 BOARD = SimTiming(0, 40, 8, 125)  # RK3588-like: prefill 40 ms + 8 ms/token, 8 tokens/s
