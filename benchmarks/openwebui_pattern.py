@@ -34,6 +34,7 @@ from pathlib import Path
 import aiohttp
 
 from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable
+from exo_rkllm.bench.metrics import fmt_median_range
 from exo_rkllm.catalog import Catalog
 from exo_rkllm.config import Config
 from exo_rkllm.demo import write_demo_model
@@ -108,10 +109,6 @@ async def task_request(session: aiohttp.ClientSession, url: str, prompt: str) ->
         return body["choices"][0]["message"]["content"]
 
 
-def fig(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
-
-
 async def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--exo-python", default=sys.executable, help="Python with legacy exo (and exo-rkllm, or the "
@@ -175,10 +172,10 @@ async def main(argv: list[str] | None = None) -> int:
         await exo.stop()
     base_ttft = statistics.median(alone)
     print(f"\nchat request, time to first text over {args.rounds} rounds (median, min-max):")
-    print(f"  without background requests:              {fig(alone)}")
-    print(f"  with a title request 0.2 s before it:      {fig(first)}  "
+    print(f"  without background requests:              {fmt_median_range(alone, unit=' s')}")
+    print(f"  with a title request 0.2 s before it:      {fmt_median_range(first, unit=' s')}  "
           f"({statistics.median(first) / base_ttft:.2f}x)")
-    print(f"  while tags and follow-up requests run:     {fig(nxt)}  "
+    print(f"  while tags and follow-up requests run:     {fmt_median_range(nxt, unit=' s')}  "
           f"({statistics.median(nxt) / base_ttft:.2f}x)")
     lines = [line for line in exo.log_path.read_text(errors="replace").splitlines() if " generated, queued " in line]
     paused = [line for line in lines if ", paused " in line]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
+from exo_rkllm.bench.metrics import fmt_median_range  # noqa: E402
 from exo_rkllm.demo import DEMO_FILE, write_demo_model  # noqa: E402
 from exo_rkllm.runtime.base import FinishEvent, GenerationInput, ModelSpec, TokenEvent  # noqa: E402
 from exo_rkllm.tokenizer import load_tokenizer  # noqa: E402
@@ -140,10 +140,6 @@ def measure_through_generate(sim: ModuleType, spec: ModelSpec, ids: list[int], r
     return asyncio.run(main())
 
 
-def spread(values: list[float], fmt: str) -> str:
-    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sim", type=Path, help="benchmark this sim.py instead of the project's")
@@ -164,13 +160,13 @@ def main() -> int:
             for a in (int(x) for x in args.answers.split(",")):
                 ids = prompt_ids(tok, p, a)
                 r = measure(sim, spec, tok, ids, args.runs)
-                print(f"{len(ids):>7} {r['tokens']:>7}  {spread(r['plan_ms'], '.2f'):>28}  "
-                      f"{spread(r['per_token_us'], '.1f'):>24}  {r['digest']}", flush=True)
+                print(f"{len(ids):>7} {r['tokens']:>7}  {fmt_median_range(r['plan_ms'], '.2f'):>28}  "
+                      f"{fmt_median_range(r['per_token_us'], '.1f'):>24}  {r['digest']}", flush=True)
         ids = prompt_ids(tok, 30, 2000)
         g = measure_through_generate(sim, spec, ids, args.runs)
         print(f"through SimRuntime.generate() (run thread + hand-off to the event loop), {len(ids)}-token prompt, "
-              f"2000 tokens: {spread(g['per_token_us'], '.1f')} µs CPU per token, "
-              f"{spread(g['tok_s'], '.0f')} tokens/s")
+              f"2000 tokens: {fmt_median_range(g['per_token_us'], '.1f')} µs CPU per token, "
+              f"{fmt_median_range(g['tok_s'], '.0f')} tokens/s")
     return 0
 
 

@@ -68,6 +68,12 @@ class Summary:
         return asdict(self)
 
 
+def fmt_median_range(values: Iterable[float], spec: str = ".2f", unit: str = "") -> str:
+    """'median unit (min-max)': how the benchmark scripts print a figure over repeated runs."""
+    xs = list(values)
+    return f"{statistics.median(xs):{spec}}{unit} ({min(xs):{spec}}-{max(xs):{spec}})"
+
+
 def summarize(values: Iterable[float | None]) -> Summary | None:
     xs = _clean(values)
     if not xs:
