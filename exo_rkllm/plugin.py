@@ -21,7 +21,6 @@ they are imported (exo_rkllm/_autoload.py arranges that for a plain
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import json
 import logging
@@ -260,8 +259,16 @@ def finish_for(request_id: str, exo_finish_reason: str | None) -> tuple[str | No
         return exo_finish_reason, None
     if ending.finish_reason == "length":
         return "length", None
-    error = ending.error or RKLLMError("the request failed")
-    return "error", {"message": str(error), "type": "server_error", "code": type(error).__name__}
+    error = failure(request_id)
+    return "error", {"message": str(error), "type": "server_error", "code": error.code if error else None}
+
+
+def failure(request_id: str) -> RKLLMError | None:
+    """The error a request of this node's API ended with, if it failed."""
+    ending = _endings.get(request_id)
+    if ending is None or ending.finish_reason != "error":
+        return None
+    return ending.error or RKLLMError("the request failed")
 
 
 def _broadcast(request_id: str, payload: dict[str, Any]) -> None:
@@ -512,13 +519,12 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         finally:
             watcher.cancel()
             _current.reset(token)
-        failure = next((_endings[r].error or RKLLMError("the request failed") for r in http.request_ids
-                        if r in _endings and _endings[r].finish_reason == "error"), None)
+        failed = next((e for e in map(failure, http.request_ids) if e is not None), None)
         _release(self, engine, http, "client disconnected" if http.disconnected else "the API handler ended")
-        if failure is not None and not getattr(response, "prepared", False):
+        if failed is not None and not getattr(response, "prepared", False):
             # Nothing was sent yet (a non-streamed answer, or a failure before the first token):
             # answer with the engine's own status and message instead of exo's generic 500.
-            return _error(failure.http_status, str(failure), failure.code)
+            return _error(failed.http_status, str(failed), failed.code)
         return response
 
     async def handle_get_models(self, request):
