@@ -354,6 +354,41 @@ async def test_a_long_abandoned_answer_is_stopped_by_unloading(make_server, make
     assert len(server.generations()[-2].text) < len(long)
 
 
+class _EndlessStream:
+    """An abandoned answer whose pieces arrive back to back and never end: every read completes
+    at once, so a time limit always lands on a read that has just finished."""
+
+    eof = False
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.closed = False
+
+    async def read(self) -> bytes:
+        await asyncio.sleep(0)
+        self.reads += 1
+        return b'{"message": {"content": "x"}, "done": false}\n'
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_an_abandoned_answer_arriving_back_to_back_is_still_stopped_in_time(make_server, make_runtime, rk_spec):
+    """On Python < 3.12 a wait_for around the read loop loses its timeout when the cancel lands
+    as a read completes (CI caught this as a flaky test): the drain then read the whole answer."""
+    server = await make_server("ollama", SimTiming(0, 0, 0, 1.0))
+    runtime = await loaded(make_runtime, server, rk_spec)
+    runtime.abandon_drain_s = 0.02
+    for _ in range(20):
+        stream = _EndlessStream()
+        drain = asyncio.ensure_future(runtime._drain_then_unload(stream, DEMO_FOLDER_NAME))
+        done, _ = await asyncio.wait({drain}, timeout=10.0)
+        assert drain in done, "the drain ignored its time limit"
+        drain.result()
+        assert stream.closed
+    assert runtime.unloads_for_abort == 20
+
+
 @pytest.mark.parametrize("api", ["ollama-single", "ollama"])
 async def test_abort_before_the_server_answered(make_server, make_runtime, rk_spec, api):
     """Aborted while the server still loads the model (no headers yet): the request has reached it

@@ -447,10 +447,24 @@ class RkllamaRuntime:
         log.info("rkllama: unloading %s at the server to stop an abandoned generation", name)
         await self.client.unload(name)
 
-    async def _read_to_end(self, stream: ChatStream) -> None:
+    async def _read_to_end(self, stream: ChatStream, within: float | None = None) -> bool:
+        """Read `stream` to its end; False if `within` seconds passed first. Each read is bounded
+        by one deadline rather than by a wait_for around this loop: on Python < 3.12 an outer
+        wait_for whose cancel lands as an inner read completes is swallowed, and the loop would
+        read a long abandoned answer to its end instead of stopping it."""
         wait = max(self.client.first_token_timeout, self.client.chunk_timeout)
+        deadline = None if within is None else time.monotonic() + within
         while not stream.eof:
-            await asyncio.wait_for(stream.read(), wait)
+            left = wait if deadline is None else min(wait, deadline - time.monotonic())
+            if deadline is not None and left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(stream.read(), left)
+            except asyncio.TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                raise
+        return True
 
     async def _drain(self, stream: ChatStream) -> None:
         """Read an abandoned answer to its end, so the server is idle for the next one. A read may
@@ -465,10 +479,8 @@ class RkllamaRuntime:
 
     async def _drain_then_unload(self, stream: ChatStream, name: str | None) -> None:
         try:
-            await asyncio.wait_for(self._read_to_end(stream), self.abandon_drain_s)
-            return
-        except asyncio.TimeoutError:
-            pass
+            if await self._read_to_end(stream, within=self.abandon_drain_s):
+                return
         except Exception as exc:  # the stream broke: the worker may still be generating
             log.debug("rkllama: abandoned answer: %r", exc)
         finally:
