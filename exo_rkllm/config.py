@@ -136,6 +136,19 @@ SETTINGS: tuple[Setting, ...] = (
             "Simulator: fixed milliseconds per prefill (NPU launch cost)."),
     Setting("sim_load_ms", "RKLLM_SIM_LOAD_MS", float, "Simulator: milliseconds to load a model."),
     Setting("log_level", "RKLLM_LOG_LEVEL", str, "Log level of exo-rkllm (DEBUG, INFO, WARNING)."),
+    Setting("api_key", "RKLLM_API_KEY", str,
+            "If set, every `/v1/` route and exo's control routes need `Authorization: Bearer <key>` (as vLLM's and "
+            "llama-server's `--api-key`); the web chat's static pages stay open. Empty: no key (anyone who can "
+            "reach port 52415 can use it)."),
+    Setting("cors_origins", "RKLLM_CORS_ORIGINS", str,
+            "Web origins allowed to call the API from a browser, separated by commas (`*`: any, exo's own "
+            "behaviour). Empty: only the page exo serves itself; a request from any other origin gets 403."),
+    Setting("admin_routes", "RKLLM_ADMIN_ROUTES", _bool,
+            "Keep exo's `POST /quit`, `POST /download` and `DELETE /models/{name}` routes on. Off by default: "
+            "any web page a user opens could otherwise stop the node."),
+    Setting("reasoning_format", "RKLLM_REASONING_FORMAT", str,
+            "Where a reasoning model's `<think>` part goes by default: `deepseek` (into `reasoning_content`) or "
+            "`none` (left in `content`); a request's `reasoning_format` wins."),
 )
 
 
@@ -171,6 +184,10 @@ class Config:
     sim_prefill_base_ms: float = 40.0
     sim_load_ms: float = 1500.0
     log_level: str = "INFO"
+    api_key: str = ""
+    cors_origins: str = ""
+    admin_routes: bool = False
+    reasoning_format: str = "deepseek"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
@@ -201,6 +218,8 @@ class Config:
             raise ConfigError("RKLLM_KEEP_ALIVE must be a number of seconds or a duration such as 5m")
         if self.background_max_wait < 0:
             raise ConfigError("RKLLM_BACKGROUND_MAX_WAIT must not be negative")
+        if self.reasoning_format not in ("deepseek", "none"):
+            raise ConfigError("RKLLM_REASONING_FORMAT must be `deepseek` or `none`")
         for name in ("sim_decode_ms", "sim_prefill_ms", "sim_prefill_base_ms", "sim_load_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"RKLLM_{name.upper()} must not be negative")

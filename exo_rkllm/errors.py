@@ -80,3 +80,10 @@ class ShuttingDown(RKLLMError):
     """exo is stopping: requests still running or waiting end with this, never as finished answers."""
 
     http_status = 503
+
+
+class EmbeddingUnsupported(RKLLMError):
+    """The backend, its runtime release or the model cannot give embeddings."""
+
+    http_status = 400
+    _code = "embeddings_unsupported"

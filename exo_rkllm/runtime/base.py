@@ -67,6 +67,30 @@ class GenerationInput:
     max_new_tokens: int = 0  # 0: the model's limit
     messages: tuple[ChatMessage, ...] | None = None  # for backends that template themselves
     tools: tuple[Mapping[str, object], ...] | None = None
+    # The request's own sampling, whole (the model's values where the request named none); None:
+    # the model's. Only a runtime with `per_run_sampling` can apply it; the others ignore it.
+    sampling: SamplingParams | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class EmbeddingInput:
+    """One text to embed with RKLLM's last-hidden-layer inference mode: `token_ids` for backends
+    that take tokens (encoded as plain text: no special token from the text), `text` for servers
+    that tokenize themselves."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class EmbeddingOutput:
+    """What the runtime gives back: the last hidden layer, one float32 row per input token
+    (shape (n_tokens, width)); or, from a server that pools itself (`pooled`), one row."""
+
+    hidden: object  # numpy.ndarray, float32, 2-D
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +136,7 @@ class Capabilities:
     per_run_sampling: bool = False
     per_run_max_new_tokens: bool = False
     reports_perf: bool = False
+    embeddings: bool = False  # embed() works (last-hidden-layer mode, or a server's embeddings route)
 
 
 ProgressFn = Callable[[str, float], None]  # (what is happening, fraction done 0..1)
@@ -137,6 +162,11 @@ class Runtime(Protocol):
 
     async def abort(self) -> None:
         """Stop the running generation at once; its iterator then ends with FinishEvent(aborted=True)."""
+
+    async def embed(self, inp: EmbeddingInput) -> EmbeddingOutput:
+        """The loaded model's last hidden layer for one input (not while a generation runs: the
+        scheduler serialises). Raises EmbeddingUnsupported where `capabilities.embeddings` is False.
+        It leaves the KV cache in an unknown state: the scheduler clears its bookkeeping."""
 
     async def clear_kv_cache(self) -> None: ...
 
