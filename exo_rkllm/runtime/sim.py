@@ -20,6 +20,32 @@ read once per run from the whole context; the last of each kind wins.
 At zero pacing the simulator's own work per token must stay far below the software
 path it stands in front of (benchmarks/sim_cost.py measures it): nothing in the
 decode loop may grow with the context or the answer.
+
+Runtime releases. `SimRuntime(release=...)` imitates one RKLLM release line
+(`SIM_RELEASES`; default "1.3.0") and its capabilities say what that release can do:
+
+* 1.3.0: sampling and `max_new_tokens` per run (RKLLMInferParam.sampling_params and
+  .max_new_tokens): a run applies `GenerationInput.sampling` (None: the model's) and stops
+  itself, cleanly, at `max_new_tokens`.
+* 1.2.1, 1.2.2, 1.2.3: sampling and `max_new_tokens` are fixed by rkllm_init: a run applies the
+  model's sampling whatever the request asks, and the runtime stops only at the model's
+  limit. A request's smaller `max_new_tokens` is enforced the way the native backend enforces
+  it on these releases: it stops the runtime itself after that many tokens, so the run ends
+  with `FinishEvent(aborted=True)` (the scheduler reads that as a length stop) and
+  `kv_cache_len()` tells exactly what the cache holds (the last token was not fed back).
+
+Every run records the sampling it applied (`runs[i].sampling`), what the request asked
+(`runs[i].requested_sampling`) and its seed (`runs[i].seed`), so tests can check that a
+request's values reached the runtime. The answer itself stays greedy and deterministic
+whatever the sampling: no RKLLM release takes a seed, so a seeded "random" answer would
+imitate nothing, and directives and resumed answers keep working at any temperature.
+
+Embeddings (`embed`, RKLLM's last-hidden-layer mode, in every imitated release): one float32
+row per input token, of the model's width (`hidden_size` of the config.json beside the
+tokenizer or the model file, else the Modelfile's `HIDDEN_SIZE`, else 1536). Row i is a
+function of tokens 0..i, as a causal model's hidden state is: the same tokens give the same
+rows, different ones different rows. It is paced like a prefill of its tokens and, like a run
+without keep_history, leaves exactly those tokens in the KV cache.
 """
 from __future__ import annotations
 
@@ -36,10 +62,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from ..errors import GenerationError, ModelLoadError
+import numpy as np
+
+from ..errors import ContextOverflow, EmbeddingUnsupported, GenerationError, ModelLoadError
 from ..tokenizer import load_tokenizer, special_ids, stop_token_ids, token_bytes
-from .base import (CallState, Capabilities, EventBridge, FinishEvent, GenerationInput, GenerationStats,
-                   ModelSpec, ProgressFn, RuntimeEvent, TokenEvent, stream_from_thread, utf8_complete_prefix)
+from .base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent,
+                   GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeEvent, SamplingParams, TokenEvent,
+                   stream_from_thread, utf8_complete_prefix)
 
 log = logging.getLogger("exo_rkllm.sim")
 
@@ -55,6 +84,26 @@ _FRAGMENTS = (
     "中文标点：你好，世界！", "Mixed 混合 text ✅ done.",
 )
 _DIRECTIVE = re.compile(r"\[\[sim:(tokens|error_at|text)=(.*?)\]\]", re.S)
+DEFAULT_HIDDEN_SIZE = 1536  # Qwen2.5-1.5B's width: the demo model's
+_EMBED_SEED = 0x5E_4B_ED  # mixed into every token's vector, so they differ from any other use of its id
+
+
+@dataclass(frozen=True)
+class SimRelease:
+    """What one RKLLM runtime release line lets its caller do per run (rkllm.h of that release)."""
+
+    version: str
+    per_run_sampling: bool  # RKLLMInferParam.sampling_params (1.3.0 on)
+    per_run_max_new_tokens: bool  # RKLLMInferParam.max_new_tokens (1.3.0 on)
+
+
+SIM_RELEASES: dict[str, SimRelease] = {
+    "1.2.1": SimRelease("1.2.1", per_run_sampling=False, per_run_max_new_tokens=False),
+    "1.2.2": SimRelease("1.2.2", per_run_sampling=False, per_run_max_new_tokens=False),
+    "1.2.3": SimRelease("1.2.3", per_run_sampling=False, per_run_max_new_tokens=False),
+    "1.3.0": SimRelease("1.3.0", per_run_sampling=True, per_run_max_new_tokens=True),
+}
+DEFAULT_SIM_RELEASE = "1.3.0"
 
 
 @dataclass
@@ -85,6 +134,58 @@ class SimRunRecord:
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished: float | None = None
+    # The sampling this run applied: the request's on a release with per-run sampling, else the
+    # model's (fixed at load time); `requested_sampling` is what the request asked (None: nothing).
+    sampling: SamplingParams | None = None
+    requested_sampling: SamplingParams | None = None
+    seed: int | None = None  # the request's seed (recorded only: no RKLLM release takes one)
+    max_new_tokens: int = 0  # the request's limit as the run got it (0: the model's)
+    stopped_at_limit: bool = False  # the binding stopped the runtime at that limit (releases before 1.3.0)
+
+
+@dataclass
+class SimEmbedRecord:
+    """What one embed() call did, for tests to inspect."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    width: int
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+
+def hidden_size(model: ModelSpec) -> int:
+    """The model's width: `hidden_size` of a config.json beside its tokenizer or its model file,
+    else the Modelfile's HIDDEN_SIZE, else DEFAULT_HIDDEN_SIZE (blocking: reads files)."""
+    folders = [f for f in (model.tokenizer_dir, model.path.parent) if f is not None]
+    for folder in dict.fromkeys(folders):
+        try:
+            config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+            width = int(config.get("hidden_size") or 0) if isinstance(config, dict) else 0
+        except (OSError, ValueError, TypeError):
+            continue
+        if width > 0:
+            return width
+    try:
+        width = int(str(model.options.get("HIDDEN_SIZE", "")).strip() or 0)
+    except ValueError:
+        width = 0
+    return width if width > 0 else DEFAULT_HIDDEN_SIZE
+
+
+def embedding_rows(token_ids: tuple[int, ...], width: int) -> np.ndarray:
+    """Deterministic stand-in hidden states, shape (len(token_ids), width), float32.
+
+    Each token id has a fixed random vector; row i carries token i's vector plus a decaying sum of
+    the earlier ones, so it depends on the whole prefix (as a causal model's does) and two inputs
+    differing anywhere differ from there on."""
+    rows = np.empty((len(token_ids), width), dtype=np.float32)
+    state = np.zeros(width, dtype=np.float32)
+    for i, token_id in enumerate(token_ids):
+        vector = np.random.default_rng((_EMBED_SEED, int(token_id) & 0xFFFFFFFF)).standard_normal(width, dtype=np.float32)
+        state = np.float32(0.5) * state + vector
+        rows[i] = state
+    return rows
 
 
 def write_sim_model(path: Path, name: str, **meta: Any) -> Path:
@@ -120,12 +221,22 @@ class SimRuntime:
     """The `sim` backend. One instance is one model context, like one RKLLM handle."""
 
     def __init__(self, timing: SimTiming | None = None, *, emit_eos: bool = False,
-                 fail_on: Callable[[GenerationInput, int], bool] | None = None) -> None:
+                 fail_on: Callable[[GenerationInput, int], bool] | None = None,
+                 release: str = DEFAULT_SIM_RELEASE, embeddings: bool = True) -> None:
+        """`release` is the RKLLM release line to imitate (a key of SIM_RELEASES); `embeddings`
+        False plays a runtime or model without last-hidden-layer output (embed() refuses)."""
+        if release not in SIM_RELEASES:
+            raise ValueError(f"the simulator imitates RKLLM {', '.join(SIM_RELEASES)}, not {release!r}")
         self.timing = timing or SimTiming()
         self.emit_eos = emit_eos  # some runtimes report the eos token before FINISH
         self.fail_on = fail_on  # (input, token index) -> True to report ERROR there
-        self.capabilities = Capabilities(backend="sim", version="sim-1.2.3", token_input=True, keep_history=True,
-                                         clear_kv_cache=True, reports_perf=True)
+        self.release = SIM_RELEASES[release]
+        self.capabilities = Capabilities(backend="sim", version=f"sim-{self.release.version}", token_input=True,
+                                         keep_history=True, clear_kv_cache=True,
+                                         per_run_sampling=self.release.per_run_sampling,
+                                         per_run_max_new_tokens=self.release.per_run_max_new_tokens,
+                                         reports_perf=True, embeddings=embeddings)
+        self._width = DEFAULT_HIDDEN_SIZE
         self._model: ModelSpec | None = None
         self._tok: Any = None
         self._stops: frozenset[int] = frozenset()
@@ -135,6 +246,7 @@ class SimRuntime:
         self._abort = threading.Event()
         self._lock = threading.Lock()
         self.runs: list[SimRunRecord] = []
+        self.embeds: list[SimEmbedRecord] = []
         self.loads = 0
         self.closed = False
 
@@ -160,6 +272,7 @@ class SimRuntime:
         if model.tokenizer_dir is None:
             raise ModelLoadError(f"the simulator needs the tokenizer of {model.model_id}: none was found")
         tok = await asyncio.to_thread(load_tokenizer, model.tokenizer_dir)
+        width = await asyncio.to_thread(hidden_size, model)
         steps = 10
         for i in range(steps):
             if progress:
@@ -167,7 +280,7 @@ class SimRuntime:
             await asyncio.sleep(self.timing.load_ms / 1000 / steps)
         if progress:
             progress(f"loaded {model.path.name}", 1.0)
-        self._model, self._tok, self._kv = model, tok, []
+        self._model, self._tok, self._kv, self._width = model, tok, [], width
         self._stops = stop_token_ids(tok)
         self._specials = special_ids(tok)
         self.loads += 1
@@ -198,7 +311,10 @@ class SimRuntime:
             raise GenerationError("the runtime is busy: one generation at a time per context")
         self._abort.clear()
         self._running.set()
-        record = SimRunRecord(inp.request_id, inp.keep_history, len(self._kv), tuple(inp.token_ids))
+        applied = (inp.sampling or self._model.sampling) if self.release.per_run_sampling else self._model.sampling
+        record = SimRunRecord(inp.request_id, inp.keep_history, len(self._kv), tuple(inp.token_ids),
+                              sampling=applied, requested_sampling=inp.sampling, seed=inp.seed,
+                              max_new_tokens=inp.max_new_tokens)
         self.runs.append(record)
         # a consumer that leaves early stops the run like rkllm_abort would
         events = stream_from_thread(lambda bridge: self._run(inp, bridge, record), self._abort.set, "rkllm-sim-run")
@@ -206,7 +322,47 @@ class SimRuntime:
             async for item in events:
                 yield item
 
+    async def embed(self, inp: EmbeddingInput) -> EmbeddingOutput:
+        """The last hidden layer for `inp.token_ids`: one row per token (see the module doc)."""
+        self._check_open()
+        if not self.capabilities.embeddings:
+            raise EmbeddingUnsupported(f"the simulated runtime ({self.capabilities.version}) was started without "
+                                       "last-hidden-layer output: it gives no embeddings")
+        model = self._model
+        if model is None:
+            raise GenerationError("no model is loaded")
+        ids = tuple(int(i) for i in inp.token_ids)
+        if not ids:
+            raise GenerationError("nothing to embed: the input has no tokens")
+        if len(ids) > model.max_context_len:
+            raise ContextOverflow(f"the input is {len(ids)} tokens but {model.model_id} has a context of "
+                                  f"{model.max_context_len} tokens")
+        if not self._lock.acquire(blocking=False):
+            raise GenerationError("the runtime is busy: one generation at a time per context")
+        record = SimEmbedRecord(inp.request_id, ids, self._width)
+        self.embeds.append(record)
+        self._running.set()
+        try:
+            hidden = await asyncio.to_thread(self._embed_on_thread, ids, self._width)
+            self._kv = list(ids)  # a run without keep_history: the cache holds its input now
+        finally:
+            record.finished = time.monotonic()
+            self._running.clear()
+            self._lock.release()
+        return EmbeddingOutput(hidden=hidden, pooled=False)
+
     # -- the runtime thread ----------------------------------------------------------------
+    def _embed_on_thread(self, ids: tuple[int, ...], width: int) -> np.ndarray:
+        """A last-hidden-layer run: paced like the prefill of its tokens (the vectors' own cost
+        counts towards it), blocking like rkllm_run."""
+        t = self.timing
+        started = time.monotonic()
+        hidden = embedding_rows(ids, width)
+        left = (t.prefill_base_ms + t.prefill_ms_per_token * len(ids)) / 1000 - (time.monotonic() - started)
+        if left > 0:
+            time.sleep(left)
+        return hidden
+
     def _check_open(self) -> None:
         if self.closed:
             raise GenerationError("the runtime was closed")
@@ -249,7 +405,11 @@ class SimRuntime:
         # nothing, or at zero pacing the simulator hides the software path it exists to measure.
         plan = self._plan(context)
         directives, answer = plan.directives, plan.ids
-        limit = inp.max_new_tokens or model.max_new_tokens or len(answer)
+        # The runtime's own limit: the run's on 1.3.0, the one rkllm_init got before. An older
+        # release is stopped by its binding at the run's limit instead (`stop_at`, below).
+        per_run = self.release.per_run_max_new_tokens
+        limit = (inp.max_new_tokens if per_run else 0) or model.max_new_tokens or len(answer)
+        stop_at = inp.max_new_tokens if not per_run and inp.max_new_tokens > 0 else 0
         room = model.max_context_len - len(context)
         answer = answer[: max(0, min(limit, room))]
         generated = record.generated  # appended in place: copying it per token would be quadratic
@@ -277,6 +437,15 @@ class SimRuntime:
             text, pending = pending[:cut].decode("utf-8"), pending[cut:]
             state = CallState.NORMAL if text or not pending else CallState.WAITING
             bridge.push(TokenEvent(token_id, text, state))
+            if stop_at and len(generated) >= stop_at:
+                # The native backend on a release without a per-run limit: it aborts the runtime
+                # once the run has its tokens; the last one was sampled, never fed back.
+                record.stopped_at_limit = True
+                end = time.monotonic()
+                bridge.push(FinishEvent(GenerationStats(len(inp.token_ids), (prefill_done - started) * 1000,
+                                                        len(generated), (end - prefill_done) * 1000,
+                                                        1.0 + len(self._kv) / 1024), aborted=True))
+                return
         # Ended on EOS: every emitted token was fed. Ended on the length limit: the last
         # emitted token was sampled but never fed, so the cache is one shorter.
         end = time.monotonic()
