@@ -48,7 +48,8 @@ async def test_streams_the_runtime_tokens_byte_exact_with_waiting(fake_lib, tmp_
     assert finish.stats.prefill_tokens == len(ids)
     lines = trace(tmp_path)
     assert lines[0].startswith(f"init version={version}")
-    assert lines[1] == f"run keep={0 if version == '1.1.4' else 1} n={len(ids)} kv_before=0"
+    assert lines[1].startswith("sampling from=init top_k=7 top_p=0.500 temp=0.300 ")  # the model's, as loaded
+    assert lines[2] == f"run keep={0 if version == '1.1.4' else 1} n={len(ids)} kv_before=0"
     await rt.close()
     assert trace(tmp_path)[-1] == "destroy"
 

@@ -73,7 +73,22 @@
  *   finish_after_abort=0|1  emit_eos=0|1  crash_on_load=0|1  ignore_abort=0|1 (a hung runtime)
  *   cache_load_ms=  milliseconds per token to load a prompt cache (default prefill_ms/20)
  *   embd_size=N  hidden size for RKLLM_INFER_GET_LAST_HIDDEN_LAYER (default 1536; rkllama's embeddings)
+ *   hidden_layer=0  the model gives no last hidden layer (that mode then ends with FINISH alone)
  *   trace=<file> (one line per API call)
+ *
+ * Sampling. Every generating run traces the sampling it applies, as
+ *   "sampling from=run|init top_k=K top_p=P temp=T repeat=R freq=F presence=Q mirostat=M max_new=N"
+ * before its "run" line: on 1.3.0 a run with RKLLMInferParam.sampling_params uses those (from=run; they
+ * replace every init value, mirostat included), any other run the RKLLMParam values of rkllm_init
+ * (from=init). max_new is the limit the run applies: 1.3.0's per-run max_new_tokens when > 0, else the
+ * init value (-1: none). No release has a seed, so none is traced. The fake does not sample (the
+ * answer is a function of the context), but what reached the runtime is on record.
+ *
+ * The last hidden layer (RKLLM_INFER_GET_LAST_HIDDEN_LAYER): one callback after the prefill with
+ * num_tokens = the tokens prefilled and embd_size floats per token, row t a function of the context up
+ * to token t (the same tokens give the same rows, different ones different rows); 1.1.x reports it in
+ * its state RKLLM_RUN_GET_LAST_HIDDEN_LAYER = 4 (its llm_demo.cpp reads it there), later releases in
+ * NORMAL (their demos read it there); then FINISH, and no token is generated. Traced "hidden n=N embd=E".
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -375,6 +390,7 @@ typedef struct {
     int piece_cap;
     double load_ms, prefill_base_ms, prefill_ms, decode_ms, cache_load_ms;
     int embd_size;     /* hidden size reported by RKLLM_INFER_GET_LAST_HIDDEN_LAYER */
+    int hidden_layer;  /* 0: the model gives no last hidden layer */
     uint32_t model_id; /* FNV-1a of the model file's bytes: a prompt cache belongs to one model */
     int error_at, error_if_input_has, crash_at, crash_if_input_has, crash_mode;
     int waiting_style, finish_after_abort, emit_eos, ignore_abort;
@@ -382,6 +398,8 @@ typedef struct {
 
     /* init parameters */
     int max_context_len, max_new_tokens;
+    int32_t init_top_k, init_mirostat; /* the sampling of rkllm_init: runs without their own use it */
+    float init_top_p, init_temperature, init_repeat_penalty, init_frequency_penalty, init_presence_penalty;
     bool skip_special_token;
     LLMResultCallback callback;
     void *callback_userdata;
@@ -542,6 +560,7 @@ static int load_model(FakeContext *ctx, const char *path) {
         else if (!strcmp(key, "decode_ms")) ctx->decode_ms = atof(val);
         else if (!strcmp(key, "cache_load_ms")) ctx->cache_load_ms = atof(val);
         else if (!strcmp(key, "embd_size")) ctx->embd_size = atoi(val);
+        else if (!strcmp(key, "hidden_layer")) ctx->hidden_layer = atoi(val);
         else if (!strcmp(key, "error_at")) ctx->error_at = atoi(val);
         else if (!strcmp(key, "error_if_input_has")) ctx->error_if_input_has = atoi(val);
         else if (!strcmp(key, "crash_at")) ctx->crash_at = atoi(val);
@@ -802,6 +821,7 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
     pthread_condattr_destroy(&attr);
     ctx->error_if_input_has = -1;
     ctx->crash_if_input_has = -1;
+    ctx->hidden_layer = 1;
     if (load_model(ctx, param->model_path) != 0) {
         free_context(ctx);
         return -1;
@@ -815,6 +835,13 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
     ctx->max_new_tokens = param->max_new_tokens;
     ctx->skip_special_token = param->skip_special_token;
     int32_t top_k = sane_top_k(param->top_k, "RKLLMParam");
+    ctx->init_top_k = top_k;
+    ctx->init_top_p = param->top_p;
+    ctx->init_temperature = param->temperature;
+    ctx->init_repeat_penalty = param->repeat_penalty;
+    ctx->init_frequency_penalty = param->frequency_penalty;
+    ctx->init_presence_penalty = param->presence_penalty;
+    ctx->init_mirostat = param->mirostat;
 #if FAKE_RKLLM_LAYOUT >= 120
     /* rkllama of 2025 sets enabled_cpus_num = cpu_count() and enabled_cpus_mask = (1 << (n + 1)) - 1 (0x1FF on an
        8-core board) and works on boards: CPUs the board lacks are ignored, with a warning. */
@@ -1070,8 +1097,18 @@ static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *
     else if (((const unsigned char *)input)[offsetof(RKLLMInput, enable_thinking)] > 1) bad = "enable_thinking";
 #endif
 #if FAKE_RKLLM_LAYOUT >= 130
+    /* the same checks as RKLLMParam's at rkllm_init: a binding with a wrong struct fails here */
     else if (infer->sampling_params && !(infer->sampling_params->top_p >= 0 && infer->sampling_params->top_p <= 1))
         bad = "sampling_params.top_p";
+    else if (infer->sampling_params &&
+             !(infer->sampling_params->temperature >= 0.0f && infer->sampling_params->temperature <= 100.0f))
+        bad = "sampling_params.temperature";
+    else if (infer->sampling_params &&
+             !(infer->sampling_params->repeat_penalty >= 0.0f && infer->sampling_params->repeat_penalty <= 100.0f))
+        bad = "sampling_params.repeat_penalty";
+    else if (infer->sampling_params && (!isfinite(infer->sampling_params->frequency_penalty) ||
+                                        !isfinite(infer->sampling_params->presence_penalty)))
+        bad = "sampling_params penalties";
 #endif
     if (bad) {
         fprintf(stderr, "E rkllm: rkllm_run: %s\n", bad);
@@ -1086,8 +1123,23 @@ static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *
             }
         }
     }
+    /* the sampling this run applies: its own (1.3.0) or the init values */
+    const char *sampling_from = "init";
+    int32_t top_k = ctx->init_top_k, mirostat = ctx->init_mirostat;
+    float top_p = ctx->init_top_p, temperature = ctx->init_temperature, repeat = ctx->init_repeat_penalty,
+          frequency = ctx->init_frequency_penalty, presence = ctx->init_presence_penalty;
 #if FAKE_RKLLM_LAYOUT >= 130
-    if (infer->sampling_params) sane_top_k(infer->sampling_params->top_k, "RKLLMSamplingParam");
+    if (infer->sampling_params) {
+        const RKLLMSamplingParam *sp = infer->sampling_params;
+        sampling_from = "run";
+        top_k = sane_top_k(sp->top_k, "RKLLMSamplingParam");
+        top_p = sp->top_p;
+        temperature = sp->temperature;
+        repeat = sp->repeat_penalty;
+        frequency = sp->frequency_penalty;
+        presence = sp->presence_penalty;
+        mirostat = sp->mirostat;
+    }
 #endif
     int keep = 0;
 #if FAKE_RKLLM_LAYOUT >= 120
@@ -1097,6 +1149,10 @@ static int run_generation(FakeContext *ctx, RKLLMInput *input, RKLLMInferParam *
 #if FAKE_RKLLM_LAYOUT >= 130
     if (infer->max_new_tokens > 0) limit = infer->max_new_tokens; /* <= 0 (Ollama's num_predict -1, -2): the init value */
 #endif
+    if (infer->mode == RKLLM_INFER_GENERATE)
+        trace(ctx, "sampling from=%s top_k=%d top_p=%.3f temp=%.3f repeat=%.3f freq=%.3f presence=%.3f mirostat=%d "
+                   "max_new=%d",
+              sampling_from, (int)top_k, top_p, temperature, repeat, frequency, presence, (int)mirostat, limit);
     if (!keep) ctx->kv_len = 0;
     if (input->input_type == RKLLM_INPUT_TOKEN)
         return run_tokens(ctx, input->token_input.input_ids, (int)input->token_input.n_tokens, keep, limit, infer,
@@ -1180,7 +1236,8 @@ static int run_tokens(FakeContext *ctx, const int32_t *in, int n_in, int keep, i
         const IdList *answer = &ctx->answers[fnv1a(ctx->kv, ctx->kv_len) % (uint32_t)ctx->n_answers];
         int room = ctx->max_context_len - ctx->kv_len;
         int n_out = infer->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER ? 0 : answer->n;
-        if (infer->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER) deliver_hidden(ctx, &result, userdata, n_in);
+        if (infer->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER && ctx->hidden_layer)
+            deliver_hidden(ctx, &result, userdata, n_in);
         if (limit > 0 && n_out > limit) n_out = limit;
         if (n_out > room) n_out = room;
         unsigned char pending[16], text[4096];

@@ -27,7 +27,8 @@ from typing import Any
 # -- enums: the same numbers in every release ------------------------------------------------------
 LLMHandle = c_void_p
 
-# LLMCallState (1.1.x also declares RKLLM_RUN_GET_LAST_HIDDEN_LAYER = 4)
+# LLMCallState. 1.1.x also declares RKLLM_RUN_GET_LAST_HIDDEN_LAYER = 4: the state its callback reports the
+# last hidden layer in (its llm_demo.cpp reads it there); from 1.2.0 on the demos read it in NORMAL.
 RKLLM_RUN_NORMAL = 0
 RKLLM_RUN_WAITING = 1
 RKLLM_RUN_FINISH = 2
@@ -113,6 +114,7 @@ class V1_1_4:
     HAS_PERF = False
     HAS_PER_RUN_SAMPLING = False
     HAS_PER_RUN_MAX_NEW_TOKENS = False
+    HAS_LAST_HIDDEN_LAYER = True  # RKLLM_INFER_GET_LAST_HIDDEN_LAYER (embeddings)
     CALLBACK_RETURNS_INT = False
     INIT_TAKES_CALLBACK_STRUCT = False
     IS_RUNNING_MEANS_RUNNING = 0  # documented: 0 while a task runs
@@ -236,6 +238,7 @@ class V1_2_0:
     HAS_PERF = False
     HAS_PER_RUN_SAMPLING = False
     HAS_PER_RUN_MAX_NEW_TOKENS = False
+    HAS_LAST_HIDDEN_LAYER = True  # RKLLM_INFER_GET_LAST_HIDDEN_LAYER (embeddings)
     CALLBACK_RETURNS_INT = False
     INIT_TAKES_CALLBACK_STRUCT = False
     IS_RUNNING_MEANS_RUNNING = 0
@@ -380,6 +383,7 @@ class V1_2_1:
     HAS_PERF = True
     HAS_PER_RUN_SAMPLING = False
     HAS_PER_RUN_MAX_NEW_TOKENS = False
+    HAS_LAST_HIDDEN_LAYER = True  # RKLLM_INFER_GET_LAST_HIDDEN_LAYER (embeddings)
     CALLBACK_RETURNS_INT = True
     INIT_TAKES_CALLBACK_STRUCT = False
     IS_RUNNING_MEANS_RUNNING = 0
@@ -520,6 +524,7 @@ class V1_3_0:
     HAS_PERF = True
     HAS_PER_RUN_SAMPLING = True
     HAS_PER_RUN_MAX_NEW_TOKENS = True
+    HAS_LAST_HIDDEN_LAYER = True  # RKLLM_INFER_GET_LAST_HIDDEN_LAYER (embeddings)
     CALLBACK_RETURNS_INT = True
     INIT_TAKES_CALLBACK_STRUCT = True
     IS_RUNNING_MEANS_RUNNING = 1  # documented: 1 while a task runs
@@ -626,6 +631,8 @@ class V1_3_0:
     RKLLMPromptCacheParam = RKLLMPromptCacheParam
     RKLLMCrossAttnParam = RKLLMCrossAttnParam
 
+    # Per run through RKLLMInferParam.sampling_params: when set, it replaces every sampling value of
+    # RKLLMParam for that run (mirostat included). No release, this one included, has a seed field.
     class RKLLMSamplingParam(Structure):
         _fields_ = [
             ("top_k", c_int32),

@@ -13,8 +13,22 @@ Two layers:
 
 Everything the C side may still use is kept referenced for as long as it may
 use it: the callback for the life of the handle (until rkllm_destroy returns),
-the parameter struct and model path likewise, the input arrays and infer
-parameters until rkllm_run returns. The callback never raises into C.
+the parameter struct and model path likewise, the input arrays, infer
+parameters and per-run sampling struct until rkllm_run returns. The callback
+never raises into C.
+
+Per-run options, by release (see abi.py's HAS_* flags):
+- sampling (`GenerationInput.sampling`): 1.3.0 takes it per run (RKLLMInferParam.sampling_params,
+  which replaces every sampling value of the load for that run, so the load's mirostat settings are
+  restated in it); older releases only have the load-time values of RKLLMParam, and the request's
+  sampling is ignored there (`capabilities.per_run_sampling` says so).
+- seed (`GenerationInput.seed`): no release of rkllm.h has a seed anywhere, so it is never applied.
+- max_new_tokens: 1.3.0 takes it per run; older releases are stopped by us after that many tokens.
+- embeddings (`embed`): every release has RKLLM_INFER_GET_LAST_HIDDEN_LAYER. The run prefills the
+  tokens with no history and reports the last layer's hidden states through the callback (1.1.x in
+  its own state 4, RKLLM_RUN_GET_LAST_HIDDEN_LAYER; later releases in NORMAL; a FINISH carrying them
+  is accepted too). The KV cache then holds the embedded text, so it is cleared right after where the
+  release can clear it (1.1.x keeps no history between runs anyway).
 """
 from __future__ import annotations
 
@@ -33,9 +47,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 from ...config import Config
-from ...errors import ConfigError, GenerationError, ModelLoadError, RKLLMError
-from ..base import (CallState, Capabilities, EventBridge, FinishEvent, GenerationInput, GenerationStats, ModelSpec,
-                    ProgressFn, RuntimeEvent, TokenEvent, stream_from_thread, utf8_complete_prefix)
+from ...errors import ConfigError, EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError
+from ..base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent,
+                    GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeEvent, SamplingParams, TokenEvent,
+                    stream_from_thread, utf8_complete_prefix)
 from . import abi
 from .library import RKLLMLibrary, RuntimeIdentity
 
@@ -107,7 +122,8 @@ def capabilities_for(identity: RuntimeIdentity) -> Capabilities:
     return Capabilities(backend="native", version=identity.version, token_input=True,
                         keep_history=layout.HAS_KEEP_HISTORY, clear_kv_cache=layout.HAS_CLEAR_KV_CACHE,
                         per_run_sampling=layout.HAS_PER_RUN_SAMPLING,
-                        per_run_max_new_tokens=layout.HAS_PER_RUN_MAX_NEW_TOKENS, reports_perf=layout.HAS_PERF)
+                        per_run_max_new_tokens=layout.HAS_PER_RUN_MAX_NEW_TOKENS, reports_perf=layout.HAS_PERF,
+                        embeddings=layout.HAS_LAST_HIDDEN_LAYER)
 
 
 def _option_bool(options: Mapping[str, str], key: str, default: bool) -> bool:
@@ -234,6 +250,22 @@ class _Run:
     finished: bool = False
     perf: GenerationStats | None = None
     emit_failed: BaseException | None = None
+    hidden_mode: bool = False  # RKLLM_INFER_GET_LAST_HIDDEN_LAYER: collect the hidden layer, emit nothing
+    hidden: "_HiddenLayer | None" = None
+
+
+@dataclass(frozen=True)
+class _HiddenLayer:
+    """The last hidden layer as a callback delivered it, copied out while its pointer was valid."""
+
+    data: bytes  # num_tokens * embd_size float32, row-major
+    num_tokens: int
+    embd_size: int
+
+
+# Far beyond any model on these NPUs: a layer larger than this is a garbled struct, not data.
+_MAX_EMBD_SIZE = 1 << 16
+_MAX_HIDDEN_TOKENS = 1 << 20
 
 
 class NativeSession:
@@ -253,6 +285,7 @@ class NativeSession:
         self._run_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self.spec: ModelSpec | None = None
+        self._mirostat: tuple[int, float, float] = (0, 5.0, 0.1)  # the load's values, restated per run
         self.closed = False
 
     # -- model -----------------------------------------------------------------------------------------
@@ -335,6 +368,7 @@ class NativeSession:
             self._handle = handle
             self._keepalive = keep
             self.spec = spec
+            self._mirostat = (int(param.mirostat), float(param.mirostat_tau), float(param.mirostat_eta))
         log.debug("rkllm_init ok: %s (runtime %s)", path, self.library.version)
 
     def _load_error(self, path: Path, rc: int, output: str) -> ModelLoadError:
@@ -402,6 +436,10 @@ class NativeSession:
                     infer.max_new_tokens = int(inp.max_new_tokens)
                 else:
                     limit = int(inp.max_new_tokens)  # this release cannot be told: stop it ourselves
+            sampling = None  # older releases: the load's values apply, whatever the request asked for
+            if inp.sampling is not None and layout.HAS_PER_RUN_SAMPLING:
+                sampling = self._sampling_param(inp.sampling)
+                infer.sampling_params = ctypes.pointer(sampling)
             run = _Run(emit, limit)
             with self._state_lock:
                 self._run = run
@@ -414,10 +452,105 @@ class NativeSession:
             finally:
                 with self._state_lock:
                     self._run = None
-                del ids, rin, infer  # only now may the arrays the runtime read go
+                del ids, rin, infer, sampling  # only now may what the runtime read go
             return self._finish(run, rc, len(inp.token_ids))
         finally:
             self._run_lock.release()
+
+    def _sampling_param(self, s: SamplingParams) -> Any:
+        """The 1.3.0 RKLLMSamplingParam for one run. It replaces all of the load's sampling values, so
+        the mirostat settings the model was loaded with are restated (a request cannot name them)."""
+        param = self.layout.RKLLMSamplingParam()
+        param.top_k = int(s.top_k)
+        param.top_p = float(s.top_p)
+        param.temperature = float(s.temperature)
+        param.repeat_penalty = float(s.repeat_penalty)
+        param.frequency_penalty = float(s.frequency_penalty)
+        param.presence_penalty = float(s.presence_penalty)
+        param.mirostat, param.mirostat_tau, param.mirostat_eta = self._mirostat
+        return param
+
+    # -- embeddings -------------------------------------------------------------------------------------
+    def embed(self, inp: EmbeddingInput) -> Any:
+        """The last hidden layer for `inp.token_ids`: a float32 numpy array (num_tokens, embd_size),
+        a copy the runtime no longer owns. Blocks until rkllm_run returns. Raises EmbeddingUnsupported
+        where the release has no last-hidden-layer mode or the runtime delivered no hidden layer, and
+        GenerationError when the runtime fails. Leaves the KV cache empty where it can be cleared."""
+        import numpy as np
+
+        if not self.capabilities.embeddings:
+            raise EmbeddingUnsupported(f"the RKLLM runtime {self.library.version} has no last-hidden-layer mode")
+        if not self._run_lock.acquire(blocking=False):
+            raise GenerationError("the runtime is busy: one run at a time per context")
+        try:
+            if not self._handle.value or self.spec is None:
+                raise GenerationError("no model is loaded")
+            if not inp.token_ids:
+                raise GenerationError("nothing to embed: no tokens")
+            layout = self.layout
+            ids = (ctypes.c_int32 * len(inp.token_ids))(*inp.token_ids)
+            rin = layout.RKLLMInput()
+            if layout.HAS_INPUT_ROLE:
+                rin.role = b"user"
+                rin.enable_thinking = False
+            rin.input_type = abi.RKLLM_INPUT_TOKEN
+            rin.token_input.input_ids = ids
+            rin.token_input.n_tokens = len(inp.token_ids)
+            infer = layout.RKLLMInferParam()
+            infer.mode = abi.RKLLM_INFER_GET_LAST_HIDDEN_LAYER
+            if layout.HAS_KEEP_HISTORY:
+                infer.keep_history = 0  # the text alone, whatever the cache held
+            run = _Run(lambda event: None, 0, hidden_mode=True)
+            with self._state_lock:
+                self._run = run
+            try:
+                rc = self.fn["rkllm_run"](self._handle, ctypes.byref(rin), ctypes.byref(infer), None)
+            finally:
+                with self._state_lock:
+                    self._run = None
+                del ids, rin, infer
+            # The cache now holds the embedded text: no generation may continue from it.
+            try:
+                self._clear_kv_cache_now()
+            except GenerationError as exc:  # the scheduler forgets the cache after an embedding anyway
+                log.warning("clearing the KV cache after an embedding failed: %s", exc)
+            if run.error:
+                raise GenerationError(f"the RKLLM runtime {self.library.version} reported an error while embedding "
+                                      f"(rkllm_run returned {rc}; see the runtime's log above)")
+            if rc != 0:
+                raise GenerationError(f"rkllm_run (last hidden layer) failed with code {rc} "
+                                      "(see the runtime's log above)")
+            if run.aborted:
+                raise GenerationError("the embedding run was aborted")
+            hidden = run.hidden
+            if hidden is None:
+                raise EmbeddingUnsupported(f"the RKLLM runtime {self.library.version} returned no last hidden layer "
+                                           f"for {Path(self.spec.path).name}")
+            if hidden.num_tokens != len(inp.token_ids):
+                log.debug("the runtime returned hidden states for %d of %d tokens", hidden.num_tokens,
+                          len(inp.token_ids))
+            array = np.frombuffer(hidden.data, dtype=np.float32).reshape(hidden.num_tokens, hidden.embd_size)
+            return array.copy()  # writable, and owned by nobody else
+        finally:
+            self._run_lock.release()
+
+    def _take_hidden(self, run: _Run, result: Any) -> None:
+        """Copy the callback's last hidden layer (valid only during the callback) into `run`. A later
+        delivery replaces an earlier one only if it covers more tokens, so a runtime that restates the
+        layer with FINISH does not count twice."""
+        if not result:
+            return
+        layer = result.contents.last_hidden_layer
+        n, embd = int(layer.num_tokens), int(layer.embd_size)
+        if not layer.hidden_states or n <= 0 or embd <= 0:
+            return
+        if n > _MAX_HIDDEN_TOKENS or embd > _MAX_EMBD_SIZE:
+            log.warning("ignoring a last hidden layer of %d x %d floats: not a plausible size", n, embd)
+            return
+        if run.hidden is not None and run.hidden.num_tokens >= n:
+            return
+        data = ctypes.string_at(layer.hidden_states, n * embd * ctypes.sizeof(ctypes.c_float))
+        run.hidden = _HiddenLayer(data, n, embd)
 
     def _finish(self, run: _Run, rc: int, prefilled: int) -> FinishEvent:
         tail = run.joiner.flush()
@@ -496,6 +629,14 @@ class NativeSession:
             run = self._run
             if run is None:
                 return
+            if run.hidden_mode:
+                if state == abi.RKLLM_RUN_ERROR:
+                    run.error = True
+                    return
+                if state == abi.RKLLM_RUN_FINISH:
+                    run.finished = True
+                self._take_hidden(run, result)  # NORMAL, FINISH, or 1.1.x's GET_LAST_HIDDEN_LAYER state
+                return
             if state == abi.RKLLM_RUN_NORMAL or state == abi.RKLLM_RUN_WAITING:
                 if run.aborted or run.limit_reached:
                     if not run.abort_sent:
@@ -541,7 +682,11 @@ class NativeSession:
             return  # 1.1.x keeps no history across runs: nothing to clear
         if self.running:
             raise GenerationError("clear_kv_cache while a generation is running")
-        if not self._handle.value:
+        self._clear_kv_cache_now()
+
+    def _clear_kv_cache_now(self) -> None:
+        """rkllm_clear_kv_cache, all of it; the caller knows no run is in flight."""
+        if not self.layout.HAS_CLEAR_KV_CACHE or not self._handle.value:
             return
         if self.layout.CLEAR_KV_CACHE_TAKES_RANGE:
             rc = self.fn["rkllm_clear_kv_cache"](self._handle, 0, None, None)
@@ -597,6 +742,15 @@ class NativeRuntime:
 
     async def clear_kv_cache(self) -> None:
         await asyncio.to_thread(self.session.clear_kv_cache)
+
+    async def embed(self, inp: EmbeddingInput) -> EmbeddingOutput:
+        """The last hidden layer for `inp.token_ids`, one float32 row per token (see NativeSession.embed)."""
+        if not self.capabilities.embeddings:
+            raise EmbeddingUnsupported(f"the RKLLM runtime {self.capabilities.version} has no last-hidden-layer mode")
+        if self.session.closed:
+            raise GenerationError("the runtime was closed")
+        hidden = await asyncio.to_thread(self.session.embed, inp)
+        return EmbeddingOutput(hidden=hidden, pooled=False)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.session.close)

@@ -48,7 +48,8 @@ class Configure:
 
 @dataclass
 class Call:
-    """A control operation answered by one Reply: load, unload, clear_kv_cache, kv_cache_len, close."""
+    """A control operation answered by one Reply: load, unload, clear_kv_cache, kv_cache_len, embed
+    (arg: an EmbeddingInput; value: an EmbedResult), close."""
 
     seq: int
     op: str
@@ -57,6 +58,8 @@ class Call:
 
 @dataclass
 class Generate:
+    """One generation; `inp` travels whole, its per-run sampling, seed and max_new_tokens included."""
+
     seq: int
     inp: GenerationInput
 
@@ -78,6 +81,15 @@ class Reply:
     seq: int
     value: Any = None
     error: RemoteError | None = None
+
+
+@dataclass
+class EmbedResult:
+    """The value of an `embed` Reply: the hidden states (float32 numpy array, tokens x width) and the
+    KV cache length after the run (0 once cleared; None where the release cannot tell)."""
+
+    hidden: Any
+    kv_len: int | None
 
 
 @dataclass

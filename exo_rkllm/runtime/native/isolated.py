@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 from multiprocessing.connection import Connection
 
-from ...errors import GenerationError, ModelLoadError, RKLLMError, RuntimeUnavailable
-from ..base import FinishEvent, GenerationInput, ModelSpec, ProgressFn, RuntimeEvent
+from ...errors import EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError, RuntimeUnavailable
+from ..base import EmbeddingInput, EmbeddingOutput, FinishEvent, GenerationInput, ModelSpec, ProgressFn, RuntimeEvent
 from .backend import NativeSettings, capabilities_for
 from .ipc import Abort, Call, Configure, Failed, Finished, Generate, Hello, Reply, Token
 from .library import RuntimeIdentity
@@ -216,6 +216,21 @@ class IsolatedRuntime:
         worker = await self._ensure_worker()
         self._kv_len = None
         self._kv_len = await self._call(worker, "clear_kv_cache")
+
+    async def embed(self, inp: EmbeddingInput) -> EmbeddingOutput:
+        """The last hidden layer, computed in the worker (see NativeSession.embed). A worker that dies
+        meanwhile fails this call and is restarted, as for a generation."""
+        if not self.capabilities.embeddings:
+            raise EmbeddingUnsupported(f"the RKLLM runtime {self.identity.version} has no last-hidden-layer mode")
+        worker = await self._ensure_worker()
+        if self._spec is None:
+            raise GenerationError("no model is loaded")
+        if self._gen is not None:
+            raise GenerationError("the runtime is busy: one run at a time per context")
+        self._kv_len = None
+        result = await self._call(worker, "embed", inp)
+        self._kv_len = result.kv_len
+        return EmbeddingOutput(hidden=result.hidden, pooled=False)
 
     async def close(self) -> None:
         if self._closed:

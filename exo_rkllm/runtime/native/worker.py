@@ -3,8 +3,10 @@
 Started by IsolatedRuntime as `python -m exo_rkllm.runtime.native.worker --fd N`
 with one end of a socket pair. It loads the library named in the first
 message, then serves commands: control calls (load, unload, clear_kv_cache,
-kv_cache_len, close) on this thread, each generation on a thread of its own so
-an Abort is handled while rkllm_run blocks. Tokens are sent from the runtime's
+kv_cache_len, embed, close) on this thread, each generation on a thread of its
+own so an Abort is handled while rkllm_run blocks. An embedding is a control
+call: it is one prefill, which nothing aborts, and exo sends nothing else
+meanwhile (the scheduler serialises). Tokens are sent from the runtime's
 callback thread itself, with no hop through another thread.
 
 It ignores SIGINT (Ctrl-C in exo's terminal belongs to exo, which closes the
@@ -24,7 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .backend import NativeSession
-from .ipc import Abort, Call, Configure, Failed, Finished, Generate, Hello, RemoteError, Reply, Token
+from .ipc import Abort, Call, Configure, EmbedResult, Failed, Finished, Generate, Hello, RemoteError, Reply, Token
 from .library import RKLLMLibrary
 
 log = logging.getLogger("exo_rkllm.native.worker")
@@ -77,6 +79,8 @@ class Worker:
                 value = self.session.kv_cache_len()
             elif msg.op == "kv_cache_len":
                 value = self.session.kv_cache_len()
+            elif msg.op == "embed":
+                value = EmbedResult(self.session.embed(msg.arg), self.session.kv_cache_len())
             elif msg.op == "ping":
                 value = os.getpid()
             elif msg.op == "close":
