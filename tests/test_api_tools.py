@@ -10,7 +10,6 @@ import pytest
 from exo_rkllm.api.reasoning import ReasoningSplitter
 from exo_rkllm.api.tools import (Parsed, ToolCall, ToolCallParser, ToolDelta, ToolFamily, family_for, new_call_id,
                                  parse_all)
-from exo_rkllm.demo import CHATML_TEMPLATE
 
 H, L, M = ToolFamily.HERMES, ToolFamily.LLAMA3, ToolFamily.MISTRAL
 
@@ -243,11 +242,13 @@ LLAMA31_TEMPLATE = ("{%- if message.role == \"ipython\" or message.role == \"too
                     "{{- \"<|start_header_id|>ipython<|end_header_id|>\\n\\n\" }}{%- endif %}")
 LLAMA_PYTHON_TEMPLATE = "{{- '<|python_tag|>' + tool_call.arguments.code + '<|eom_id|>' }}"
 MISTRAL_TEMPLATE = "{{- \"[TOOL_CALLS] [\" }}{%- for tool_call in message.tool_calls %}"
+PLAIN_CHATML_TEMPLATE = ("{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' + "
+                         "message['content'] + '<|im_end|>\\n' -}}{%- endfor -%}")  # no tools: no syntax
 
 
 @pytest.mark.parametrize("template,family", [
     (QWEN25_TEMPLATE, H), (LLAMA31_TEMPLATE, L), (LLAMA_PYTHON_TEMPLATE, L), (MISTRAL_TEMPLATE, M),
-    (CHATML_TEMPLATE, ToolFamily.NONE), ("", ToolFamily.NONE), (None, ToolFamily.NONE),
+    (PLAIN_CHATML_TEMPLATE, ToolFamily.NONE), ("", ToolFamily.NONE), (None, ToolFamily.NONE),
 ])
 def test_family_from_the_chat_template(template, family):
     assert family_for(template) is family
