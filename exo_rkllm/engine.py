@@ -16,6 +16,11 @@ Only the shard holding layer 0 runs the model (RKLLM cannot run a slice of
 layers); any other shard passes tokens through and still knows the tokenizer.
 The engine knows no transport and no exo internals; exo-specific glue is in
 plugin.py, which tells the engine when exo has finished or abandoned a request.
+
+Our own API handlers build a request's prompt ids themselves (special tokens only from the
+template) and hand them, with the request's options (max tokens, sampling, seed), in its
+RequestContext: the engine then runs exactly those ids and never encodes exo's prompt text.
+The same handlers reach `embed` for the embeddings route.
 """
 from __future__ import annotations
 
@@ -23,21 +28,26 @@ import asyncio
 import collections
 import functools
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .catalog import Catalog, ModelEntry
 from .config import Config
-from .errors import ModelLoadError, ModelUnavailable, RequestCancelled, RKLLMError
+from .embeddings import EmbeddingResult, embedding_vector, pooling_method, text_ids, tokenizer_framing
+from .errors import GenerationError, ModelLoadError, ModelUnavailable, RequestCancelled, RKLLMError
 from .lifecycle import Lifecycle, ModelStatus, model_status
 from .model_cache import ModelCache
-from .runtime.base import ChatMessage, ModelSpec, Runtime
+from .runtime.base import ChatMessage, EmbeddingInput, ModelSpec, Runtime
 from .runtime.factory import create_runtime
 from .scheduler import Priority, Scheduler
-from .streams import FinishReason, RequestStream
-from .tokenizer import load_tokenizer, release_freed_memory, release_tokenizer, stop_token_ids
+from .streams import FinishReason, RequestStream, RunOptions
+from .tokenizer import load_tokenizer, release_freed_memory, release_tokenizer, stop_token_ids, token_bytes
+
+__all__ = ["EmbeddingResult", "RKLLMInferenceEngine", "RequestContext", "RequestEnding", "RunOptions",
+           "messages_from_openai"]
 
 log = logging.getLogger("exo_rkllm.engine")
 
@@ -49,14 +59,68 @@ FINISHED_BY_EXO = "finished by exo"
 CONTEXT_WAIT_S = 2.0  # how long a messages-only backend waits for a request's messages from the API node
 
 
+_CONTEXT_KEYS = ("messages", "tools", "priority", "prompt_ids", "options")
+
+
 @dataclass(frozen=True)
 class RequestContext:
     """What the API knew about a request before templating it (for backends that template themselves),
-    and who waits for it (the plugin classifies it; a request with no context is interactive)."""
+    and who waits for it (the plugin classifies it; a request with no context is interactive).
+
+    `prompt_ids`: the prompt as the API built it; the engine runs exactly these ids and ignores
+    the prompt text exo passes (which, encoded again, could turn a user's text into control tokens).
+    `options`: what the request asked of the generation (RunOptions, in streams.py)."""
 
     messages: tuple[ChatMessage, ...]
     tools: tuple[Any, ...] | None = None
     priority: Priority = Priority.INTERACTIVE
+    prompt_ids: tuple[int, ...] | None = None
+    options: RunOptions | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The context as JSON values, for the other nodes of a ring (an exo status message)."""
+        return {"messages": [{"role": m.role, "content": m.content} for m in self.messages],
+                "tools": list(self.tools) if self.tools is not None else None,
+                "priority": self.priority.value,
+                "prompt_ids": [int(t) for t in self.prompt_ids] if self.prompt_ids is not None else None,
+                "options": self.options.to_json() if self.options is not None else None}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "RequestContext":
+        """The inverse of `to_json`. Strict: a key it does not know or a value of the wrong shape is a
+        ValueError, so a peer's malformed context is refused whole rather than half-used."""
+        if not isinstance(data, Mapping):
+            raise ValueError("a request context must be an object")
+        unknown = sorted(str(k) for k in data if k not in _CONTEXT_KEYS)
+        if unknown:
+            raise ValueError(f"unknown request context key(s) {', '.join(unknown)}")
+        raw_messages = data.get("messages")
+        if not isinstance(raw_messages, list):
+            raise ValueError("messages must be a list")
+        messages = []
+        for i, m in enumerate(raw_messages):
+            if not isinstance(m, Mapping) or set(m) - {"role", "content"} or not isinstance(m.get("role"), str):
+                raise ValueError(f"message {i} must be an object with a string role and a content")
+            content = m.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                raise ValueError(f"message {i}: content must be a string, a list of parts or null")
+            messages.append(ChatMessage(m["role"], content))
+        tools = data.get("tools")
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools)):
+            raise ValueError("tools must be a list of objects or null")
+        priority = data.get("priority", Priority.INTERACTIVE.value)
+        try:
+            priority = Priority(priority)
+        except ValueError:
+            raise ValueError(f"priority must be one of {', '.join(p.value for p in Priority)}") from None
+        ids = data.get("prompt_ids")
+        if ids is not None:
+            if not isinstance(ids, list) or not all(type(t) is int and t >= 0 for t in ids):
+                raise ValueError("prompt_ids must be a list of token ids (non-negative integers) or null")
+            ids = tuple(ids)
+        options = data.get("options")
+        return cls(tuple(messages), tuple(tools) if tools is not None else None, priority, ids,
+                   RunOptions.from_json(options) if options is not None else None)
 
 
 @dataclass(frozen=True)
@@ -73,6 +137,8 @@ class _Model:
     spec: ModelSpec
     tokenizer: Any
     stop_ids: frozenset[int]
+    control_ids: frozenset[int] = frozenset()  # special and added tokens: never text
+    framing: tuple[tuple[int, ...], tuple[int, ...]] | None = field(default=None, compare=False)  # for embeddings
 
 
 class RKLLMInferenceEngine:
@@ -117,6 +183,10 @@ class RKLLMInferenceEngine:
 
     async def infer_prompt(self, request_id: str, shard: Any, prompt: str,
                            inference_state: Optional[dict] = None) -> tuple[np.ndarray, Optional[dict]]:
+        context = self._contexts.get(request_id)
+        if context is not None and context.prompt_ids is not None:  # the API built them: no encoding
+            tokens = np.array(context.prompt_ids, dtype=np.int64)
+            return await self._infer(request_id, shard, tokens.reshape(1, -1), inference_state, None)
         tokens = await self.encode(shard, prompt)
         return await self._infer(request_id, shard, tokens.reshape(1, -1), inference_state, prompt)
 
@@ -207,6 +277,69 @@ class RKLLMInferenceEngine:
         after it not at all, and a cut-short answer as `stop`: the plugin corrects all three."""
         self._end_listeners.append(listener)
 
+    def request_sampling_applies(self) -> bool:
+        """Whether a request's own sampling (temperature, top_p... and seed) reaches this node's runtime;
+        otherwise the Modelfile's values apply, and the API says so. Before the runtime exists (it is
+        built at exo's start-up) the answer is no: the safe thing to tell a client."""
+        if self._scheduler is not None:
+            return self._scheduler.applies_request_sampling
+        return bool(self._runtime is not None and self._runtime.capabilities.per_run_sampling)
+
+    async def embed(self, model_id: str, inputs: Sequence[str | Sequence[int]],
+                    priority: Priority = Priority.INTERACTIVE, request_id: str | None = None) -> EmbeddingResult:
+        """One unit vector per input, in order, from the model's last hidden layer on this node's NPU.
+
+        A string is encoded as plain text (the tokenizer's own framing kept: see embeddings.py); a
+        list of ids is taken as given, each id checked against the vocabulary. Raises ValueError for
+        a malformed input (the API's 400), ModelNotFound, EmbeddingUnsupported, ContextOverflow,
+        QueueFull, or the runtime's error. The job waits its turn on the NPU like a generation."""
+        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+            raise ValueError("inputs must be a list of strings or of token id lists")
+        if not inputs:
+            raise ValueError("there is nothing to embed")
+        model = await asyncio.to_thread(lambda: self.model_for(self.catalog.resolve(model_id).model_id))
+        method = pooling_method(model.spec.options)  # a bad Modelfile fails before the NPU is asked
+        scheduler = await self._get_scheduler()
+        base = request_id or f"embd-{uuid.uuid4().hex[:16]}"
+        items = await asyncio.to_thread(self._embedding_inputs, model, inputs, base,
+                                        not scheduler.runtime.capabilities.token_input)
+        outputs = await scheduler.embed(model.spec, items, priority)
+        vectors = [embedding_vector(o, method) for o in outputs]
+        widths = {int(v.shape[0]) for v in vectors}
+        if len(vectors) != len(items) or len(widths) != 1:
+            raise GenerationError(f"the runtime returned {len(vectors)} embeddings of widths {sorted(widths)} "
+                                  f"for {len(items)} inputs")
+        return EmbeddingResult([v.tolist() for v in vectors], sum(len(i.token_ids) for i in items), widths.pop())
+
+    def _embedding_inputs(self, model: _Model, inputs: Sequence[Any], base: str,
+                          needs_text: bool) -> list[EmbeddingInput]:
+        """The runtime's inputs (on a thread: encoding a batch is real work). `needs_text`: the backend
+        tokenizes itself (a server), so each input's text goes along."""
+        tok, vocab = model.tokenizer, len(model.tokenizer)
+        items = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                if not item:
+                    raise ValueError(f"input {i} is an empty string")
+                if model.framing is None:
+                    model.framing = tokenizer_framing(tok)
+                ids, text = text_ids(tok, item, model.framing), item
+            elif isinstance(item, Sequence) and not isinstance(item, (bytes, bytearray)):
+                ids = []
+                for t in item:
+                    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+                        raise ValueError(f"input {i}: token ids must be integers")
+                    if not 0 <= int(t) < vocab:
+                        raise ValueError(f"input {i}: token id {int(t)} is outside the vocabulary (0..{vocab - 1})")
+                    ids.append(int(t))
+                if not ids:
+                    raise ValueError(f"input {i} has no tokens")
+                text = tok.decode(ids, skip_special_tokens=False) if needs_text else ""
+            else:
+                raise ValueError(f"input {i} must be a string or a list of token ids")
+            items.append(EmbeddingInput(f"{base}-{i}", tuple(ids), text))
+        return items
+
     def active_requests(self) -> list[str]:
         return list(self._scheduler.streams) if self._scheduler else []
 
@@ -234,7 +367,9 @@ class RKLLMInferenceEngine:
         except ModelUnavailable as exc:
             self.catalog.refuse(entry, str(exc))
             raise
-        return _Model(entry, spec, tokenizer, stop_token_ids(tokenizer))
+        control = frozenset(int(i) for i in tokenizer.all_special_ids) | frozenset(
+            int(i) for i in tokenizer.get_added_vocab().values())
+        return _Model(entry, spec, tokenizer, stop_token_ids(tokenizer), control)
 
     def model_for(self, model_id: str) -> _Model:
         """The model `model_id` names now. The cache holds what was built from a catalog entry; if
@@ -345,15 +480,24 @@ class RKLLMInferenceEngine:
 
     def _start(self, scheduler: Scheduler, request_id: str, model: _Model, input_data: np.ndarray,
                prompt_text: str | None) -> RequestStream:
-        prompt = [int(t) for t in np.asarray(input_data).reshape(-1)]
         context = self._contexts.pop(request_id, None)
         realign = None
-        if prompt_text is not None:
-            realign = functools.partial(self._realign, model.tokenizer, prompt_text)
+        if context is not None and context.prompt_ids is not None:  # the API's ids, verbatim
+            prompt = tuple(int(t) for t in context.prompt_ids)
+            realign = functools.partial(self._realign_ids, model.tokenizer, model.control_ids, prompt)
+        else:
+            prompt = tuple(int(t) for t in np.asarray(input_data).reshape(-1))
+            if prompt_text is not None:
+                realign = functools.partial(self._realign, model.tokenizer, prompt_text)
+        options = context.options if context is not None and context.options is not None else RunOptions()
+        cap = options.max_new_tokens
+        if cap and model.spec.max_new_tokens:  # the model's limit (Modelfile, RKLLM_MAX_NEW_TOKENS) is the ceiling
+            cap = min(cap, model.spec.max_new_tokens)
         return scheduler.submit(request_id, model.spec, prompt, stop_ids=model.stop_ids,
                                 messages=context.messages if context else None,
                                 tools=context.tools if context else None, realign=realign,
-                                priority=context.priority if context else Priority.INTERACTIVE)
+                                priority=context.priority if context else Priority.INTERACTIVE,
+                                max_new_tokens=cap, sampling=options.sampling, seed=options.seed)
 
     @staticmethod
     def _realign(tokenizer: Any, prompt_text: str, cached: Sequence[int]) -> tuple[int, ...] | None:
@@ -368,6 +512,38 @@ class RKLLMInferenceEngine:
             return None
         rest = tokenizer.encode(prompt_text[len(cached_text):], add_special_tokens=False)
         return tuple(int(t) for t in cached) + tuple(int(t) for t in rest)
+
+    @staticmethod
+    def _realign_ids(tokenizer: Any, control: frozenset[int], prompt: tuple[int, ...],
+                     cached: Sequence[int]) -> tuple[int, ...] | None:
+        """`_realign` for a prompt the API built as ids: the cached tokens plus the prompt's remaining ids,
+        if the cache's tail and a run of the prompt's ids spell the same bytes.
+
+        No text is encoded again, so nothing can become a control token: the two runs compared may
+        hold only ordinary tokens (the answer the model generated and the API's plain-text encoding of
+        it), and every id after them is the API's own."""
+        cached = [int(t) for t in cached]
+        k, n = 0, min(len(prompt), len(cached))
+        while k < n and prompt[k] == cached[k]:
+            k += 1
+        tail = cached[k:]
+        if not tail or any(t in control for t in tail):
+            return None
+        try:
+            want = b"".join(token_bytes(tokenizer, t) for t in tail)
+            pos = 0
+            for j in range(k, len(prompt) - 1):  # at least one prompt id must remain to feed
+                if prompt[j] in control:
+                    return None
+                piece = token_bytes(tokenizer, prompt[j])
+                if want[pos:pos + len(piece)] != piece:
+                    return None
+                pos += len(piece)
+                if pos == len(want):
+                    return tuple(cached) + prompt[j + 1:]
+        except ValueError:  # not a byte-level vocabulary, or an id it does not know
+            return None
+        return None
 
     async def _next(self, scheduler: Scheduler, stream: RequestStream, model: _Model, first: bool) -> np.ndarray:
         request_id = stream.request_id

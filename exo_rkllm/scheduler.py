@@ -14,23 +14,32 @@ runtime is aborted at once). The scheduler keeps track of what the KV cache
 holds, exactly or not at all, so a follow-up turn or a resumed answer only
 prefills its new suffix. It also owns every RequestStream, so per-request state
 lives in one place and an idle sweep can reclaim what exo forgot.
+
+Embeddings take the same queue: an embedding job waits its turn by the same
+ranks, never shares the NPU with a generation, and leaves the KV cache unknown
+(RKLLM's last-hidden-layer mode prefills its input), so the next chat clears it.
+A background embedding batch gives way to an interactive arrival between two of
+its inputs, as a background generation is paused between two tokens.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import enum
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 from .config import Config
-from .errors import ContextOverflow, GenerationError, QueueFull, RequestCancelled, RKLLMError, ShuttingDown
+from .errors import (ContextOverflow, EmbeddingUnsupported, GenerationError, QueueFull, RequestCancelled, RKLLMError,
+                     ShuttingDown)
 from .lifecycle import LoadState, LoadStatus
-from .runtime.base import ChatMessage, FinishEvent, GenerationInput, ModelSpec, Runtime, TokenEvent, split_prompt
-from .streams import FinishReason, RequestStream, StreamState
+from .runtime.base import (ChatMessage, EmbeddingInput, EmbeddingOutput, FinishEvent, GenerationInput, ModelSpec,
+                           Runtime, SamplingParams, TokenEvent, split_prompt)
+from .streams import FinishReason, RequestStream, RunOptions, StreamState
 
 log = logging.getLogger("exo_rkllm.scheduler")
 
@@ -56,10 +65,53 @@ class _Job:
     realign: Realign | None = None  # same text as the prompt, but extending the cached tokens
     priority: Priority = Priority.INTERACTIVE
     seq: int = 0  # arrival order
+    sampling: SamplingParams | None = None  # the request's fields over the model's; None: the model's
+    seed: int | None = None
     prompt_run: tuple[int, ...] | None = None  # the prompt as its first run fed it (None: never ran)
     done: list[int] = field(default_factory=list)  # tokens produced by runs before a preemption
     preempt: bool = False  # set while the running generation is being aborted to make room
     preemptions: int = 0
+
+    @property
+    def open(self) -> bool:
+        return self.stream.open
+
+    @property
+    def created_at(self) -> float:
+        return self.stream.created_at
+
+
+@dataclass
+class _EmbedJob:
+    """Inputs to embed with one model, in order; `result` gets every output or the first error."""
+
+    spec: ModelSpec
+    inputs: tuple[EmbeddingInput, ...]
+    result: "asyncio.Future[list[EmbeddingOutput]]"
+    priority: Priority = Priority.INTERACTIVE
+    seq: int = 0
+    created_at: float = field(default_factory=time.monotonic)
+    outputs: list[EmbeddingOutput] = field(default_factory=list)  # done so far (a paused batch keeps them)
+    pauses: int = 0
+
+    @property
+    def open(self) -> bool:
+        """Nobody waits any more once the caller's await was cancelled (the future with it)."""
+        return not self.result.done()
+
+    @property
+    def label(self) -> str:
+        return self.inputs[0].request_id if self.inputs else "embedding"
+
+
+_Work = Union[_Job, _EmbedJob]
+
+
+def merge_sampling(model: SamplingParams, request: Mapping[str, float | int] | None) -> SamplingParams | None:
+    """The request's sampling fields laid over the model's; None when the request named none."""
+    if not request:
+        return None
+    return dataclasses.replace(model, **RunOptions(sampling=request).sampling or {})
 
 
 @dataclass(frozen=True)
@@ -89,11 +141,13 @@ class Scheduler:
         # Recently ended request ids (bounded): exo may still step a request after we ended it,
         # and its fed-back token must not be mistaken for a new prompt.
         self.ended: collections.OrderedDict[str, str] = collections.OrderedDict()  # request id -> why it ended
-        self._queue: list[_Job] = []  # arrival order; `_pop_next` picks by priority
+        self._queue: list[_Work] = []  # arrival order; `_pop_next` picks by priority
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
         self._device = asyncio.Lock()
         self._running: _Job | None = None
+        self._embedding: _EmbedJob | None = None  # the embedding batch on the NPU
+        self._sampling_noted: set[str] = set()  # models whose fixed sampling was logged
         self._kv: list[int] | None = []  # what the KV cache holds; None when unknown
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -102,20 +156,23 @@ class Scheduler:
     def submit(self, request_id: str, spec: ModelSpec, prompt_tokens: Sequence[int], *,
                stop_ids: frozenset[int] = frozenset(), messages: tuple[ChatMessage, ...] | None = None,
                tools: tuple[Any, ...] | None = None, max_new_tokens: int = 0,
-               realign: Realign | None = None, priority: Priority = Priority.INTERACTIVE) -> RequestStream:
-        """Queue a generation; returns its stream at once. Raises QueueFull / ContextOverflow.
+               realign: Realign | None = None, priority: Priority = Priority.INTERACTIVE,
+               sampling: Mapping[str, float | int] | None = None, seed: int | None = None) -> RequestStream:
+        """Queue a generation; returns its stream at once. Raises QueueFull / ContextOverflow
+        (ValueError for a malformed `sampling`).
 
         `realign(cached_tokens)` may return the prompt's text tokenized so that it extends the
         cache: a follow-up turn re-tokenizes the previous answer, which does not always give
-        back the tokens the model generated, and would otherwise cost a full prefill."""
+        back the tokens the model generated, and would otherwise cost a full prefill.
+        `sampling` holds the fields the request named; they are laid over the model's values and
+        every run of the request (a resume too) gets the same whole SamplingParams and `seed`. A
+        runtime that fixes sampling at load time ignores them (`applies_request_sampling`)."""
         if self._closed:
             raise RequestCancelled("the engine is shutting down")
         if request_id in self.streams:
             raise GenerationError(f"request {request_id} already has a generation")
-        waiting = sum(1 for j in self._queue if j.stream.open)
-        if waiting >= self.config.max_queue:
-            raise QueueFull(f"{waiting} requests are already waiting for the NPU (RKLLM_MAX_QUEUE="
-                            f"{self.config.max_queue}); retry later")
+        merged = merge_sampling(spec.sampling, sampling)
+        self._check_room()
         prompt = tuple(int(t) for t in prompt_tokens)
         if not prompt and self.runtime.capabilities.token_input:
             raise GenerationError("empty prompt")
@@ -126,7 +183,10 @@ class Scheduler:
         self._start()
         stream = RequestStream(request_id, prompt, spec.model_id, on_close=self._on_stream_closed)
         self.streams[request_id] = stream
-        job = _Job(stream, spec, stop_ids, messages, tools, max_new_tokens, realign, priority, next(self._seq))
+        job = _Job(stream, spec, stop_ids, messages, tools, max_new_tokens, realign, priority, next(self._seq),
+                   sampling=merged, seed=seed)
+        if (merged is not None or seed is not None) and not self.applies_request_sampling:
+            self._note_fixed_sampling(spec)
         self._queue.append(job)
         self._wakeup.set()
         position = len(self._queue) + (1 if self._running else 0)
@@ -134,6 +194,26 @@ class Scheduler:
                   len(prompt))
         self._maybe_preempt(job)
         return stream
+
+    def _check_room(self) -> None:
+        waiting = sum(1 for j in self._queue if j.open)
+        if waiting >= self.config.max_queue:
+            raise QueueFull(f"{waiting} requests are already waiting for the NPU (RKLLM_MAX_QUEUE="
+                            f"{self.config.max_queue}); retry later")
+
+    @property
+    def applies_request_sampling(self) -> bool:
+        """The runtime takes sampling (and a seed) per run; otherwise the values it loaded the model with apply."""
+        return self.runtime.capabilities.per_run_sampling
+
+    def _note_fixed_sampling(self, spec: ModelSpec) -> None:
+        """One line per model, not per request: the API tells each client itself."""
+        if spec.model_id in self._sampling_noted:
+            return
+        self._sampling_noted.add(spec.model_id)
+        caps = self.runtime.capabilities
+        log.warning("%s: runtime %s %s fixes sampling at load time; the Modelfile's values apply", spec.model_id,
+                    caps.backend, caps.version or "(version unknown)")
 
     def get(self, request_id: str) -> RequestStream | None:
         return self.streams.get(request_id)
@@ -151,7 +231,7 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return sum(1 for j in self._queue if j.stream.open)
+        return sum(1 for j in self._queue if j.open)
 
     @property
     def running_request(self) -> str | None:
@@ -162,17 +242,17 @@ class Scheduler:
         return tuple(self._kv) if self._kv is not None else None
 
     # -- priorities ------------------------------------------------------------------------------
-    def _interactive(self, job: _Job, now: float) -> bool:
+    def _interactive(self, job: _Work, now: float) -> bool:
         """Ranks as interactive: asked as such, or a background request past the starvation bound."""
         return (job.priority is Priority.INTERACTIVE
-                or now - job.stream.created_at >= self.config.background_max_wait)
+                or now - job.created_at >= self.config.background_max_wait)
 
-    def _rank(self, job: _Job, now: float) -> tuple[int, int]:
+    def _rank(self, job: _Work, now: float) -> tuple[int, int]:
         return (0 if self._interactive(job, now) else 1, job.seq)
 
-    def _pop_next(self) -> _Job | None:
+    def _pop_next(self) -> _Work | None:
         """The open job to run next: interactive before background, then arrival order."""
-        self._queue = [j for j in self._queue if j.stream.open]
+        self._queue = [j for j in self._queue if j.open]
         if not self._queue:
             return None
         now = time.monotonic()
@@ -180,12 +260,12 @@ class Scheduler:
         self._queue.remove(job)
         return job
 
-    def _outranked(self, job: _Job) -> bool:
+    def _outranked(self, job: _Work) -> bool:
         """A queued job would run before `job` (it arrived while `job`'s model was loading)."""
         now = time.monotonic()
-        return any(j.stream.open and self._rank(j, now) < self._rank(job, now) for j in self._queue)
+        return any(j.open and self._rank(j, now) < self._rank(job, now) for j in self._queue)
 
-    def _maybe_preempt(self, arrival: _Job) -> None:
+    def _maybe_preempt(self, arrival: _Work) -> None:
         """An interactive arrival pauses a background generation; never an interactive one, nor a
         background one past its starvation bound (it ranks as interactive then). Resuming feeds the
         generated tokens back, so a backend that takes only chat messages is never preempted."""
@@ -197,6 +277,76 @@ class Scheduler:
         log.debug("request %s (background) paused for interactive request %s", running.stream.request_id,
                   arrival.stream.request_id)
         asyncio.ensure_future(self._abort(running))
+
+    # -- embeddings ------------------------------------------------------------------------------
+    async def embed(self, spec: ModelSpec, inputs: Sequence[EmbeddingInput],
+                    priority: Priority = Priority.INTERACTIVE) -> list[EmbeddingOutput]:
+        """The last hidden layer for each input, in order, as one job in the generations' queue.
+
+        It waits its turn by the same ranks (an interactive one pauses a background generation),
+        loads `spec` if needed, and runs the inputs one after another; a background batch gives
+        way between two inputs to a request that outranks it. Raises EmbeddingUnsupported,
+        ContextOverflow (an input longer than the context), QueueFull, or what the runtime raised;
+        nothing else in the queue is disturbed. Cancelling the caller drops the job."""
+        if self._closed:
+            raise RequestCancelled("the engine is shutting down")
+        caps = self.runtime.capabilities
+        if not caps.embeddings:
+            runtime = " ".join(p for p in (caps.backend, caps.version) if p)
+            raise EmbeddingUnsupported(f"the {runtime} runtime cannot give embeddings (RKLLM's last-hidden-layer mode)")
+        items = tuple(inputs)
+        if not items:
+            raise ValueError("there is nothing to embed")
+        for inp in items:
+            if not inp.token_ids and (caps.token_input or not inp.text):
+                raise ValueError(f"embedding input {inp.request_id} is empty")
+            if len(inp.token_ids) > spec.max_context_len:
+                raise ContextOverflow(f"an input to embed is {len(inp.token_ids)} tokens but {spec.model_id} has a "
+                                      f"context of {spec.max_context_len} tokens; shorten or split it")
+        self._check_room()
+        self._start()
+        job = _EmbedJob(spec, items, asyncio.get_running_loop().create_future(), priority, next(self._seq))
+        self._queue.append(job)
+        self._wakeup.set()
+        log.debug("embedding %s queued (%s, %d input(s))", job.label, priority.value, len(items))
+        self._maybe_preempt(job)
+        return await job.result
+
+    async def _run_embed(self, job: _EmbedJob) -> None:
+        """With the device held: run the job's remaining inputs. The runtime prefills each one into
+        its KV cache, so what the cache holds is unknown from the first one on."""
+        self._embedding, started = job, time.monotonic()
+        self._kv = None
+        outcome = "done"
+        try:
+            while len(job.outputs) < len(job.inputs):
+                if not job.open:
+                    outcome = "cancelled"
+                    return
+                if job.outputs and self._outranked(job):
+                    job.pauses += 1
+                    self._queue.append(job)  # keeps its arrival rank and what it has done
+                    outcome = "paused"
+                    return
+                job.outputs.append(await self.runtime.embed(job.inputs[len(job.outputs)]))
+        except RKLLMError as exc:
+            outcome = f"failed ({exc})"
+            if not job.result.done():
+                job.result.set_exception(exc)
+        except Exception as exc:  # a backend bug fails this job, not the worker
+            log.exception("runtime failure embedding %s", job.label)
+            outcome = "failed"
+            if not job.result.done():
+                job.result.set_exception(GenerationError(f"the runtime failed to embed: {exc!r}"))
+        else:
+            if not job.result.done():
+                job.result.set_result(list(job.outputs))
+        finally:
+            self._embedding = None
+            log.log(logging.DEBUG if outcome == "paused" else logging.INFO, "embedding %s %s: model %s, %s, %d/%d input(s), %d tokens, queued %.2f s, ran %.2f s%s",
+                     job.label, outcome, job.spec.model_id, job.priority.value, len(job.outputs), len(job.inputs),
+                     sum(len(i.token_ids) for i in job.inputs), started - job.created_at,
+                     time.monotonic() - started, f", paused {job.pauses}x" if job.pauses else "")
 
     # -- models ----------------------------------------------------------------------------------
     async def preload(self, spec: ModelSpec) -> None:
@@ -248,7 +398,8 @@ class Scheduler:
     @property
     def busy(self) -> bool:
         """A request is running, waiting, or paused (a finished one whose tokens exo still reads is not)."""
-        return self._running is not None or any(s.open for s in list(self.streams.values()))
+        return (self._running is not None or self._embedding is not None
+                or any(s.open for s in list(self.streams.values())) or any(j.open for j in self._queue))
 
     async def unload(self, idle_since: float | None = None) -> bool:
         """Unload the model on the NPU; False if there is none, or a request has come (or, with
@@ -294,20 +445,29 @@ class Scheduler:
                     await self._ensure_loaded(job.spec)
                 except RKLLMError as exc:
                     log.error("cannot load %s: %s", job.spec.model_id, exc)
-                    job.stream.fail(exc)
-                    self._record(job, "failed (model load)")
+                    self._fail_load(job, exc)
                     continue
                 except Exception as exc:  # a backend bug must not kill the worker
                     log.exception("loading %s failed", job.spec.model_id)
-                    job.stream.fail(GenerationError(f"loading {job.spec.model_id} failed: {exc!r}"))
-                    self._record(job, "failed (model load)")
+                    self._fail_load(job, GenerationError(f"loading {job.spec.model_id} failed: {exc!r}"))
                     continue
-                if not job.stream.open:  # cancelled while its model loaded
-                    self._record(job, f"cancelled ({job.stream.close_reason})")
+                if not job.open:  # cancelled while its model loaded
+                    if isinstance(job, _Job):
+                        self._record(job, f"cancelled ({job.stream.close_reason})")
                 elif self._outranked(job):
                     self._queue.append(job)  # keeps its arrival rank
+                elif isinstance(job, _EmbedJob):
+                    await self._run_embed(job)
                 else:
                     await self._run(job)
+
+    def _fail_load(self, job: _Work, exc: RKLLMError) -> None:
+        if isinstance(job, _EmbedJob):
+            if not job.result.done():
+                job.result.set_exception(exc)
+            return
+        job.stream.fail(exc)
+        self._record(job, "failed (model load)")
 
     def _plan(self, job: _Job) -> tuple[tuple[int, ...], tuple[int, ...], bool, bool]:
         """(prompt as run, tokens to feed, keep_history, clear the cache first).
@@ -340,7 +500,7 @@ class Scheduler:
         if not resumed:
             job.prompt_run = prompt
         inp = GenerationInput(stream.request_id, feed, keep_history=keep, max_new_tokens=self._run_cap(job),
-                              messages=job.messages, tools=job.tools)
+                              messages=job.messages, tools=job.tools, sampling=job.sampling, seed=job.seed)
         self._running = job
         if resumed:
             stream.resumed(prefilled=len(feed))
@@ -352,9 +512,15 @@ class Scheduler:
         emitted: list[int] = []
         finish: FinishEvent | None = None
         outcome = "done"
+        limit, over = self._limit(job, prompt), False
         try:
             async for event in self.runtime.generate(inp):
                 if isinstance(event, TokenEvent):
+                    if len(emitted) >= limit:  # a runtime that cannot be told this request's cap (rkllama,
+                        if not over:  # older releases): its tokens past the cap are never shown; stop it
+                            over = True
+                            await self._abort(job)
+                        continue
                     emitted.append(event.token_id)
                     stream.put(event)
                 else:
@@ -382,8 +548,8 @@ class Scheduler:
                                                 f"({len(emitted)} tokens generated)"))
             else:
                 stream.finish(finish.stats, self._finish_reason(job, prompt, emitted))
-                if keep:
-                    self._kv = self._kv_after(job, prompt, emitted)
+                if keep:  # past the cap the runtime fed tokens nobody saw: only a reported length tells
+                    self._kv = self._kv_after_abort(prompt, emitted) if over else self._kv_after(job, prompt, emitted)
         finally:
             self._running = None
             job.preempt = False
@@ -480,7 +646,7 @@ class Scheduler:
             log.debug("aborting request %s on the NPU: %s", stream.request_id, stream.close_reason)
             asyncio.ensure_future(self._abort(self._running))
             return
-        for job in [j for j in self._queue if j.stream is stream]:  # waiting, or paused: its end is now
+        for job in [j for j in self._queue if isinstance(j, _Job) and j.stream is stream]:  # waiting or paused
             self._queue.remove(job)
             self._record(job, f"cancelled ({stream.close_reason})")
 
@@ -526,6 +692,10 @@ class Scheduler:
             # Whoever still waits for these must see an error, never an answer that looks complete.
             stream.fail(self.shutdown_error())
             self.cancel(request_id, "shutdown")
+        embedding = [j for j in self._queue if isinstance(j, _EmbedJob)] + [j for j in (self._embedding,) if j]
+        for job in embedding:
+            if not job.result.done():
+                job.result.set_exception(self.shutdown_error())
         self._queue.clear()
         self._wakeup.set()
         if self._running is not None:

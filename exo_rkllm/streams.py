@@ -8,13 +8,76 @@ finished, failed, or closed by someone who no longer wants it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
+import math
 import time
+import types
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from .errors import RequestCancelled
-from .runtime.base import GenerationStats, TokenEvent
+from .runtime.base import GenerationStats, SamplingParams, TokenEvent
+
+# The request fields that override the model's sampling (SamplingParams' own names); top_k is an integer.
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+_INT_FIELDS = frozenset({"top_k"})
+
+
+def _number(name: str, value: Any, integer: bool) -> float | int:
+    """A finite JSON number (bool is not one); `integer` fields accept only whole numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite")
+    if integer:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{name} must be an integer")
+        return int(value)
+    return value
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a request asked of its generation beyond the prompt; every field optional.
+
+    `sampling` holds only the fields the request named (SAMPLING_FIELDS), so the scheduler can lay them
+    over the model's Modelfile values; `max_new_tokens` 0 is the model's limit. Shapes are checked
+    here (one place for the API's values and for those a peer sends as JSON): a bad one is a ValueError.
+    Lives beside RequestStream rather than in engine.py because the scheduler reads it too."""
+
+    max_new_tokens: int = 0
+    sampling: Mapping[str, float | int] | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        cap = _number("max_new_tokens", self.max_new_tokens, integer=True)
+        if cap < 0:
+            raise ValueError("max_new_tokens must be 0 (the model's limit) or more")
+        object.__setattr__(self, "max_new_tokens", cap)
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _number("seed", self.seed, integer=True))
+        if self.sampling is not None:
+            if not isinstance(self.sampling, Mapping):
+                raise ValueError("sampling must be an object of sampling fields")
+            unknown = sorted(str(k) for k in self.sampling if k not in SAMPLING_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; known: {', '.join(SAMPLING_FIELDS)}")
+            fields = {k: _number(k, v, integer=k in _INT_FIELDS) for k, v in self.sampling.items()}
+            object.__setattr__(self, "sampling", types.MappingProxyType(fields) if fields else None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens,
+                "sampling": dict(self.sampling) if self.sampling else None, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "RunOptions":
+        if not isinstance(data, Mapping):
+            raise ValueError("options must be an object")
+        unknown = sorted(str(k) for k in data if k not in ("max_new_tokens", "sampling", "seed"))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}")
+        return cls(data.get("max_new_tokens", 0), data.get("sampling"), data.get("seed"))
 
 
 class StreamState(enum.Enum):
