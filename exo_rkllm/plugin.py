@@ -8,12 +8,12 @@ they are imported (exo_rkllm/_autoload.py arranges that for a plain
 - model cards: every servable model of the catalog becomes an exo model
   (its repo is the local model folder, so no hub access is ever needed);
 - peers joining never swap our engine for tinygrad;
-- exo's ChatGPT API: `/v1/models` lists only what this engine serves; unknown
-  or broken models get a clear 4xx; the text of every chunk is decoded exactly
-  (no U+FFFD from split characters, no eos text); a client that disconnects,
-  or an API timeout, aborts the request on the NPU (exo would not tell the
-  engine); a failure after the first token reaches the client as an error, and
-  an answer cut short says `length`, never `stop`.
+- exo's ChatGPT API: for our engine its chat, models and token-encode routes,
+  plus the routes it lacks (completions, embeddings, one model), are served by
+  exo_rkllm.api's OpenAI handlers through `ExoNodePort`, the handlers' port on
+  exo's Node; exo's timeout, open CORS and admin routes are replaced by the
+  API's own settings (RKLLM_API_KEY, RKLLM_CORS_ORIGINS, RKLLM_ADMIN_ROUTES);
+  tinychat starts on a model this engine serves.
 - cluster: cancellations and failures travel to the other nodes as exo
   opaque-status messages, since the node running the model may not be the
   node serving the HTTP request.
@@ -21,53 +21,36 @@ they are imported (exo_rkllm/_autoload.py arranges that for a plain
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import logging
 import sys
 import types
-import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Callable
 
 from . import ENGINE_CLASSNAME, ENGINE_NAME
-from .api_text import CompletionText
+from .api.errors import APIError, error_response
+from .api.handlers import OpenAIServer
+from .api.port import Feeds, Submission, TokenFeed
+from .api.security import openai_json_errors, security_middlewares, strip_foreign_cors
 from .catalog import ModelEntry
 from .config import Config
-from .engine import RKLLMInferenceEngine, RequestContext, RequestEnding, messages_from_openai
-from .errors import RKLLMError
-from .scheduler import Priority
+from .engine import RKLLMInferenceEngine, RequestContext, RequestEnding
+from .errors import ModelNotFound, RequestCancelled, RKLLMError
 
 log = logging.getLogger("exo_rkllm.plugin")
 
 CANCEL_STATUS = "exo_rkllm_cancel"
 CONTEXT_STATUS = "exo_rkllm_context"
 ENDED_STATUS = "exo_rkllm_ended"
-DISCONNECT_POLL_S = 0.1
 SHUTDOWN_DRAIN_S = 3.0  # how long a stopping exo waits for open HTTP requests to write how they ended
 
 _engine: RKLLMInferenceEngine | None = None
 # One row per model folder the catalog ever listed (a path and an id): what exo's resolve_tokenizer
 # needs to find our models; bounded by the folders on disk, like exo's own model_cards.
 _repo_to_model: dict[str, str] = {}
-# The tokenizers this plugin handed to exo's API, by object and only while they live: an id kept
-# after its tokenizer was dropped (RKLLM_MODEL_CACHE) could name another object later.
-_our_tokenizers: "weakref.WeakSet[Any]" = weakref.WeakSet()
-_texts = CompletionText()
-# How requests of this node's API ended, when exo cannot tell it from the tokens (see RequestEnding).
-_endings: dict[str, RequestEnding] = {}
-_current: contextvars.ContextVar["_HttpRequest | None"] = contextvars.ContextVar("exo_rkllm_http", default=None)
-_active: dict[str, "_HttpRequest"] = {}
-
-
-@dataclass
-class _HttpRequest:
-    """One chat-completion HTTP request and the exo request ids it produced."""
-
-    request_ids: list[str] = field(default_factory=list)
-    finished: set[str] = field(default_factory=set)
-    disconnected: bool = False
-    priority: Priority = Priority.INTERACTIVE
+# The requests this node's API serves, each with the feed its handler reads (api/port.py).
+_feeds = Feeds()
 
 
 # -- entry points --------------------------------------------------------------------------------
@@ -98,9 +81,6 @@ def on_token(engine: RKLLMInferenceEngine, request_id: str, tokens: Any, is_fini
     """exo's node.on_token: the only signal that exo has ended a request (EOS or max tokens)."""
     if is_finished:
         engine.finish_request(request_id)
-        http = _active.get(request_id)
-        if http is not None:
-            http.finished.add(request_id)
 
 
 def on_opaque_status(engine: RKLLMInferenceEngine, request_id: str, status: str) -> None:
@@ -115,16 +95,15 @@ def on_opaque_status(engine: RKLLMInferenceEngine, request_id: str, status: str)
     rid = data.get("request_id") or request_id
     if kind == CANCEL_STATUS:
         engine.cancel_request(rid, data.get("reason", "cancelled by a peer"))
-    elif kind == CONTEXT_STATUS and isinstance(data.get("messages"), list):
-        tools = data.get("tools")
-        engine.set_request_context(rid, RequestContext(messages_from_openai(data["messages"]),
-                                                       tuple(tools) if tools else None,
-                                                       _priority_named(data.get("priority"))
-                                                       or Priority.INTERACTIVE))
-    elif kind == ENDED_STATUS and rid in _active and rid not in _endings:
+    elif kind == CONTEXT_STATUS and isinstance(data.get("context"), dict):
+        try:
+            engine.set_request_context(rid, RequestContext.from_json(data["context"]))
+        except ValueError as exc:
+            log.warning("request %s: a peer sent a context this node cannot read (%s)", rid, exc)
+    elif kind == ENDED_STATUS and rid in _feeds:
         reason = data.get("finish_reason")
         error = RKLLMError(data.get("message") or "the request failed") if reason == "error" else None
-        _endings[rid] = RequestEnding("length" if reason == "length" else "error", error)
+        _feeds.hint(rid, RequestEnding("length" if reason == "length" else "error", error))
 
 
 # -- engine selection -------------------------------------------------------------------------------
@@ -225,50 +204,11 @@ def _setup_logging(config: Config) -> None:
 
 
 def on_engine_end(request_id: str, ending: RequestEnding) -> None:
-    """The engine ended a request otherwise than by the model's end of answer: keep it for this
-    node's API, and tell the other nodes (the HTTP request may be on another one)."""
-    if request_id in _active:
-        _endings.setdefault(request_id, ending)
+    """The engine ended a request otherwise than by the model's end of answer: tell its feed on this
+    node, and the other nodes (the HTTP request may be on another one)."""
+    _feeds.hint(request_id, ending)
     _broadcast(request_id, {"type": ENDED_STATUS, "request_id": request_id, "finish_reason": ending.finish_reason,
                             "message": str(ending.error) if ending.error else None})
-
-
-def track(request_id: str, http: "_HttpRequest | None" = None) -> "_HttpRequest":
-    """This node's API serves `request_id`: its ending is kept until `forget`."""
-    http = http or _HttpRequest()
-    if request_id not in http.request_ids:
-        http.request_ids.append(request_id)
-    _active[request_id] = http
-    return http
-
-
-def forget(request_id: str) -> None:
-    """Drop every per-request entry the plugin holds for `request_id`."""
-    _texts.forget(request_id)
-    _endings.pop(request_id, None)
-    _active.pop(request_id, None)
-
-
-def finish_for(request_id: str, exo_finish_reason: str | None) -> tuple[str | None, dict[str, Any] | None]:
-    """The finish_reason (and error object) the client must see, given what exo concluded.
-
-    exo says `stop` whenever the last token is the eos, which the engine hands it after every
-    end; the engine's RequestEnding says what really happened."""
-    ending = _endings.get(request_id)
-    if exo_finish_reason is None or ending is None:
-        return exo_finish_reason, None
-    if ending.finish_reason == "length":
-        return "length", None
-    error = failure(request_id)
-    return "error", {"message": str(error), "type": "server_error", "code": error.code if error else None}
-
-
-def failure(request_id: str) -> RKLLMError | None:
-    """The error a request of this node's API ended with, if it failed."""
-    ending = _endings.get(request_id)
-    if ending is None or ending.finish_reason != "error":
-        return None
-    return ending.error or RKLLMError("the request failed")
 
 
 def _broadcast(request_id: str, payload: dict[str, Any]) -> None:
@@ -305,7 +245,7 @@ def _patch_helpers(module: types.ModuleType) -> None:
         except Exception as exc:
             log.error("rkllm engine did not shut down cleanly: %r", exc)
         deadline = loop.time() + SHUTDOWN_DRAIN_S
-        while _active and loop.time() < deadline:
+        while len(_feeds) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         me = asyncio.current_task()
         main = [t for t in asyncio.all_tasks() if _runs_exo_main(t)]
@@ -355,7 +295,6 @@ def _patch_tokenizers(module: types.ModuleType) -> None:
         if engine is None:
             raise RKLLMError(f"model {model_id} belongs to the rkllm engine, which is not running")
         tokenizer = (await asyncio.to_thread(engine.model_for, model_id)).tokenizer
-        _our_tokenizers.add(tokenizer)
         return tokenizer
 
     resolve_tokenizer.__wrapped__ = original  # type: ignore[attr-defined]
@@ -388,61 +327,75 @@ def _patch_node(module: types.ModuleType) -> None:
     node_cls.select_best_inference_engine = select_best_inference_engine
 
 
+# -- the node port on exo's Node ----------------------------------------------------------------------
+class ExoNodePort:
+    """The handlers' port (exo_rkllm/api/port.py) on exo's real Node: a request goes to
+    `node.process_prompt` as exo's own handler would send it, with the engine's context beside it
+    (sent to the other nodes as a status message: the node running the model may be another one,
+    and exo's gRPC cannot carry a non-tensor inference_state on Linux); its tokens come back
+    through `node.on_token`, whichever node sampled them."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self._tasks: set[asyncio.Task[Any]] = set()
+        node.on_token.register("exo-rkllm-api").on_next(self._on_token)
+
+    async def submit(self, submission: Submission, stop_ids: frozenset[int]) -> TokenFeed:
+        from exo.models import build_base_shard
+
+        rid = submission.request_id
+        feed = _feeds.open(rid, stop_ids)
+        engine = self.node.inference_engine
+        engine.set_request_context(rid, submission.context)
+        if self.node.peers:
+            _broadcast(rid, {"type": CONTEXT_STATUS, "request_id": rid, "context": submission.context.to_json()})
+        shard = build_base_shard(submission.model_id, ENGINE_CLASSNAME)
+        if shard is None:
+            feed.fail(ModelNotFound(f"exo has no model card for {submission.model_id!r}"))
+            return feed
+        task = asyncio.ensure_future(self.node.process_prompt(shard, submission.prompt_text, rid))
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._prompt_done(rid, t))
+        return feed
+
+    def _prompt_done(self, request_id: str, task: "asyncio.Task[Any]") -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            _feeds.fail(request_id, RequestCancelled("the request was cancelled"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            _feeds.fail(request_id, exc if isinstance(exc, RKLLMError) else RKLLMError(f"exo failed the request: {exc!r}"))
+
+    def _on_token(self, request_id: str, tokens: Any, is_finished: bool) -> None:
+        _feeds.push(request_id, [int(t) for t in tokens], is_finished)
+        if is_finished and request_id in _feeds:
+            # exo keeps every request's tokens in buffered_token_output; it writes the entry once more
+            # after this callback, so drop it right after.
+            asyncio.get_running_loop().call_soon(self._drop_buffers, request_id)
+
+    def _drop_buffers(self, request_id: str) -> None:
+        buffered = getattr(self.node, "buffered_token_output", None)
+        if isinstance(buffered, dict):
+            buffered.pop(request_id, None)
+
+    def cancel(self, request_id: str, reason: str) -> None:
+        _cancel_everywhere(self.node.inference_engine, request_id, reason)
+
+    def release(self, request_id: str) -> None:
+        _feeds.close(request_id)
+        self.node.inference_engine._contexts.pop(request_id, None)
+
+
 # -- patches: exo.api.chatgpt_api -------------------------------------------------------------------
-PRIORITY_HEADER = "X-Priority"
-# Open WebUI's task prompts (title, tags, follow-ups, queries, autocomplete, emoji) all open so.
-TASK_PROMPT_OPENING = "### Task:"
-
-
-def _priority_named(value: Any) -> Priority | None:
-    text = str(value).strip().lower() if isinstance(value, str) else ""
-    return next((p for p in Priority if p.value == text), None)
-
-
-def _text_of(content: Any) -> str:
-    """A message's text: a string, or the text parts of an OpenAI content list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def classify_request(data: dict[str, Any], headers: Any) -> Priority:
-    """Who waits for a chat request, from the first rule that says:
-
-    1. the `X-Priority` header, `background` or `interactive`;
-    2. the request's own `"priority"` field, same values;
-    3. a chat client's background task: the last user message opens with Open WebUI's task
-       heading (`### Task:`, as its title, tags and follow-up prompts do);
-    4. otherwise a streamed request is a person reading as it comes (interactive), and a
-       non-streamed one (exo's default) is background: whoever sent it waits for all of it anyway."""
-    named = _priority_named(headers.get(PRIORITY_HEADER)) or _priority_named(data.get("priority"))
-    if named is not None:
-        return named
-    users = [m for m in data.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
-    if users and _text_of(users[-1].get("content")).lstrip().startswith(TASK_PROMPT_OPENING):
-        return Priority.BACKGROUND
-    return Priority.INTERACTIVE if data.get("stream") else Priority.BACKGROUND
-
-
-def _error(status: int, message: str, code: str) -> Any:
-    from aiohttp import web
-
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": code},
-                              "detail": message},
-                             status=status)
-
-
 def _patch_chatgpt_api(module: types.ModuleType) -> None:
+    """For our engine, exo's API serves through exo_rkllm.api's handlers: exo's chat handler, its
+    timeout (which writes a 408 inside a started stream) and its open CORS stay out of the path."""
     api_cls = module.ChatGPTAPI
     original_init = api_cls.__init__
-    original_chat = api_cls.handle_post_chat_completions
-    original_models = api_cls.handle_get_models
-    original_initial = api_cls.handle_get_initial_models
-    original_modelpool = api_cls.handle_model_support
-    original_generate_completion = module.generate_completion
+    originals = {name: getattr(api_cls, name) for name in (
+        "handle_post_chat_completions", "handle_get_models", "handle_post_chat_token_encode",
+        "handle_get_initial_models", "handle_model_support")}
     if hasattr(sys.modules.get("exo.inference.tokenizers"), "resolve_tokenizer"):
         module.resolve_tokenizer = sys.modules["exo.inference.tokenizers"].resolve_tokenizer
 
@@ -453,148 +406,132 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
             return
         global _node
         _node = node
-        if self.default_model not in _servable_ids(engine):
-            ids = _servable_ids(engine)
-            if ids:
-                self.default_model = ids[0]
+        ids = _servable_ids(engine)
+        if ids and self.default_model not in ids:
+            self.default_model = ids[0]
         node.on_token.register("exo-rkllm").on_next(
             lambda rid, tokens, is_finished: on_token(node.inference_engine, rid, tokens, is_finished))
         node.on_opaque_status.register("exo-rkllm").on_next(
             lambda rid, status: on_opaque_status(node.inference_engine, rid, status))
-        upstream = self.on_chat_completion_request
-
-        def on_chat_completion_request(request_id, chat_request, prompt):
-            http = _current.get()
-            if http is not None:
-                track(request_id, http)
-            context = RequestContext(messages_from_openai(chat_request.messages),
-                                     tuple(chat_request.tools) if chat_request.tools else None,
-                                     http.priority if http is not None else Priority.INTERACTIVE)
-            engine.set_request_context(request_id, context)
-            if node.peers:  # the node running the model may be another one (and exo's gRPC cannot
-                # carry a non-tensor inference_state on Linux), so send the messages as a status
-                _broadcast(request_id, {"type": CONTEXT_STATUS, "request_id": request_id,
-                                        "messages": [{"role": m.role, "content": m.content} for m in context.messages],
-                                        "tools": list(context.tools) if context.tools else None,
-                                        "priority": context.priority.value})
-            if upstream:
-                upstream(request_id, chat_request, prompt)
-
-        self.on_chat_completion_request = on_chat_completion_request
+        self.token_callback.on_next(lambda *args: None)  # exo's own token queues: unused for our models
+        server = OpenAIServer(engine, ExoNodePort(node), engine.config, default_model=lambda: self.default_model,
+                              response_timeout=self.response_timeout, on_models_listed=register_model_cards)
+        self._exo_rkllm_server = server
+        mount(self.app, server, engine.config, exo_timeout=self.timeout_middleware,
+              response_timeout=lambda: self.response_timeout, tinychat_dir=getattr(self, "static_dir", None),
+              default_model=lambda: self.default_model)
         self.app.router.add_get("/v1/rkllm/status", lambda request: _status(engine))
         self.app.router.add_post("/v1/rkllm/load", lambda request: _load_route(engine, request))
         self.app.router.add_post("/v1/rkllm/unload", lambda request: _unload_route(engine, request))
         self.app.on_startup.append(lambda app: _on_api_startup(engine))
 
-    async def handle_post_chat_completions(self, request):
-        engine = self.node.inference_engine
-        if not _is_ours(engine):
-            return await original_chat(self, request)
-        try:
-            data = await request.json()
-        except ValueError:
-            return _error(400, "the request body is not valid JSON", "invalid_json")
-        if not isinstance(data, dict) or not isinstance(data.get("messages"), list) or not data["messages"]:
-            return _error(400, "'messages' must be a non-empty list", "invalid_messages")
-        for m in data["messages"]:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                return _error(400, "every message needs 'role' and 'content'", "invalid_messages")
-        name = data.get("model") or self.default_model
-        if name.startswith("gpt-"):
-            name = self.default_model
-        entry, refused = await asyncio.to_thread(_check_model, engine, name)  # may scan disk, load a tokenizer
-        if refused is not None:
-            return refused
-        register_model_cards([entry])  # a model added while exo runs becomes an exo model now
-        http = _HttpRequest(priority=classify_request(data, request.headers))
-        token = _current.set(http)
-        watcher = asyncio.ensure_future(_watch_disconnect(request, http, engine))
-        try:
-            response = await original_chat(self, request)
-        except BaseException:
-            # Client gone (aiohttp may cancel us), the API's own timeout, or a bug in exo's handler:
-            # whatever exo did not finish must not keep the NPU.
-            _release(self, engine, http, "the API timed out or the handler failed")
-            raise
-        finally:
-            watcher.cancel()
-            _current.reset(token)
-        failed = next((e for e in map(failure, http.request_ids) if e is not None), None)
-        _release(self, engine, http, "client disconnected" if http.disconnected else "the API handler ended")
-        if failed is not None and not getattr(response, "prepared", False):
-            # Nothing was sent yet (a non-streamed answer, or a failure before the first token):
-            # answer with the engine's own status and message instead of exo's generic 500.
-            return _error(failed.http_status, str(failed), failed.code)
-        return response
+    def ours(name: str, method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        async def handler(self, request):
+            server = getattr(self, "_exo_rkllm_server", None)
+            if server is None:
+                return await originals[name](self, request)
+            return await method(self, server, request)
 
-    async def handle_get_models(self, request):
-        engine = self.node.inference_engine
-        if not _is_ours(engine):
-            return await original_models(self, request)
+        handler.__name__ = name
+        handler.__wrapped__ = originals[name]  # type: ignore[attr-defined]
+        return handler
+
+    async def get_initial_models(self, server, request):
         from aiohttp import web
 
-        entries = await asyncio.to_thread(engine.catalog.refresh)
-        register_model_cards(entries)
-        data = [{"id": e.model_id, "object": "model", "created": int(e.model_file.stat().st_mtime) if e.model_file
-                 and e.model_file.exists() else 0, "owned_by": "exo-rkllm", "ready": status.ready,
-                 "status": status.value, "context_length": e.context_len, "aliases": list(e.aliases)}
-                for e in entries if e.ok for status in [engine.model_status(e.model_id)]]
-        return web.json_response({"object": "list", "data": data})
-
-    async def handle_get_initial_models(self, request):
-        engine = self.node.inference_engine
-        if not _is_ours(engine):
-            return await original_initial(self, request)
-        from aiohttp import web
-
+        entries = server.engine.catalog.servable()
         return web.json_response({e.model_id: {"name": f"{e.name} (RKLLM)", "downloaded": True,
                                                "download_percentage": 100, "total_size": _size(e),
-                                               "total_downloaded": _size(e), "loading": False}
-                                  for e in engine.catalog.servable()})
+                                               "total_downloaded": _size(e),
+                                               "loading": server.engine.model_status(e.model_id).value == "loading"}
+                                  for e in entries})
 
-    async def handle_model_support(self, request):
-        engine = self.node.inference_engine
-        if not _is_ours(engine):
-            return await original_modelpool(self, request)
+    async def model_support(self, server, request):
         from aiohttp import web
 
         response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
                                                            "Cache-Control": "no-cache"})
         await response.prepare(request)
-        for e in engine.catalog.servable():
+        for e in server.engine.catalog.servable():
             payload = {e.model_id: {"downloaded": True, "download_percentage": 100, "total_size": _size(e),
                                     "total_downloaded": _size(e)}}
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         return response
 
-    def generate_completion(chat_request, tokenizer, prompt, request_id, tokens, stream, finish_reason,
-                            object_type):
-        completion = original_generate_completion(chat_request, tokenizer, prompt, request_id, tokens, stream,
-                                                  finish_reason, object_type)
-        if tokenizer not in _our_tokenizers:
-            return completion
-        if stream:
-            text = _texts.chunk(request_id, tokenizer, tokens, finish_reason is not None)
-        else:
-            text = CompletionText.full(tokenizer, tokens)
-        choice = completion["choices"][0]
-        for key in ("message", "delta"):
-            if key in choice:
-                choice[key]["content"] = text
-        if "text" in choice:
-            choice["text"] = text
-        choice["finish_reason"], error = finish_for(request_id, finish_reason)
-        if error is not None:
-            completion["error"] = error
-        return completion
-
     api_cls.__init__ = __init__
-    api_cls.handle_post_chat_completions = handle_post_chat_completions
-    api_cls.handle_get_models = handle_get_models
-    api_cls.handle_get_initial_models = handle_get_initial_models
-    api_cls.handle_model_support = handle_model_support
-    module.generate_completion = generate_completion
+    api_cls.handle_post_chat_completions = ours("handle_post_chat_completions", lambda self, s, r: s.chat(r))
+    api_cls.handle_get_models = ours("handle_get_models", lambda self, s, r: s.models(r))
+    api_cls.handle_post_chat_token_encode = ours("handle_post_chat_token_encode", lambda self, s, r: s.token_encode(r))
+    api_cls.handle_get_initial_models = ours("handle_get_initial_models", get_initial_models)
+    api_cls.handle_model_support = ours("handle_model_support", model_support)
+
+
+def mount(app: Any, server: OpenAIServer, config: Config, *, exo_timeout: Any = None,
+          response_timeout: Callable[[], float] | None = None, tinychat_dir: Any = None,
+          default_model: Callable[[], str] | None = None) -> None:
+    """Our routes and middlewares on exo's app (exo's own chat/models/encode routes already call
+    the server, through the patched methods): the routes exo lacks, OpenAI-shaped errors under
+    /v1/, the API key, origin checks and admin-route gate, exo's timeout kept for exo's other
+    routes only, and tinychat's default model set to one this engine serves."""
+    from aiohttp import web
+
+    own = {(r.method, r.path) for r in server.routes()}
+    for route in server.routes():
+        if not any(getattr(res, "canonical", None) == route.path and route.method in _methods(res)
+                   for res in app.router.resources()):
+            app.router.add_route(route.method, route.path, route.handler)
+    ours = {path for _, path in own}
+
+    def is_ours(request: Any) -> bool:
+        return request.path in ours or request.path.startswith("/v1/models/")
+
+    middlewares = list(app.middlewares)
+    if exo_timeout is not None and exo_timeout in middlewares:
+        @web.middleware
+        async def exo_timeout_elsewhere(request, handler):
+            if is_ours(request) or response_timeout is None:
+                return await handler(request)
+            try:
+                return await asyncio.wait_for(handler(request), timeout=response_timeout())
+            except asyncio.TimeoutError:
+                return web.json_response({"detail": "Request timed out"}, status=408)
+
+        middlewares[middlewares.index(exo_timeout)] = exo_timeout_elsewhere
+    front = [*security_middlewares(config), openai_json_errors()]
+    if tinychat_dir is not None and default_model is not None:
+        front.append(_tinychat_default(tinychat_dir, default_model))
+    app.middlewares[:] = front + middlewares
+    app.on_response_prepare.append(strip_foreign_cors(config))
+
+
+def _methods(resource: Any) -> set[str]:
+    return {getattr(r, "method", "") for r in resource}
+
+
+TINYCHAT_DEFAULT = "llama-3.2-1b"
+
+
+def _tinychat_default(static_dir: Any, default_model: Callable[[], str]) -> Any:
+    """exo's web chat starts on `llama-3.2-1b`, which this engine does not serve, so its first
+    message failed: its script is served with the default set to the API's default model."""
+    from pathlib import Path
+
+    from aiohttp import web
+
+    script = Path(static_dir) / "index.js"
+
+    @web.middleware
+    async def tinychat(request, handler):
+        if request.method != "GET" or request.path != "/index.js" or not script.is_file():
+            return await handler(request)
+        text = await asyncio.to_thread(script.read_text, encoding="utf-8")
+        model = default_model()
+        if model and TINYCHAT_DEFAULT in text:
+            text = text.replace(f"'{TINYCHAT_DEFAULT}'", json.dumps(model))
+        return web.Response(text=text, content_type="application/javascript", headers={"Cache-Control": "no-cache"})
+
+    return tinychat
 
 
 def _servable_ids(engine: RKLLMInferenceEngine) -> list[str]:
@@ -608,48 +545,9 @@ def _size(entry: ModelEntry) -> int:
         return 0
 
 
-def _check_model(engine: RKLLMInferenceEngine, name: str) -> tuple[ModelEntry | None, Any]:
-    """(entry, None) if `name` can be served; else (None, the error response that says why)."""
-    try:
-        entry = engine.catalog.resolve(name)
-        engine.model_for(entry.model_id)  # tokenizer problems surface here, before exo's 500
-    except RKLLMError as exc:
-        code = "model_not_found" if exc.http_status == 404 else "model_unavailable"
-        return None, _error(exc.http_status, str(exc), code)
-    return entry, None
-
-
-async def _watch_disconnect(request: Any, http: _HttpRequest, engine: RKLLMInferenceEngine) -> None:
-    """exo never notices a client that went away; poll the connection and abort its work."""
-    while True:
-        await asyncio.sleep(DISCONNECT_POLL_S)
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            http.disconnected = True
-            for rid in http.request_ids:
-                if rid not in http.finished:
-                    log.info("request %s: client disconnected, aborting its generation", rid)
-                    _cancel_everywhere(engine, rid, "client disconnected")
-            return
-
-
 def _cancel_everywhere(engine: RKLLMInferenceEngine, request_id: str, reason: str) -> None:
     engine.cancel_request(request_id, reason)
     _broadcast(request_id, {"type": CANCEL_STATUS, "request_id": request_id, "reason": reason})
-
-
-def _release(api: Any, engine: RKLLMInferenceEngine, http: _HttpRequest, reason: str) -> None:
-    """The HTTP request is over: whatever exo did not finish is cancelled, and nothing is kept."""
-    for rid in http.request_ids:
-        if rid not in http.finished:
-            _cancel_everywhere(engine, rid, reason)
-        else:
-            api.token_queues.pop(rid, None)  # exo keeps these for non-streamed answers
-            buffered = getattr(api.node, "buffered_token_output", None)
-            if isinstance(buffered, dict):
-                buffered.pop(rid, None)
-        engine._contexts.pop(rid, None)
-        forget(rid)
 
 
 async def _status(engine: RKLLMInferenceEngine) -> Any:
@@ -681,10 +579,11 @@ async def _model_request(request: Any, required: bool) -> tuple[str | None, Any]
     try:
         data = await request.json() if request.can_read_body else {}
     except ValueError:
-        return None, _error(400, "the request body is not valid JSON", "invalid_json")
+        return None, error_response(APIError(400, "the request body is not valid JSON", code="invalid_json"))
     name = data.get("model") if isinstance(data, dict) else None
     if (required or name is not None) and (not isinstance(name, str) or not name):
-        return None, _error(400, "'model' must name a model (see GET /v1/models)", "invalid_model")
+        return None, error_response(APIError(400, "'model' must name a model (see GET /v1/models)", param="model",
+                                             code="invalid_model"))
     return name, None
 
 
@@ -698,7 +597,7 @@ async def _lifecycle_route(engine: RKLLMInferenceEngine, request: Any, load: boo
     try:
         body = await (lifecycle.load(name) if load else lifecycle.unload(name))  # type: ignore[arg-type]
     except RKLLMError as exc:
-        return _error(exc.http_status, str(exc), exc.code)
+        return error_response(APIError.from_rkllm(exc, redact=[engine.config.models_dir]))
     return web.json_response(body)
 
 
@@ -714,7 +613,7 @@ async def _unload_route(engine: RKLLMInferenceEngine, request: Any) -> Any:
 
 def plugin_state_sizes() -> dict[str, int]:
     """Per-request state the plugin holds (a test checks it drains to zero)."""
-    return {"active": len(_active), "endings": len(_endings), "texts": len(_texts)}
+    return {"feeds": len(_feeds)}
 
 
 _PATCHERS: dict[str, Callable[[types.ModuleType], None]] = {

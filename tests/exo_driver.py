@@ -10,9 +10,11 @@ ring of nodes; each node has its own engine. The on_token hook the real plugin
 installs (exo_rkllm.plugin.on_token) is installed here too, so this driver
 exercises the very code that tells the engine a request is over.
 
-The API side mirrors exo's ChatGPT API: it templates messages with the
-tokenizer, collects each request's tokens from on_token, and turns them into
-streamed chunks through the same CompletionText the plugin patches into exo.
+The API side comes in two forms. `chat()` mirrors exo's own request flow (the
+prompt as templated text, which the engine encodes) and reads the answer through
+the same TokenFeed the project's handlers read. `port()` is the handlers' node
+port (exo_rkllm/api/port.py) on this driver, so the OpenAI handlers run over it
+in CI exactly as they run over exo's Node in the plugin.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 from exo_rkllm import plugin
-from exo_rkllm.api_text import CompletionText
+from exo_rkllm.api.port import Submission, TokenFeed
+from exo_rkllm.detok import IncrementalDetokenizer
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,10 @@ class ExoRing:
         self.answers: dict[str, Answer] = {}
         self.errors: list[tuple[str, BaseException]] = []
         self._hook = on_token_hook
-        self._texts = CompletionText()
+        self._texts: dict[str, IncrementalDetokenizer] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.lost: set[str] = set()  # requests exo "forgets" (a peer died): never stepped again
+        self.feeds: dict[str, TokenFeed] = {}  # requests of the handlers' port (port())
         for engine in engines:  # what the plugin's make_engine does
             engine.add_end_listener(plugin.on_engine_end)
 
@@ -96,13 +100,14 @@ class ExoRing:
         tokenizer = engine.model_for(model_id).tokenizer
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         answer = self.answers[request_id] = Answer(request_id)
-        plugin.track(request_id)  # the plugin's API handler serves it on this node
+        self.feeds[request_id] = plugin._feeds.open(request_id, engine.model_for(model_id).stop_ids)
+        self._texts[request_id] = IncrementalDetokenizer(tokenizer)
         self._share_messages(api_node, request_id, messages)
         base = Shard(model_id, 0, 0, n_layers)
         try:
             await self.process_prompt(api_node, base, prompt, request_id)
         except BaseException:
-            plugin.forget(request_id)  # exo's API answers with the error; the plugin's handler releases it
+            self._release(request_id)  # the handler answers with the error and releases it
             raise
         return answer
 
@@ -171,47 +176,111 @@ class ExoRing:
 
     def _api_on_token(self, request_id: str, tokens: list[int], is_finished: bool, tokenizer: Any,
                       eos: int) -> None:
+        """The API node's on_token: the tokens as exo sees them, and the feed the handlers read."""
+        feed = self.feeds.get(request_id)
+        if feed is not None:
+            feed.push(tokens, is_finished)
         answer = self.answers.get(request_id)
         if answer is None:
             return
         answer.tokens.extend(tokens)
-        finish = ("stop" if tokens and tokens[-1] == eos else "length") if is_finished else None
-        finish, answer.error = plugin.finish_for(request_id, finish)  # the plugin's generate_completion
-        chunk = self._texts.chunk(request_id, tokenizer, tokens, finish is not None)
-        if answer.first_chunk_at is None and chunk:
-            answer.first_chunk_at = time.monotonic()
-        answer.chunks.append(chunk)
-        if is_finished:
-            answer.finish_reason = finish
-            answer.finished_at = time.monotonic()
-            answer.finished.set()
-            plugin.forget(request_id)
+        detok = self._texts.get(request_id)
+        for update in feed.ready() if feed is not None else ():
+            chunk = detok.push_many(update.ids) if detok is not None else ""
+            if update.ending is not None and detok is not None:
+                chunk += detok.flush()
+            if answer.first_chunk_at is None and chunk:
+                answer.first_chunk_at = time.monotonic()
+            answer.chunks.append(chunk)
+            if update.ending is not None:
+                answer.finish_reason = update.ending.finish_reason
+                error = update.ending.error
+                answer.error = ({"message": str(error), "type": "server_error", "code": error.code}
+                                if error is not None else None)
+                answer.finished_at = time.monotonic()
+                answer.finished.set()
+                self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        self._texts.pop(request_id, None)
+        self.feeds.pop(request_id, None)
+        plugin._feeds.close(request_id)
+
+    # -- the handlers' port ----------------------------------------------------------------------------
+    def port(self, api_node: int = 0) -> "DriverPort":
+        return DriverPort(self, api_node)
 
     def _share_messages(self, api_node: int, request_id: str, messages: list[dict[str, Any]]) -> None:
-        """What the plugin does with a request's messages: keep them on the API node, and send them
-        to the other nodes as an exo status message, which arrives a little after the prompt."""
+        """What the plugin does with a request's context: keep it on the API node, and send it to
+        the other nodes as an exo status message, which arrives a little after the prompt."""
         from exo_rkllm.engine import RequestContext, messages_from_openai
 
-        self.engines[api_node].set_request_context(request_id, RequestContext(messages_from_openai(messages)))
-        status = json.dumps({"type": plugin.CONTEXT_STATUS, "request_id": request_id, "messages": messages})
+        context = RequestContext(messages_from_openai(messages))
+        self.engines[api_node].set_request_context(request_id, context)
+        status = json.dumps({"type": plugin.CONTEXT_STATUS, "request_id": request_id, "context": context.to_json()})
+        self._later(0.05, lambda: [plugin.on_opaque_status(e, request_id, status)
+                                   for i, e in enumerate(self.engines) if i != api_node])
 
-        async def deliver() -> None:
-            await asyncio.sleep(0.05)
-            for i, engine in enumerate(self.engines):
-                if i != api_node:
-                    plugin.on_opaque_status(engine, request_id, status)
-
-        task = asyncio.create_task(deliver())
+    def _spawn(self, coro: Any) -> "asyncio.Task[Any]":
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _later(self, delay: float, fn: Callable[[], Any]) -> None:
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            fn()
+
+        self._spawn(run())
 
     def abandon(self, request_id: str, reason: str = "client disconnected") -> None:
-        """What the plugin does when the HTTP client goes away: cancel on every node."""
+        """What the handlers do when the HTTP client goes away: cancel on every node."""
         for engine in self.engines:
             engine.cancel_request(request_id, reason)
-        self._texts.forget(request_id)
-        plugin.forget(request_id)
+        self._release(request_id)
 
     async def drain(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+class DriverPort:
+    """The OpenAI handlers' node port (exo_rkllm/api/port.py) on this driver: what ExoNodePort does
+    on exo's Node, step for step: the context to the engine (and, a little later, to the other
+    nodes), the prompt to process_prompt, the tokens back through on_token, cancel on every node."""
+
+    def __init__(self, ring: ExoRing, api_node: int = 0) -> None:
+        self.ring = ring
+        self.api_node = api_node
+        self.submitted: list[Submission] = []
+
+    async def submit(self, submission: Submission, stop_ids: frozenset[int]) -> TokenFeed:
+        ring = self.ring
+        rid = submission.request_id
+        self.submitted.append(submission)
+        feed = ring.feeds[rid] = plugin._feeds.open(rid, stop_ids)
+        ring.engines[self.api_node].set_request_context(rid, submission.context)
+        status = json.dumps({"type": plugin.CONTEXT_STATUS, "request_id": rid, "context": submission.context.to_json()})
+        ring._later(0.05, lambda: [plugin.on_opaque_status(e, rid, status) for i, e in enumerate(ring.engines)
+                                   if i != self.api_node])
+        base = Shard(submission.model_id, 0, 0, submission.n_layers)
+
+        async def run() -> None:
+            try:
+                await ring.process_prompt(self.api_node, base, submission.prompt_text, rid)
+            except Exception as exc:  # exo's handler would answer with it
+                plugin._feeds.fail(rid, exc if isinstance(exc, plugin.RKLLMError) else plugin.RKLLMError(repr(exc)))
+
+        ring._spawn(run())
+        return feed
+
+    def cancel(self, request_id: str, reason: str) -> None:
+        for engine in self.ring.engines:
+            engine.cancel_request(request_id, reason)
+
+    def release(self, request_id: str) -> None:
+        self.ring.feeds.pop(request_id, None)
+        plugin._feeds.close(request_id)
+        for engine in self.ring.engines:
+            engine._contexts.pop(request_id, None)

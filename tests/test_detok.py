@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import random
 
-from exo_rkllm.api_text import CompletionText
 from exo_rkllm.detok import IncrementalDetokenizer
 from exo_rkllm.runtime.base import split_prompt, utf8_complete_prefix
 
@@ -23,12 +22,11 @@ def test_stream_equals_full_decode(demo_tokenizer):
 
 def test_special_tokens_are_skipped_and_chunks_join_exactly(demo_tokenizer):
     eos = demo_tokenizer.eos_token_id
-    texts = CompletionText()
+    detok = IncrementalDetokenizer(demo_tokenizer)
     ids = demo_tokenizer.encode(TEXTS[0], add_special_tokens=False) + [eos]
-    chunks = [texts.chunk("r", demo_tokenizer, [i], i == eos) for i in ids]
+    chunks = [detok.push(i) for i in ids] + [detok.flush()]
     assert "".join(chunks) == TEXTS[0]
-    assert len(texts) == 0
-    assert CompletionText.full(demo_tokenizer, ids) == TEXTS[0]
+    assert chunks[-2:] == ["", ""], "the eos adds no text"
 
 
 def test_truncated_character_flushes_as_replacement(demo_tokenizer):

@@ -9,7 +9,6 @@ import statistics
 import pytest
 
 from exo_driver import ExoRing
-from exo_rkllm.api_text import CompletionText
 from exo_rkllm.config import Config
 from exo_rkllm.engine import RKLLMInferenceEngine
 from exo_rkllm.errors import RKLLMError
@@ -39,7 +38,8 @@ async def make_engine(demo_models_dir):
 
 
 def full_text(engine, answer) -> str:
-    return CompletionText.full(engine.model_for(DEMO_ID).tokenizer, answer.tokens)
+    return engine.model_for(DEMO_ID).tokenizer.decode(answer.tokens, skip_special_tokens=True,
+                                                      clean_up_tokenization_spaces=False)
 
 
 async def test_streamed_and_full_text_are_the_servers(server, make_engine, api):

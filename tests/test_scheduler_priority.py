@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pytest
 
 from exo_rkllm.engine import RequestContext
-from exo_rkllm.plugin import classify_request
+from exo_rkllm.api.priority import classify_request
 from exo_rkllm.runtime.sim import SimTiming
 from exo_rkllm.scheduler import Priority
 from exo_driver import Answer, ExoRing

@@ -1,0 +1,164 @@
+"""The narrow port between the OpenAI handlers and the node that runs a request.
+
+The handlers know exo only through this: submit a prompt for a request id, read
+the token ids the node reports for it and how it ended, cancel it. exo's real
+Node implements it in the plugin (exo_rkllm/plugin.py); the tests' exo-contract
+driver implements it too, so every handler behaviour is tested where CI can see
+it, without exo.
+
+How a request ended is not always in its tokens: exo concludes `stop` from the
+eos the engine hands it after every end. The engine (or, in a ring, the node
+that ran the model, by a status message) tells the feed what really happened
+before that last token arrives; `TokenFeed` combines the two.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from ..engine import RequestContext, RequestEnding
+from ..errors import RKLLMError
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One request for the node: exo's node takes the prompt text; the engine takes the context
+    (the prompt's token ids as the API built them, the messages, priority and options)."""
+
+    request_id: str
+    model_id: str
+    n_layers: int
+    prompt_text: str
+    context: RequestContext
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a request ended, as the client must see it."""
+
+    finish_reason: str  # "stop" (the model ended its answer), "length" (a limit cut it), "error"
+    error: RKLLMError | None = None
+
+
+@dataclass(frozen=True)
+class Update:
+    """What the node reported since the last read: token ids (the model's end-of-turn token left
+    out), and the ending once the request is over."""
+
+    ids: tuple[int, ...]
+    ending: Ending | None = None
+
+
+class TokenFeed:
+    """One request's tokens as the node reports them, read by its handler.
+
+    `push` and `hint` are called from node callbacks (synchronously, on the loop); the handler
+    awaits `next()`. Nothing here blocks or grows without bound: the handler reads as they come."""
+
+    def __init__(self, request_id: str, stop_ids: frozenset[int]) -> None:
+        self.request_id = request_id
+        self._stop_ids = stop_ids
+        self._queue: asyncio.Queue[Update] = asyncio.Queue()
+        self._hint: RequestEnding | None = None
+        self.ended = False
+        self.generated = 0  # tokens of the answer (end-of-turn tokens not counted)
+
+    def push(self, tokens: Sequence[int], finished: bool) -> None:
+        """exo's on_token: `tokens` are the new ids; `finished` once exo considers the request over."""
+        if self.ended:
+            return
+        ids = tuple(int(t) for t in tokens)
+        ending: Ending | None = None
+        if finished:
+            last_is_stop = bool(ids) and ids[-1] in self._stop_ids
+            if last_is_stop:
+                ids = ids[:-1]
+            ending = self._ending(last_is_stop)
+            self.ended = True
+        self.generated += len(ids)
+        if ids or ending is not None:
+            self._queue.put_nowait(Update(ids, ending))
+
+    def hint(self, ending: RequestEnding) -> None:
+        """The engine's word on how the request ended (it precedes exo's last token)."""
+        if self._hint is None:
+            self._hint = ending
+
+    def fail(self, error: RKLLMError) -> None:
+        """The node could not run the request at all (it raised before any token)."""
+        if self.ended:
+            return
+        self.ended = True
+        self._queue.put_nowait(Update((), Ending("error", error)))
+
+    def _ending(self, last_is_stop: bool) -> Ending:
+        hint = self._hint
+        if hint is not None and hint.finish_reason == "length":
+            return Ending("length")
+        if hint is not None:
+            return Ending("error", hint.error or RKLLMError("the request failed"))
+        # No word from the engine: the model's own end, or exo's --max-generate-tokens.
+        return Ending("stop" if last_is_stop else "length")
+
+    async def next(self) -> Update:
+        return await self._queue.get()
+
+    def ready(self) -> list[Update]:
+        """The updates delivered so far and not yet read, without waiting."""
+        out = []
+        while not self._queue.empty():
+            out.append(self._queue.get_nowait())
+        return out
+
+
+class NodePort(Protocol):
+    """What the handlers need of the node: nothing else of exo."""
+
+    async def submit(self, submission: Submission, stop_ids: frozenset[int]) -> TokenFeed:
+        """Start the request; returns its feed at once (the node works in the background). A
+        failure of the node to run it arrives through the feed."""
+
+    def cancel(self, request_id: str, reason: str) -> None:
+        """Stop the request on every node and free the NPU (client gone, stop sequence, timeout)."""
+
+    def release(self, request_id: str) -> None:
+        """The handler is done with the request: drop every per-request entry held for it."""
+
+
+class Feeds:
+    """The open feeds of this process, by request id: where the node's callbacks deliver.
+
+    One registry per process, because the engine's end listener and exo's status messages
+    are process-wide; a request the API of this node does not serve has no feed and is ignored."""
+
+    def __init__(self) -> None:
+        self._feeds: dict[str, TokenFeed] = {}
+
+    def open(self, request_id: str, stop_ids: frozenset[int]) -> TokenFeed:
+        feed = self._feeds[request_id] = TokenFeed(request_id, stop_ids)
+        return feed
+
+    def push(self, request_id: str, tokens: Sequence[int], finished: bool) -> None:
+        feed = self._feeds.get(request_id)
+        if feed is not None:
+            feed.push(tokens, finished)
+
+    def hint(self, request_id: str, ending: RequestEnding) -> None:
+        feed = self._feeds.get(request_id)
+        if feed is not None:
+            feed.hint(ending)
+
+    def fail(self, request_id: str, error: RKLLMError) -> None:
+        feed = self._feeds.get(request_id)
+        if feed is not None:
+            feed.fail(error)
+
+    def close(self, request_id: str) -> None:
+        self._feeds.pop(request_id, None)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._feeds
+
+    def __len__(self) -> int:
+        return len(self._feeds)

@@ -1,0 +1,112 @@
+"""The OpenAI handlers on a plain aiohttp app over the exo-contract driver, as CI can run them.
+
+`plugin.mount` puts the handlers, the security middlewares and the OpenAI-shaped errors on the
+app exactly as it does on exo's; the driver's port is the node. Clients talk real HTTP to it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from exo_rkllm import plugin
+from exo_rkllm.api.handlers import OpenAIServer
+from exo_rkllm.engine import RKLLMInferenceEngine
+from exo_rkllm.runtime.sim import SimRuntime, SimTiming
+
+from exo_driver import DriverPort, ExoRing
+from support import DEMO_ID, RecordingRuntime, make_engine
+
+
+def sim_text(text: str) -> str:
+    """A user message the simulator answers with exactly `text`."""
+    return f"Answer with [[sim:text={text}]]"
+
+
+@dataclass
+class Api:
+    engine: RKLLMInferenceEngine
+    runtime: RecordingRuntime
+    ring: ExoRing
+    port: DriverPort
+    server: OpenAIServer
+    http: TestServer
+    session: aiohttp.ClientSession
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def url(self, path: str) -> str:
+        return str(self.http.make_url(path))
+
+    async def post(self, path: str, body: Any, **kw: Any) -> tuple[int, Any, Any]:
+        """(status, parsed JSON body, headers)."""
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        headers = {"Content-Type": "application/json", **self.headers, **kw.pop("headers", {})}
+        async with self.session.post(self.url(path), data=data, headers=headers, **kw) as resp:
+            raw = await resp.read()
+            return resp.status, _parse(raw, resp.content_type), resp.headers
+
+    async def get(self, path: str, **kw: Any) -> tuple[int, Any, Any]:
+        headers = {**self.headers, **kw.pop("headers", {})}
+        async with self.session.get(self.url(path), headers=headers, **kw) as resp:
+            raw = await resp.read()
+            return resp.status, _parse(raw, resp.content_type), resp.headers
+
+    async def stream(self, path: str, body: Any, **kw: Any) -> tuple[int, list[Any], bytes]:
+        """A streamed request: (status, the parsed SSE data items with "[DONE]" kept as a string,
+        the raw body). Fails on anything that is not strict SSE."""
+        headers = {"Content-Type": "application/json", **self.headers, **kw.pop("headers", {})}
+        async with self.session.post(self.url(path), data=json.dumps(body), headers=headers, **kw) as resp:
+            raw = await asyncio.wait_for(resp.read(), 60)
+            if resp.status != 200:
+                return resp.status, [_parse(raw, resp.content_type)], raw
+            assert resp.content_type == "text/event-stream", resp.content_type
+        return resp.status, parse_sse(raw), raw
+
+    def chat(self, messages: Any, **extra: Any) -> dict[str, Any]:
+        return {"model": DEMO_ID, "messages": messages, **extra}
+
+
+def parse_sse(raw: bytes) -> list[Any]:
+    text = raw.decode("utf-8")
+    assert text.endswith("\n\n"), "an SSE stream ends with a blank line"
+    items: list[Any] = []
+    for event in text[:-2].split("\n\n"):
+        assert event.startswith("data: ") and "\n" not in event, f"not a single-line data event: {event!r}"
+        payload = event[len("data: "):]
+        items.append(payload if payload == "[DONE]" else json.loads(payload))
+    return items
+
+
+def _parse(raw: bytes, content_type: str) -> Any:
+    if content_type == "application/json":
+        return json.loads(raw)
+    return raw.decode("utf-8", "replace")
+
+
+async def start_api(models_dir: Path, timing: SimTiming | None = None, *, release: str | None = None,
+                    response_timeout: float | None = None, **config: Any) -> Api:
+    engine, runtime = make_engine(models_dir, timing, **config)
+    if release is not None:
+        runtime.inner = SimRuntime(timing or SimTiming.instant(), release=release)
+        runtime.capabilities = runtime.inner.capabilities
+    ring = ExoRing([engine])
+    port = ring.port()
+    server = OpenAIServer(engine, port, engine.config, response_timeout=response_timeout)
+    app = web.Application()
+    plugin.mount(app, server, engine.config)
+    http = TestServer(app)
+    await http.start_server()
+    return Api(engine, runtime, ring, port, server, http, aiohttp.ClientSession())
+
+
+async def stop_api(api: Api) -> None:
+    await api.session.close()
+    await api.http.close()
+    await api.ring.drain()
+    await api.engine.shutdown()
