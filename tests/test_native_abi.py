@@ -148,6 +148,8 @@ def test_callback_and_prototypes_follow_the_release(layout: str) -> None:
     assert (init_args[2] is ns.LLMResultCallback) == (layout != "1.3.0")
     assert ns.HAS_KEEP_HISTORY == (layout != "1.1.4")
     assert ns.HAS_PER_RUN_SAMPLING == ns.HAS_PER_RUN_MAX_NEW_TOKENS == (layout == "1.3.0")
+    assert ns.HAS_PER_RUN_SAMPLING == hasattr(ns, "RKLLMSamplingParam")
+    assert ns.HAS_LAST_HIDDEN_LAYER  # RKLLM_INFER_GET_LAST_HIDDEN_LAYER = 1 is in every release's rkllm.h
 
 
 def _fake_figures(lib_path) -> dict[str, int]:

@@ -153,10 +153,12 @@ async def test_real_exo_on_the_fake_library(fake_lib, tmp_path, demo_model_dir, 
                 line = raw.decode().strip()
                 if line.startswith("data: "):
                     chunks.append(json.loads(line[6:]))
-                    if chunks[-1]["choices"][0]["finish_reason"] is not None:
-                        break
-        text_out = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-        return text_out, chunks[-1]["choices"][0]["finish_reason"] if chunks else None, chunks
+                    if "error" in chunks[-1] or chunks[-1]["choices"][0]["finish_reason"] is not None:
+                        break  # a stream that fails once started ends with an error chunk with no choices
+        text_out = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        if not chunks:
+            return text_out, None, chunks
+        return text_out, "error" if "error" in chunks[-1] else chunks[-1]["choices"][0]["finish_reason"], chunks
 
     try:
         async with aiohttp.ClientSession() as s:
