@@ -7,6 +7,7 @@ without its API, as legacy exo 5f18faec1 does (its API task dies unawaited), or 
 """
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -138,3 +139,102 @@ def test_owns_port_reads_proc():
         finally:
             other.kill()
             other.wait()
+
+
+# -- source_root: run another exo-rkllm source tree (a baseline revision) under a python with exo only --------
+
+FAKE_EXO_WITHOUT_PLUGIN = textwrap.dedent('''\
+    #!{python}
+    import http.server, json, os, sys
+    if sys.argv[1] == "-c" and "find_spec" in sys.argv[2]:  # the bench's probe: exo, but no exo-rkllm hook
+        print(json.dumps({{"exo": True, "hooked": False, "python": "3"}}))
+        sys.exit(0)
+    import exo_rkllm  # what the boot line would import: from PYTHONPATH, since nothing is installed here
+    print("PYTHONPATH=" + os.environ.get("PYTHONPATH", ""), flush=True)
+    print("exo_rkllm=" + exo_rkllm.__file__, flush=True)
+    print("boot=" + sys.argv[2], flush=True)
+    port = int(sys.argv[sys.argv.index("--chatgpt-api-port") + 1])
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{{"object": "list", "data": []}}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    try:
+        http.server.HTTPServer(("127.0.0.1", port), Models).serve_forever()
+    except KeyboardInterrupt:
+        pass
+    ''')
+
+
+def _source_tree(root: Path, marker: str) -> Path:
+    """A minimal exo-rkllm source tree whose package says which tree it is."""
+    (root / "exo_rkllm").mkdir(parents=True)
+    (root / "exo_rkllm" / "__init__.py").write_text(f"TREE = {marker!r}\n")
+    return root
+
+
+def _probe(has_plugin: bool) -> exo_process.ExoProbe:
+    return exo_process.ExoProbe("/some/python", has_exo=True, has_plugin=has_plugin)
+
+
+def test_source_root_goes_first_on_pythonpath(tmp_path, monkeypatch):
+    tree = _source_tree(tmp_path / "baseline", "baseline")
+    monkeypatch.setenv("PYTHONPATH", "/already/there")
+    proc = ExoProcess("/some/python", {"RKLLM_BACKEND": "sim"}, tmp_path / "exo.log", source_root=tree)
+    env = proc.environment(_probe(has_plugin=False), tmp_path / "work")
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tree.resolve()), "/already/there"]
+    assert env["RKLLM_BACKEND"] == "sim" and env["EXO_HOME"] == str(tmp_path / "work" / "exo-home")
+
+
+def test_without_source_root_the_running_checkout_is_used(tmp_path, monkeypatch):
+    import exo_rkllm
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    proc = ExoProcess("/some/python", {}, tmp_path / "exo.log")
+    env = proc.environment(_probe(has_plugin=False), tmp_path / "work")
+    assert env["PYTHONPATH"] == str(Path(exo_rkllm.__file__).resolve().parent.parent)
+
+
+def test_an_installed_plugin_keeps_pythonpath_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/already/there")
+    env = ExoProcess("/some/python", {}, tmp_path / "exo.log").environment(_probe(has_plugin=True), tmp_path)
+    assert env["PYTHONPATH"] == "/already/there"
+
+
+def test_source_root_with_an_installed_plugin_is_refused(tmp_path):
+    """The installed exo-rkllm's start-up hook would win: the bench would measure the wrong build."""
+    tree = _source_tree(tmp_path / "baseline", "baseline")
+    proc = ExoProcess("/some/python", {}, tmp_path / "exo.log", source_root=tree)
+    with pytest.raises(ExoUnavailable, match="installed"):
+        proc.environment(_probe(has_plugin=True), tmp_path / "work")
+
+
+def test_source_root_must_be_a_source_tree(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = ExoProcess("/some/python", {}, tmp_path / "exo.log", source_root=tmp_path / "empty")
+    with pytest.raises(ExoUnavailable, match="not an exo-rkllm source tree"):
+        proc.environment(_probe(has_plugin=False), tmp_path / "work")
+
+
+async def test_the_started_exo_imports_exo_rkllm_from_source_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    fake = tmp_path / "python-with-exo-only"
+    fake.write_text(FAKE_EXO_WITHOUT_PLUGIN.format(python=sys.executable))
+    fake.chmod(0o755)
+    tree = _source_tree(tmp_path / "baseline", "baseline")
+    proc = ExoProcess(str(fake), {}, tmp_path / "exo.log", source_root=tree)
+    try:
+        await proc.start(timeout_s=30)
+    finally:
+        await proc.stop()
+    log = (tmp_path / "exo.log").read_text()
+    assert f"exo_rkllm={tree.resolve() / 'exo_rkllm' / '__init__.py'}" in log
+    assert f"PYTHONPATH={tree.resolve()}" in log
+    assert "boot=" in log and "exo_rkllm._autoload" in log  # run through the boot line, not `-m exo.main`

@@ -148,6 +148,11 @@ class ExoProcess:
     api_port: int = 0
     node_port: int = 0
     node_id: str = "exo-rkllm-bench"
+    # The exo-rkllm source tree to run instead of this checkout (another revision, e.g. a
+    # `git worktree` of a baseline, to benchmark two builds side by side). It goes first on
+    # PYTHONPATH, so it only works with a python that has exo but not exo-rkllm installed:
+    # an installed exo-rkllm's start-up hook would load that one instead.
+    source_root: Path | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
     started_s: float | None = None
     probe: ExoProbe | None = None
@@ -166,6 +171,26 @@ class ExoProcess:
         if self.default_model:
             args += ["--default-model", self.default_model]
         return head + args
+
+    def environment(self, probe: ExoProbe, work: Path) -> dict[str, str]:
+        """The environment exo runs with: ours on top of this process's, and, when `probe.python`
+        does not have exo-rkllm installed, the source tree to import it from first on PYTHONPATH
+        (`source_root`, else this checkout).
+
+        Raises ExoUnavailable for a `source_root` with a python that has exo-rkllm installed: its
+        start-up hook would run the installed exo-rkllm, and the benchmark would quietly measure
+        the wrong build."""
+        env = {**os.environ, "EXO_HOME": str(work / "exo-home"), **self.env, "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        if self.source_root is not None and probe.has_plugin:
+            raise ExoUnavailable(f"{probe.python} has exo-rkllm installed, so it cannot run the exo-rkllm source "
+                                 f"tree {self.source_root}: use a python with legacy exo only")
+        if not probe.has_plugin:
+            root = Path(self.source_root) if self.source_root is not None else Path(exo_rkllm.__file__).parent.parent
+            if not (root.resolve() / "exo_rkllm" / "__init__.py").is_file():
+                raise ExoUnavailable(f"{root} is not an exo-rkllm source tree (no exo_rkllm/__init__.py)")
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root.resolve()), env.get("PYTHONPATH", "")) if p)
+        return env
 
     async def start(self, timeout_s: float = 240.0, attempts: int = START_ATTEMPTS) -> str:
         """Start exo and wait until its API answers; returns its URL.
@@ -197,11 +222,7 @@ class ExoProcess:
             "address": "127.0.0.1", "port": self.node_port,
             "device_capabilities": {"model": "bench", "chip": "bench", "memory": 16000,
                                     "flops": {"fp32": 0, "fp16": 0, "int8": 0}}}}}))
-        env = {**os.environ, "EXO_HOME": str(work / "exo-home"), **self.env, "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        if not probe.has_plugin:
-            root = str(Path(exo_rkllm.__file__).resolve().parent.parent)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        env = self.environment(probe, work)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb" if self.attempts <= 1 else "ab")
         self._log_start = log.tell()
