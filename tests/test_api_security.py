@@ -11,11 +11,11 @@ Two kinds of app are served on a free port:
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
+import select
 import subprocess
-import sys
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -28,8 +28,7 @@ from exo_rkllm.api.security import (ADMIN_ROUTES, install, openai_json_errors, s
 from exo_rkllm.api.sse import EventStream
 from exo_rkllm.config import Config
 
-sys.path.insert(0, str(Path(__file__).parent))
-from legacy_exo import find_exo_python  # noqa: E402
+from real_exo import EXO_PYTHON, requires_exo
 
 KEY = "sk-rkllm-test-key"
 EVIL = "https://evil.example"
@@ -89,6 +88,9 @@ def exo_like_app(config: Config, static_dir: Path, *, client_max_size: int = 102
     async def bad(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text="the body is not valid JSON")
 
+    async def no_model(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPNotFound(text=f"no model {request.match_info['name']}")
+
     async def echo(request: web.Request) -> web.StreamResponse:
         return web.json_response(await request.json())
 
@@ -98,6 +100,7 @@ def exo_like_app(config: Config, static_dir: Path, *, client_max_size: int = 102
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/bad", bad)
     app.router.add_post("/v1/echo", echo)
+    app.router.add_get("/v1/models/{name}", no_model)
     app.router.add_get("/modelpool", record("modelpool"))
     app.router.add_get("/healthcheck", record("healthcheck", status="ok"))
     app.router.add_post("/quit", record("quit"))
@@ -358,6 +361,9 @@ async def test_unknown_routes_and_methods_under_v1_answer_openai_json(serve) -> 
         assert "GET" in allow and "DELETE" not in allow
     async with s.request("POST", "/v1/bad") as resp:
         assert (await _assert_openai_error(resp, 400))["message"] == "the body is not valid JSON"
+    async with s.request("GET", "/v1/models/qwen") as resp:  # a handler's own 404 keeps its words
+        err = await _assert_openai_error(resp, 404)
+        assert err["message"] == "no model qwen" and err["code"] == "not_found"
     async with s.request("POST", "/v1/echo", json={"x": "y" * 4096}) as resp:  # over client_max_size
         await _assert_openai_error(resp, 413)
     # Outside the prefixes aiohttp's own answers are left alone.
@@ -392,3 +398,188 @@ def test_security_middlewares_are_new_style_and_ordered() -> None:
     assert len(mws) == 3 and all(getattr(m, "__middleware_version__", None) == 1 for m in mws)
     assert [m.__name__ for m in mws] == ["check_origin", "check_key", "check_admin"]
     assert callable(strip_foreign_cors(Config()))
+
+
+# -- exo's real app (legacy exo's Python: aiohttp 3.10, aiohttp_cors 0.7.0) ------------------------------
+SERVE_EXO = """
+import asyncio, json, sys, types
+from aiohttp import web
+from exo.api.chatgpt_api import ChatGPTAPI
+from exo_rkllm.config import Config
+from exo_rkllm.api.security import install
+
+
+class Registration:
+    def on_next(self, callback):
+        pass
+
+
+class Callbacks:
+    def register(self, name):
+        return Registration()
+
+
+class Server:
+    async def stop(self):
+        pass
+
+
+# Enough of a Node for ChatGPTAPI's constructor and the routes used here.
+node = types.SimpleNamespace(on_token=Callbacks(), on_opaque_status=Callbacks(), server=Server(),
+                             inference_engine=None, topology=None)
+
+
+async def main():
+    ports = []
+    for spec in json.loads(sys.argv[1]):
+        api = ChatGPTAPI(node, "RKLLMInferenceEngine")  # sets up aiohttp_cors as exo does
+        if spec is not None:
+            install(api.app, Config(**spec))  # mounted after, as the lead mounts it
+        runner = web.AppRunner(api.app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        ports.append(runner.addresses[0][1])
+    print("PORTS " + json.dumps(ports), flush=True)
+    await asyncio.Event().wait()  # until killed, or until exo's /quit handler cancels every task
+
+
+asyncio.run(main())
+"""
+
+
+class ExoApps:
+    """One legacy-exo process serving exo's real ChatGPTAPI app once per config (None: unprotected)."""
+
+    def __init__(self, tmp: Path, specs: list[dict[str, Any] | None]) -> None:
+        script = tmp / "serve_exo.py"
+        script.write_text(SERVE_EXO)
+        env = {**os.environ, "EXO_HOME": str(tmp / "exo-home"), "EXO_RKLLM_AUTOLOAD": "0",
+               "PYTHONUNBUFFERED": "1"}
+        env.pop("PYTHONPATH", None)
+        self.proc = subprocess.Popen([str(EXO_PYTHON), str(script), json.dumps(specs)], cwd=tmp, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output: list[str] = []
+        deadline = time.monotonic() + 120
+        while True:
+            line = self._line(deadline)
+            if line is None:
+                self.stop()
+                raise RuntimeError("exo's app did not start:\n" + "".join(self.output))
+            if line.startswith("PORTS "):
+                self.ports = json.loads(line[len("PORTS "):])
+                return
+
+    def _line(self, deadline: float) -> str | None:
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    return None
+                self.output.append(line)
+                return line
+            if self.proc.poll() is not None:
+                return None
+        return None
+
+    def url(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.ports[index]}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+EXO_SPECS = [{"admin_routes": True}, {"cors_origins": APP}, {"cors_origins": "*"}, {"api_key": KEY}]
+
+
+@pytest.fixture(scope="module")
+def exo_apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExoApps]:
+    apps = ExoApps(tmp_path_factory.mktemp("exo-security"), EXO_SPECS)
+    yield apps
+    apps.stop()
+
+
+@pytest.mark.real_exo
+@requires_exo
+async def test_real_exo_unprotected_app_is_stopped_by_any_web_page(tmp_path: Path) -> None:
+    """The attack, for real: exo's own app answers a foreign page's simple POST /quit by stopping."""
+    apps = ExoApps(tmp_path, [None])
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(apps.url(0) + "/quit", headers={"Origin": EVIL, **SIMPLE_POST}, data="x") as resp:
+                assert resp.status == 200
+                assert resp.headers["Access-Control-Allow-Origin"] == EVIL  # and the page may even read it
+        apps.proc.wait(timeout=BOUND)  # the process ends
+    finally:
+        apps.stop()
+
+
+@pytest.mark.real_exo
+@requires_exo
+async def test_real_exo_refuses_a_foreign_page_and_serves_allowed_ones(exo_apps: ExoApps) -> None:
+    origin_only, listed, anyone, keyed = (exo_apps.url(i) for i in range(4))
+    async with aiohttp.ClientSession() as session:
+        # The same POST /quit, admin routes on: refused by the origin check, the node keeps running.
+        async with session.post(origin_only + "/quit", headers={"Origin": EVIL, **SIMPLE_POST}, data="x") as resp:
+            await _assert_openai_error(resp, 403)
+            assert _cors_headers(resp) == {}  # aiohttp_cors's reflected headers were stripped
+        async with session.get(origin_only + "/healthcheck") as resp:
+            assert resp.status == 200
+        assert exo_apps.proc.poll() is None
+        # The page exo serves itself still works.
+        async with session.get(origin_only + "/v1/models", headers={"Origin": origin_only}) as resp:
+            assert resp.status == 200  # aiohttp_cors's assertion did not fire
+            assert resp.headers["Access-Control-Allow-Origin"] == origin_only
+        # A listed origin: aiohttp_cors's headers, made right; a preflight answered by us for every route.
+        async with session.get(listed + "/v1/models", headers={"Origin": APP}) as resp:
+            assert resp.status == 200
+            assert resp.headers["Access-Control-Allow-Origin"] == APP
+            assert resp.headers["Access-Control-Allow-Credentials"] == "true"
+            assert "origin" in _vary(resp)
+        async with session.options(listed + "/v1/chat/completions", headers={
+                "Origin": APP, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type"}) as resp:
+            assert resp.status == 204
+            assert resp.headers["Access-Control-Allow-Origin"] == APP
+            assert {"authorization", "content-type"} <= {
+                h.strip().lower() for h in resp.headers["Access-Control-Allow-Headers"].split(",")}
+        async with session.get(listed + "/v1/models", headers={"Origin": EVIL}) as resp:
+            await _assert_openai_error(resp, 403)
+            assert _cors_headers(resp) == {}
+        # `*`: any origin may read, but never with credentials (exo's aiohttp_cors sends them).
+        async with session.get(anyone + "/v1/models", headers={"Origin": EVIL}) as resp:
+            assert resp.status == 200
+            assert resp.headers["Access-Control-Allow-Origin"] == EVIL
+            assert "Access-Control-Allow-Credentials" not in resp.headers
+        # Admin routes are off unless enabled: exo's /quit handler does not run.
+        async with session.post(listed + "/quit") as resp:
+            assert "RKLLM_ADMIN_ROUTES=1" in (await _assert_openai_error(resp, 403))["message"]
+        assert exo_apps.proc.poll() is None
+
+
+@pytest.mark.real_exo
+@requires_exo
+async def test_real_exo_api_key_and_json_errors(exo_apps: ExoApps) -> None:
+    keyed, plain = exo_apps.url(3), exo_apps.url(1)
+    async with aiohttp.ClientSession() as session:
+        for path in ("/v1/models", "/models", "/topology", "/initial_models"):
+            async with session.get(keyed + path) as resp:
+                await _assert_openai_error(resp, 401)
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        async with session.get(keyed + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status == 200 and (await resp.json())["object"] == "list"
+        for path in ("/", "/index.html", "/index.js", "/healthcheck"):  # tinychat loads without the key
+            async with session.get(keyed + path) as resp:
+                assert resp.status == 200, path
+        # exo's static folder at `/` would answer an unknown POST under /v1/ with "405 Allow: GET, HEAD".
+        async with session.post(plain + "/v1/nope", json={}) as resp:
+            assert (await _assert_openai_error(resp, 404))["code"] == "not_found"
+        async with session.get(plain + "/v1/nope") as resp:
+            assert (await _assert_openai_error(resp, 404))["code"] == "not_found"
+        async with session.delete(plain + "/v1/models") as resp:
+            assert (await _assert_openai_error(resp, 405))["code"] == "method_not_allowed"
+            assert "GET" in resp.headers["Allow"]

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import aiohttp
@@ -14,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from exo_rkllm.api.sse import EventStream, encode_event
+from real_exo import EXO_PYTHON, requires_exo
 
 BOUND = 10.0  # seconds: only a guard against hanging, never an assertion on speed
 
@@ -38,9 +42,12 @@ class Served:
         await self.runner.cleanup()
 
 
-async def _serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Served:
+async def _serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                 more: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] | None = None) -> Served:
     app = web.Application()
     app.router.add_post("/stream", handler)
+    for path, other in (more or {}).items():
+        app.router.add_post(path, other)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -263,3 +270,131 @@ async def test_close_before_start_sends_an_empty_finished_stream() -> None:
         assert resp.status == 200
     finally:
         await client.close()
+
+
+async def test_a_pooling_client_reuses_nothing_after_close() -> None:
+    """After close(), the same client session's next request must work: the stream said
+    `Connection: close` up front, so the client never pooled the connection close() drops."""
+    async def partial(request: web.Request) -> web.StreamResponse:
+        stream = EventStream(request)
+        await stream.send({"n": 1})
+        await stream.close()
+        return stream.response
+
+    async def full(request: web.Request) -> web.StreamResponse:
+        stream = EventStream(request)
+        await stream.send({"n": 2})
+        await stream.done()
+        return stream.response
+
+    served = await _serve(partial, {"/full": full})
+    try:
+        for _ in range(3):  # one session, so one connection pool: a closed stream, then a full one
+            resp = await served.post("/stream")
+            assert resp.headers.get("Connection", "").lower() == "close"
+            assert _events(await asyncio.wait_for(resp.read(), BOUND)) == ['{"n":1}']
+            resp = await served.post("/full")
+            assert _events(await asyncio.wait_for(resp.read(), BOUND)) == ['{"n":2}', "[DONE]"]
+    finally:
+        await served.close()
+
+
+async def test_keep_alive_streams_keep_the_connection() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        stream = EventStream(request, keep_alive=True)
+        await stream.send({"n": 1})
+        await stream.done()
+        return stream.response
+
+    served = await _serve(handler)
+    try:
+        for _ in range(2):
+            resp = await served.post("/stream")
+            assert "Connection" not in resp.headers
+            assert _events(await asyncio.wait_for(resp.read(), BOUND)) == ['{"n":1}', "[DONE]"]
+    finally:
+        await served.close()
+
+
+# exo serves with its own pinned aiohttp (3.10): the same behaviours there, in legacy exo's Python.
+SSE_ON_EXO_AIOHTTP = r"""
+import asyncio, json, aiohttp
+from aiohttp import web
+from exo_rkllm.api.sse import EventStream
+
+
+async def main():
+    results = {"aiohttp": aiohttp.__version__}
+    outcome = asyncio.get_running_loop().create_future()
+    release = asyncio.Event()
+
+    async def disconnect(request):
+        stream = EventStream(request)
+        n = 0
+        try:
+            while n < 100000 and await stream.send({"n": n}):
+                n += 1
+                await asyncio.sleep(0.005)
+            await stream.done()
+            await stream.close()
+            outcome.set_result({"stopped": n < 100000, "gone": stream.client_gone, "error": None})
+        except BaseException as exc:
+            outcome.set_result({"stopped": False, "gone": stream.client_gone, "error": repr(exc)})
+            raise
+        return stream.response
+
+    async def partial(request):
+        stream = EventStream(request)
+        await stream.send({"a": "\u00e9\u4e16"})
+        await stream.close()
+        await release.wait()
+        return stream.response
+
+    async def full(request):
+        stream = EventStream(request)
+        await stream.send({"a": "\u00e9\u4e16"})
+        await stream.done()
+        return stream.response
+
+    app = web.Application()
+    app.router.add_post("/disconnect", disconnect)
+    app.router.add_post("/partial", partial)
+    app.router.add_post("/full", full)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = "http://127.0.0.1:%d" % runner.addresses[0][1]
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(url + "/disconnect")
+        await resp.content.readuntil(b"\n\n")
+        resp.close()
+        results["disconnect"] = await asyncio.wait_for(outcome, 10)
+        async with session.post(url + "/partial") as resp:
+            results["partial"] = (await asyncio.wait_for(resp.read(), 10)).decode()
+        async with session.post(url + "/full") as resp:
+            results["full"] = (await asyncio.wait_for(resp.read(), 10)).decode()
+    release.set()
+    await runner.cleanup()
+    print("RESULT " + json.dumps(results))
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.real_exo
+@requires_exo
+def test_the_stream_behaves_the_same_on_exos_aiohttp(tmp_path: Path) -> None:
+    script = tmp_path / "sse_on_exo_aiohttp.py"
+    script.write_text(SSE_ON_EXO_AIOHTTP)
+    env = {**os.environ, "EXO_RKLLM_AUTOLOAD": "0"}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([str(EXO_PYTHON), str(script)], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["disconnect"] == {"stopped": True, "gone": True, "error": None}
+    assert result["partial"] == 'data: {"a":"\u00e9\u4e16"}\n\n'  # ended, without [DONE]
+    assert result["full"] == 'data: {"a":"\u00e9\u4e16"}\n\ndata: [DONE]\n\n'  # the next request on the pool works

@@ -445,14 +445,15 @@ async def _as_openai(request: web.Request, exc: web.HTTPException) -> web.Respon
             headers.pop(hdrs.ALLOW, None)
         else:
             headers[hdrs.ALLOW] = ", ".join(sorted(allowed))
-    if status == 404:
+    text = (exc.text or "").strip()
+    if text and text != f"{exc.status}: {exc.reason}" and status == exc.status:
+        message = text  # a handler's own words (`raise web.HTTPNotFound(text="no model x")`)
+    elif status == 404:
         message = f"no route for {where}"
     elif status == 405:
         message = f"method {request.method} is not allowed for {request.path}; allowed: {headers[hdrs.ALLOW]}"
     else:
-        text = (exc.text or "").strip()
-        default = f"{exc.status}: {exc.reason}"
-        message = text if text and text != default else f"{exc.reason} ({where})"
+        message = f"{exc.reason} ({where})"
     code = _CODES.get(status) or re.sub(r"[^a-z0-9]+", "_", (exc.reason or "error").lower()).strip("_")
     return _api_error(status, message, code=code, headers=headers)
 

@@ -44,9 +44,16 @@ class EventStream:
     went away: `send()` returns False and `client_gone` turns True."""
 
     def __init__(self, request: web.Request, *, headers: Mapping[str, str] | None = None,
-                 eof_timeout: float = EOF_TIMEOUT) -> None:
+                 eof_timeout: float = EOF_TIMEOUT, keep_alive: bool = False) -> None:
         self.request = request
         self.response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **(headers or {})})
+        if not keep_alive:
+            # `Connection: close`: a stream ended by close() drops its connection, and a pooling
+            # client (aiohttp's, httpx's) that already put it back in its pool would send its next
+            # request into a closing socket and get "server disconnected". Saying it up front costs
+            # one TCP connect per streamed answer (negligible next to a generation) and rules out
+            # that race; keep_alive=True keeps HTTP keep-alive for callers that never close().
+            self.response.force_close()
         self.eof_timeout = eof_timeout
         self._gone = False
         self._started = False
