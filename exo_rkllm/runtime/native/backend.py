@@ -251,7 +251,7 @@ class _Run:
     perf: GenerationStats | None = None
     emit_failed: BaseException | None = None
     hidden_mode: bool = False  # RKLLM_INFER_GET_LAST_HIDDEN_LAYER: collect the hidden layer, emit nothing
-    hidden: "_HiddenLayer | None" = None
+    hidden: _HiddenLayer | None = None  # the last hidden layer a callback delivered (hidden_mode)
 
 
 @dataclass(frozen=True)
