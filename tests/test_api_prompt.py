@@ -295,3 +295,25 @@ def test_template_errors_and_missing_templates_are_400(sp_tok, demo_model_dir, t
     with pytest.raises(APIError) as info:
         build_chat_prompt(load_tokenizer(folder), [{"role": "user", "content": "a"}])
     assert info.value.status == 400 and info.value.code == "no_chat_template"
+
+
+def test_whitespace_a_special_token_absorbs_is_absorbed_when_cutting(demo_model_dir, tmp_path):
+    """A token with lstrip/rstrip (some vocabularies have them) swallows the whitespace around it;
+    the stretch-by-stretch encoding must too, or the template's turns would change tokens."""
+    folder = tmp_path / "absorbing"
+    folder.mkdir()
+    data = json.loads((demo_model_dir / "tokenizer.json").read_text())
+    for token in data["added_tokens"]:
+        if token["content"] == "<|im_end|>":
+            token["lstrip"] = token["rstrip"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    shutil.copy(demo_model_dir / "tokenizer_config.json", folder)
+    custom = load_tokenizer(folder)
+    specials = promptmod._specials(custom)
+    assert specials.strip["<|im_end|>"] == (True, True)
+    for text in ("a  <|im_end|>  \n b", "<|im_start|>user\n  y  <|im_end|>\n<|im_start|>assistant\n"):
+        every = promptmod._occurrences(text, specials)
+        assert promptmod._encode_cut(custom, text, every, specials) == custom.encode(text, add_special_tokens=False)
+    prompt = build_chat_prompt(custom, [{"role": "user", "content": " x "}, {"role": "user", "content": INJECTION}])
+    start, end = custom.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert [i for i in prompt.ids if i in (start, end)] == [start, end, start, end, start]

@@ -258,7 +258,7 @@ def _encode_cut(tok: Any, text: str, template_tokens: Sequence[re.Match[str]], s
     tokenizer's own encoding (it cuts at its special tokens the same way)."""
     ids: list[int] = []
     last = 0
-    stretches: list[tuple[str, int | None, bool, bool]] = []  # (text, id, lstrip of next token, rstrip)
+    stretches: list[tuple[str, int | None, bool, bool]] = []  # (text, token id or None for text, lstrip, rstrip)
     for match in template_tokens:
         stretches.append((text[last:match.start()], None, False, False))
         lstrip, rstrip = specials.strip.get(match.group(), (False, False))
