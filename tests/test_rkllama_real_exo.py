@@ -82,12 +82,18 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, messages: list[d
                 continue
             chunk = json.loads(line[6:])
             chunks.append(chunk)
+            if not chunk["choices"]:  # a stream that fails once started ends with an error chunk, no choices
+                break
             if first_at is None and chunk["choices"][0]["delta"].get("content"):
                 first_at = time.monotonic()
             if chunk["choices"][0]["finish_reason"] is not None:
                 break
-    return {"text": "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks), "chunks": chunks,
-            "finish": chunks[-1]["choices"][0]["finish_reason"] if chunks else None, "first_at": first_at}
+    finish = None
+    if chunks:
+        last = chunks[-1]
+        finish = "error" if not last["choices"] and "error" in last else last["choices"][0]["finish_reason"]
+    return {"text": "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]),
+            "chunks": chunks, "finish": finish, "first_at": first_at}
 
 
 def user(text: str) -> list[dict[str, str]]:

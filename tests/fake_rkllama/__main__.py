@@ -22,7 +22,8 @@ async def serve(args: argparse.Namespace) -> None:
     timing = SimTiming(load_ms=args.load_ms, prefill_base_ms=args.prefill_base_ms,
                        prefill_ms_per_token=args.prefill_ms, decode_ms_per_token=args.decode_ms)
     server = FakeRkllamaServer(Path(args.models_dir), args.api, timing, host=args.host, port=args.port,
-                               early_final_object=args.early_final_object, unload_grace_s=args.unload_grace_s)
+                               early_final_object=args.early_final_object, unload_grace_s=args.unload_grace_s,
+                               version=args.version)
     await server.start()
     models = server.state.model_names()
     print(f"fake rkllama ({args.api} API) on {server.url}, models: {', '.join(models) or 'none'}", flush=True)
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-ms", type=float, default=1500.0)
     parser.add_argument("--unload-grace-s", type=float, default=30.0,
                         help="ollama API: how long /unload_model waits for a running generation before stopping it")
+    parser.add_argument("--version", default=None,
+                        help="ollama API: the rkllama release to play (0.0.43 on; default 0.0.74; per-run options "
+                             "from 0.0.73)")
     parser.add_argument("--early-final-object", action="store_true",
                         help="early API: end the stream with an empty finish_reason=stop object")
     args = parser.parse_args(argv)

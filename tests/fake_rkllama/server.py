@@ -16,6 +16,28 @@ its tags 0.0.1/0.0.4 and its main branch, in our own words):
 `api="ollama"` (Aug 2025 on, with model workers): `/api/version` ("0.0.74"), `/api/ps`,
     `/v1/models`, `/current_models`, `/load_model` and `/unload_model` taking
     `{"model_name"}`; early `/generate` answers 400 (its global model is never set).
+    `version=` plays another release of this generation (0.0.43 on, when workers came).
+
+Options and sampling (the worker generation): every generation and embedding request's
+`options` are merged as rkllama's `get_model_full_options` does (its defaults, then the
+Modelfile's keys lower-cased, then the request's non-empty values as text, `num_predict`
+renamed `max_new_tokens`). The request that loads a model gives it its load-time settings
+(sampling and max_new_tokens, as rkllm_init takes them). From 0.0.73 (runtime 1.3.0) each
+run also gets the merged sampling and max_new_tokens of its own request (top_k and
+max_new_tokens read with int(), the rest with float(), as rkllama does); before, nothing per
+run. No version reads `seed`. `Received.options` is what a request carried,
+`Received.applied_options` the merged result; the simulator's run records
+(`state.sim.runs`) show what the run applied. The simulator imitates the runtime rkllama
+ships: 1.3.0 from 0.0.73, 1.2.3 before.
+
+Embeddings (0.0.43 on): `POST /api/embed` and `/api/embeddings` take `{"model", "input"}`
+(`"prompt"` too; a string or a list) and answer `{"model", "embeddings": [[...], ...],
+"total_duration", "load_duration", "prompt_eval_count"}`, one vector per input: the last
+token's row of the simulator's last hidden layer, as rkllama's callback keeps it (not
+normalised). `/v1/embeddings` answers OpenAI's shape with every vector concatenated into
+one `data[0].embedding`, as rkllama's converter does. One simplification: the text is
+tokenized plainly, where rkllama passes it to the runtime as a prompt. The one-model
+Ollama-style generation answers `/api/embeddings` with 501; the early one has no route.
 
 `/api/chat` and `/api/generate` stream NDJSON (`stream` defaults to true): one line per
 piece, `{"model", "created_at", "message": {"role": "assistant", "content"}, "done": false}`
@@ -66,7 +88,7 @@ from typing import Any
 from aiohttp import web
 
 from exo_rkllm.errors import RKLLMError
-from exo_rkllm.runtime.base import FinishEvent, GenerationInput, ModelSpec, TokenEvent
+from exo_rkllm.runtime.base import EmbeddingInput, FinishEvent, GenerationInput, ModelSpec, SamplingParams, TokenEvent
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming
 from exo_rkllm.tokenizer import has_tokenizer_files, load_tokenizer
 
@@ -75,6 +97,12 @@ log = logging.getLogger("fake_rkllama")
 APIS = ("early", "ollama-single", "ollama")
 EARLY_SYSTEM = "Tu es un assistant artificiel."
 VERSIONS = {"ollama-single": "0.5.1", "ollama": "0.0.74"}
+WORKERS_SINCE = (0, 0, 43)  # model workers and embeddings
+PER_RUN_OPTIONS_SINCE = (0, 0, 73)  # options applied per run (runtime 1.3.0)
+# rkllama's [model] defaults (config_schema.py), as get_model_full_options starts from them
+DEFAULT_OPTIONS = {"temperature": "0.5", "num_ctx": "4096", "max_new_tokens": "1024", "top_k": "7", "top_p": "0.5",
+                   "repeat_penalty": "1.1", "frequency_penalty": "0.0", "presence_penalty": "0.0", "mirostat": "0",
+                   "mirostat_tau": "3", "mirostat_eta": "0.1"}
 TOOL_WAIT_PIECES = 100  # rkllama holds back this many pieces while a tool call may be coming
 
 
@@ -114,6 +142,9 @@ class Received:
     finished_at: float | None = None
     disconnected: bool = False
     tool_calls: list[Any] | None = None
+    options: Any = None  # the request's own `options`, as sent (None: it had none)
+    applied_options: dict[str, str] | None = None  # merged as rkllama merges them (worker generation)
+    embedded: list[list[int]] = field(default_factory=list)  # an embedding request: each input's token ids
 
     @property
     def text(self) -> str:
@@ -188,11 +219,19 @@ class FakeRkllama:
 
     def __init__(self, models_dir: Path, api: str = "ollama", timing: SimTiming | None = None, *,
                  early_final_object: bool = False, unload_grace_s: float = 30.0,
-                 early_system: str | None = EARLY_SYSTEM) -> None:
+                 early_system: str | None = EARLY_SYSTEM, version: str | None = None) -> None:
         if api not in APIS:
             raise ValueError(f"api must be one of {APIS}")
+        if version is not None and api != "ollama":
+            raise ValueError("only the worker generation (api='ollama') plays other versions")
         self.models_dir = Path(models_dir)
         self.api = api
+        self.version = version or VERSIONS.get(api)
+        release = _version_tuple(self.version) if api == "ollama" else None
+        if api == "ollama" and (release is None or release < WORKERS_SINCE):
+            raise ValueError(f"the worker generation is rkllama 0.0.43 or newer, not {self.version!r}")
+        self.per_run_options = release is not None and release >= PER_RUN_OPTIONS_SINCE
+        self.embeddings = api == "ollama"
         self.timing = timing or SimTiming.instant()
         self.early_final_object = early_final_object
         self.unload_grace_s = unload_grace_s
@@ -206,7 +245,7 @@ class FakeRkllama:
 
     def reset(self) -> None:
         """A fresh process: nothing loaded, nothing running."""
-        self.sim = SimRuntime(self.timing)
+        self.sim = SimRuntime(self.timing, release="1.3.0" if self.per_run_options else "1.2.3")
         self.current: _Model | None = None
         self.global_text: collections.deque[str] = collections.deque()  # one-model generations
         self.text_added = asyncio.Event()
@@ -241,16 +280,38 @@ class FakeRkllama:
         sub = model.folder / "tokenizer"  # where rkllama's newer versions keep the tokenizer
         return load_tokenizer(sub if has_tokenizer_files(sub) else model.folder)
 
-    async def load(self, name: str) -> str | None:
-        """Load `name`, replacing the current model; returns an error text or None."""
+    def full_options(self, model: _Model | None, request_options: Any) -> dict[str, str]:
+        """rkllama's get_model_full_options: its defaults, the Modelfile's keys, the request's."""
+        merged = dict(DEFAULT_OPTIONS)
+        for key, value in (model.modelfile.items() if model is not None else ()):
+            if str(value).strip():
+                merged[key.lower().strip()] = str(value).strip()
+        if isinstance(request_options, dict):
+            for key, value in request_options.items():
+                if value is None or str(value).strip() == "":
+                    continue
+                key = key.lower().strip()
+                merged["max_new_tokens" if key == "num_predict" else key] = str(value).strip()
+        return merged
+
+    async def load(self, name: str, options: dict[str, str] | None = None) -> str | None:
+        """Load `name`, replacing the current model; returns an error text or None. The worker
+        generation loads with the merged `options` of the request that asked (rkllm_init's
+        sampling and max_new_tokens); the older ones with the runtime's defaults."""
         model = self.find(name)
         if model is None:
             return f"Model directory '{name}' not found."
         if self.current is not None:
             await self.unload()
         ctx = int(model.modelfile.get("MAX_CONTEXT_LEN") or 4096)
-        spec = ModelSpec(model_id=name, path=model.file, max_context_len=ctx, max_new_tokens=0,
-                         tokenizer_dir=model.folder)
+        sampling, max_new = SamplingParams(), 0
+        if self.api == "ollama":
+            try:
+                sampling, max_new = _load_settings(options or self.full_options(model, None))
+            except (KeyError, ValueError) as exc:
+                return f"invalid model options: {exc}"
+        spec = ModelSpec(model_id=name, path=model.file, max_context_len=ctx, max_new_tokens=max_new,
+                         sampling=sampling, tokenizer_dir=model.folder)
         try:
             await self.sim.load(spec)
         except RKLLMError as exc:
@@ -299,7 +360,8 @@ class FakeRkllama:
         ids = [int(i) for i in tok(prompt, add_special_tokens=False)["input_ids"]]
         return prompt, ids
 
-    def start_run(self, prompt_ids: list[int], delay_s: float) -> _Run:
+    def start_run(self, prompt_ids: list[int], delay_s: float, sampling: SamplingParams | None = None,
+                  max_new_tokens: int = 0) -> _Run:
         self._seq += 1
         run = _Run(f"fake-{self._seq}")
         run.prompt_tokens = len(prompt_ids)
@@ -310,7 +372,8 @@ class FakeRkllama:
                 await self.worker_lock.acquire()
             if self.api == "ollama" or self.active is None or self.active.done:
                 self.active = run
-            events = self.sim.generate(GenerationInput(run.rid, tuple(prompt_ids)))
+            events = self.sim.generate(GenerationInput(run.rid, tuple(prompt_ids), sampling=sampling,
+                                                       max_new_tokens=max_new_tokens))
             try:
                 if delay_s:
                     await asyncio.sleep(delay_s)
@@ -354,6 +417,31 @@ class FakeRkllama:
                 if self.global_text:
                     continue
                 await self.text_added.wait()
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...] | None:
+    if not text or not re.fullmatch(r"\d+(\.\d+)*", text):
+        return None
+    return tuple(int(p) for p in text.split("."))
+
+
+def _load_settings(options: dict[str, str]) -> tuple[SamplingParams, int]:
+    """What rkllm_init gets from the merged options (rkllama's RKLLM.__init__: top_k via float())."""
+    return (SamplingParams(top_k=int(float(options["top_k"])), top_p=float(options["top_p"]),
+                           temperature=float(options["temperature"]), repeat_penalty=float(options["repeat_penalty"]),
+                           frequency_penalty=float(options["frequency_penalty"]),
+                           presence_penalty=float(options["presence_penalty"])),
+            int(options["max_new_tokens"]))
+
+
+def _run_settings(options: dict[str, str]) -> tuple[SamplingParams, int]:
+    """What one run gets from them from 0.0.73 on (get_sampling_parameters: int() for top_k and
+    max_new_tokens, so "40.0" fails there as it does in rkllama)."""
+    return (SamplingParams(top_k=int(options["top_k"]), top_p=float(options["top_p"]),
+                           temperature=float(options["temperature"]), repeat_penalty=float(options["repeat_penalty"]),
+                           frequency_penalty=float(options["frequency_penalty"]),
+                           presence_penalty=float(options["presence_penalty"])),
+            int(options["max_new_tokens"]))
 
 
 def _now() -> str:
@@ -600,8 +688,12 @@ def create_app(state: FakeRkllama) -> web.Application:
                 rec.status = 400
                 return web.json_response({"error": "Missing prompt"}, status=400)
             messages = [{"role": "user", "content": prompt}]
+        rec.options = data.get("options")
+        merged: dict[str, str] | None = None
+        if api == "ollama":  # the older generations read no options at all
+            merged = rec.applied_options = state.full_options(state.find(name), rec.options)
         if state.current is None or state.current.name != name:
-            error = await state.load(name)
+            error = await state.load(name, merged)
             if error:
                 rec.status = 500
                 return web.json_response({"error": f"Failed to load model '{name}': {error}"}, status=500)
@@ -614,8 +706,15 @@ def create_app(state: FakeRkllama) -> web.Application:
         except Exception as exc:
             rec.status = 500
             return web.json_response({"error": str(exc)}, status=500)
+        sampling, max_new = None, 0
+        if merged is not None and state.per_run_options:
+            try:
+                sampling, max_new = _run_settings(merged)
+            except (KeyError, ValueError) as exc:
+                rec.status = 500
+                return web.json_response({"error": str(exc)}, status=500)
         rec.model = name
-        run = state.start_run(rec.prompt_ids, faults.first_token_delay_s)
+        run = state.start_run(rec.prompt_ids, faults.first_token_delay_s, sampling, max_new)
         started = time.monotonic()
 
         def piece_obj(piece: str) -> dict[str, Any]:
@@ -669,7 +768,7 @@ def create_app(state: FakeRkllama) -> web.Application:
 
         @routes.get("/api/version")
         async def version(request: web.Request) -> web.Response:
-            return web.json_response({"version": VERSIONS[api]})
+            return web.json_response({"version": state.version})
 
         @routes.get("/api/tags")
         async def tags(request: web.Request) -> web.Response:
@@ -697,6 +796,69 @@ def create_app(state: FakeRkllama) -> web.Application:
             text = "\n".join(f'{k}="{v}"' for k, v in model.modelfile.items())
             return web.json_response({"modelfile": text, "parameters": "", "template": "",
                                       "details": {"format": "rkllm", "family": "llama"}, "model_info": {}})
+
+    async def embed(request: web.Request) -> web.Response:
+        """rkllama's embeddings_ollama: one vector per input, the last token's hidden state."""
+        openai = request.path.startswith("/v1/")
+        data = await read_json(request)
+        rec = record(request, data)
+        if not isinstance(data, dict):
+            rec.status = 500
+            return web.json_response({"error": "400 Bad Request: Failed to decode JSON object"}, status=500)
+        name, text = data.get("model"), data.get("input", data.get("prompt"))
+        if not isinstance(name, str):  # rkllama strips a namespace with re.search before checking
+            rec.status = 500
+            return web.json_response({"error": f"expected string or bytes-like object, got "
+                                               f"'{type(name).__name__}'"}, status=500)
+        name = name.split("/", 1)[1] if "/" in name else name
+        if not name:
+            rec.status = 400
+            return web.json_response({"error": "Missing model name"}, status=400)
+        if not text:
+            rec.status = 400
+            return web.json_response({"error": "Missing input"}, status=400)
+        rec.options = data.get("options")
+        merged = rec.applied_options = state.full_options(state.find(name), rec.options)
+        if state.current is None or state.current.name != name:
+            error = await state.load(name, merged)
+            if error:
+                rec.status = 500
+                return web.json_response({"error": f"Failed to load model '{name}': {error}"}, status=500)
+        started = time.monotonic()
+        model = state.current
+        assert model is not None
+        tok = state.tokenizer(model)
+        vectors: list[list[float]] = []
+        async with state.worker_lock:  # the worker runs one task at a time
+            for i, one in enumerate(text if isinstance(text, list) else [text]):
+                ids = [int(t) for t in tok(str(one), add_special_tokens=False)["input_ids"]]
+                rec.embedded.append(ids)
+                try:
+                    rid = f"embed-{len(state.received)}-{i}"
+                    out = await state.sim.embed(EmbeddingInput(rid, tuple(ids), str(one)))
+                except RKLLMError as exc:
+                    rec.status = 500
+                    return web.json_response({"error": str(exc)}, status=500)
+                vectors.append([float(x) for x in out.hidden[-1]])
+        rec.model = name
+        rec.finished_at = time.monotonic()
+        total = sum(len(ids) for ids in rec.embedded)
+        if openai:
+            return web.json_response({"object": "list", "data": [
+                {"object": "embedding", "embedding": [x for v in vectors for x in v], "index": 0}],
+                "model": name, "usage": {"prompt_tokens": total, "total_tokens": total}})
+        return web.json_response({"model": name, "embeddings": vectors,
+                                  "total_duration": int((time.monotonic() - started) * 1e9),
+                                  "load_duration": int(0.1 * 1e9), "prompt_eval_count": total})
+
+    if api == "ollama":
+        for path in ("/api/embed", "/api/embeddings", "/v1/embeddings"):
+            routes.post(path)(embed)
+    elif api == "ollama-single":
+        @routes.post("/api/embeddings")
+        async def no_embeddings(request: web.Request) -> web.Response:
+            record(request, await read_json(request))
+            return web.json_response({"error": "Embeddings not supported in RKLLAMA"}, status=501)
 
     if api == "ollama":
         @routes.get("/api/ps")
@@ -764,6 +926,10 @@ class FakeRkllamaServer:
 
     def generations(self) -> list[Received]:
         return [r for r in self.state.received if r.prompt is not None]
+
+    def embeddings(self) -> list[Received]:
+        """The embedding requests the server answered with vectors."""
+        return [r for r in self.state.received if r.embedded and r.status == 200]
 
     async def start(self) -> "FakeRkllamaServer":
         await self.up()

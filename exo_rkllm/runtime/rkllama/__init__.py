@@ -12,14 +12,15 @@ import logging
 
 from ...config import Config
 from ...errors import RKLLMError
-from .backend import RkllamaRuntime, wire_messages
+from .backend import RkllamaRuntime, capabilities_for, wire_messages, wire_options
 from .client import API_EARLY, API_OLLAMA, PROBE_TIMEOUT_S, RkllamaClient, ServerInfo, match_remote_name
 from .text_tokens import TextToTokens
 
 log = logging.getLogger("exo_rkllm.rkllama")
 
-__all__ = ["API_EARLY", "API_OLLAMA", "RkllamaClient", "RkllamaRuntime", "ServerInfo", "TextToTokens", "create",
-           "list_remote_models", "match_remote_name", "probe", "remote_model_name", "wire_messages"]
+__all__ = ["API_EARLY", "API_OLLAMA", "RkllamaClient", "RkllamaRuntime", "ServerInfo", "TextToTokens",
+           "capabilities_for", "create", "list_remote_models", "match_remote_name", "probe", "remote_model_name",
+           "wire_messages", "wire_options"]
 
 
 def _client(config: Config, *, quick: bool = False) -> RkllamaClient:
@@ -30,6 +31,7 @@ async def create(config: Config) -> RkllamaRuntime:
     runtime = RkllamaRuntime(config)
     try:
         info = await asyncio.wait_for(runtime.client.info(), config.server_connect_timeout + PROBE_TIMEOUT_S)
+        runtime.note_server(info)  # capabilities (per-run options, embeddings) before the first load
         log.info("rkllama backend: server at %s (%s)", info.url, info.label)
     except (RKLLMError, asyncio.TimeoutError) as exc:
         log.warning("rkllama backend: %s; requests will fail until the server is up", exc)

@@ -25,21 +25,37 @@ finish.
 
 Nothing is added to the conversation: no rkllama version applies a Modelfile's
 SYSTEM to `/api/chat` or `/generate`, and neither does this backend.
+
+A request's sampling, token limit and seed go to the server as `/api/chat` options
+(`temperature`, `top_k`, `top_p`, `repeat_penalty`, `frequency_penalty`,
+`presence_penalty`, `num_predict`, `seed`) only where rkllama applies them to that run
+(0.0.73 on; capabilities `per_run_sampling` / `per_run_max_new_tokens` say so): on an
+older server the options of whichever request loaded the model would silently become
+everyone's, and the early API takes none. rkllama reads no seed; it is sent as Ollama
+clients send it. A token limit is kept on every server: where the server cannot be told
+(or counts its tokens differently from the text's re-tokenization), the backend passes on
+no more than `max_new_tokens` tokens. On a server that was told, it drops the rest until
+the server's own end; on one that was not, it stops there (FinishEvent aborted, as the
+native backend stops an older runtime) and frees the server as for an abandoned answer.
+
+Embeddings (`embed`): through the server's `/api/embed` (0.0.43 on), one row, `pooled`:
+rkllama returns the last token's hidden state. Older servers raise EmbeddingUnsupported.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 from ...config import Config
-from ...errors import GenerationError, ModelLoadError, ModelNotFound, RKLLMError
+from ...errors import EmbeddingUnsupported, GenerationError, ModelLoadError, ModelNotFound, RKLLMError
 from ...tokenizer import load_tokenizer
-from ..base import (Capabilities, ChatMessage, FinishEvent, GenerationInput, GenerationStats, ModelSpec,
-                    ProgressFn, RuntimeEvent, TokenEvent)
-from .client import (API_EARLY, ChatStream, RkllamaClient, ServerChanged, ServerInfo, ServerNotLoaded, StreamBroken,
-                     match_remote_name, parse_chunk, render_tool_calls)
+from ..base import (Capabilities, ChatMessage, EmbeddingInput, EmbeddingOutput, FinishEvent, GenerationInput,
+                    GenerationStats, ModelSpec, ProgressFn, RuntimeEvent, TokenEvent)
+from .client import (API_EARLY, EMBEDDINGS_HINT, ChatStream, RkllamaClient, ServerChanged, ServerInfo,
+                     ServerNotLoaded, StreamBroken, match_remote_name, parse_chunk, render_tool_calls)
 from .text_tokens import TextToTokens, VocabFacts
 
 log = logging.getLogger("exo_rkllm.rkllama")
@@ -120,6 +136,35 @@ def wire_messages(messages: Sequence[ChatMessage], early: bool) -> list[dict[str
     return merged
 
 
+def capabilities_for(info: ServerInfo | None) -> Capabilities:
+    """What this backend can do with the server `info` describes (None: not detected yet)."""
+    if info is None:
+        return Capabilities(backend="rkllama", version="", token_input=False, keep_history=False,
+                            clear_kv_cache=False)
+    return Capabilities(backend="rkllama", version=info.label, token_input=False, keep_history=False,
+                        clear_kv_cache=False, per_run_sampling=info.per_run_options,
+                        per_run_max_new_tokens=info.per_run_options, embeddings=info.embeddings)
+
+
+def wire_options(inp: GenerationInput, info: ServerInfo) -> dict[str, Any] | None:
+    """The request's sampling, token limit and seed as `/api/chat` options, where the server
+    applies them to this run; None otherwise (or when the request names none)."""
+    if not info.per_run_options:
+        return None
+    options: dict[str, Any] = {}
+    s = inp.sampling
+    if s is not None:
+        # rkllama reads top_k with int() of the value's text: it must go as an integer
+        options.update(temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
+                       repeat_penalty=float(s.repeat_penalty), frequency_penalty=float(s.frequency_penalty),
+                       presence_penalty=float(s.presence_penalty))
+    if inp.max_new_tokens > 0:
+        options["num_predict"] = int(inp.max_new_tokens)
+    if inp.seed is not None:
+        options["seed"] = int(inp.seed)
+    return options or None
+
+
 class RkllamaRuntime:
     """The `rkllama` backend: one rkllama server, one model of it at a time."""
 
@@ -128,8 +173,7 @@ class RkllamaRuntime:
     def __init__(self, config: Config, client: RkllamaClient | None = None) -> None:
         self.config = config
         self.client = client or RkllamaClient.from_config(config)
-        self.capabilities = Capabilities(backend="rkllama", version="", token_input=False, keep_history=False,
-                                         clear_kv_cache=False)
+        self.capabilities = capabilities_for(None)
         self._model: ModelSpec | None = None
         self._tok: Any = None
         self._facts: VocabFacts | None = None
@@ -173,8 +217,7 @@ class RkllamaRuntime:
             self._names.pop(model.model_id, None)
             raise
         self._model, self._tok, self._facts, self._remote = model, tok, facts, name
-        self.capabilities = Capabilities(backend="rkllama", version=info.label, token_input=False,
-                                         keep_history=False, clear_kv_cache=False)
+        self.note_server(info)
         if progress:
             progress(f"{name} ready on rkllama ({info.label})", 1.0)
 
@@ -223,6 +266,7 @@ class RkllamaRuntime:
         stream: ChatStream | None = None
         info: ServerInfo | None = None
         finished = False
+        why = "aborted"
         try:
             try:
                 await self._race(self._settle(), abort_fut, None, "")
@@ -248,6 +292,9 @@ class RkllamaRuntime:
             last_at = started
             emitted = 0
             prompt_tokens = 0
+            limit = max(0, inp.max_new_tokens)
+            told = info is not None and info.per_run_options  # it got num_predict and ends the answer itself
+            capped = False  # `limit` tokens passed on: the rest is dropped
             while True:
                 if first_at is None:
                     timeout, error = max(0.0, deadline - time.monotonic()), self._first_token_error()
@@ -274,21 +321,34 @@ class RkllamaRuntime:
                         done = True
                     now = time.monotonic()
                     for piece in pieces:
+                        if capped:
+                            continue
                         if first_at is None:
                             first_at = self.last_first_piece_at = now
                         last_at = now
                         emitted += 1
                         yield TokenEvent(piece.token_id, piece.text, piece.state)
+                        capped = 0 < limit <= emitted
                     if done:
                         break
+                if capped and not told and not done:
+                    # The server was not told the limit: stop here, as the native backend stops an
+                    # older runtime; the answer is freed at the server like an abandoned one.
+                    finished = True
+                    why = f"stopped at its {limit}-token limit"
+                    yield FinishEvent(self._stats(prompt_tokens, started, first_at, last_at, emitted), aborted=True)
+                    return
                 if not done and stream.eof:
                     if stream.api != API_EARLY:
                         raise StreamBroken(f"the rkllama server at {self.client.url} ended the answer without its "
                                            "final line (done: true); did it crash?")
                     done = True  # the early API just ends the stream after the last token
                     for piece in conv.flush():
+                        if capped:
+                            break
                         emitted += 1
                         yield TokenEvent(piece.token_id, piece.text, piece.state)
+                        capped = 0 < limit <= emitted
                 if done:
                     finished = True
                     stream.release()
@@ -301,7 +361,38 @@ class RkllamaRuntime:
                 self._abort_fut = None
             if stream is not None:
                 # Aborted, failed or abandoned mid-answer: the server may still be generating.
-                self._stop_at_server(stream, info, "aborted" if finished else "ended early")
+                self._stop_at_server(stream, info, why if finished else "ended early")
+
+    async def embed(self, inp: EmbeddingInput) -> EmbeddingOutput:
+        """The server's embedding of `inp.text` (or of its tokens decoded): one pooled row."""
+        import numpy as np
+
+        self._check_open()
+        if self._model is None or self._tok is None:
+            raise GenerationError("no model is loaded")
+        if self._running:
+            raise GenerationError("the rkllama backend is busy: one generation at a time")
+        await self._settle()
+        info = await self.client.info()
+        self.note_server(info)
+        if not info.embeddings:
+            raise EmbeddingUnsupported(f"the rkllama server at {self.client.url} ({info.label}) gives no "
+                                       f"embeddings: {EMBEDDINGS_HINT}")
+        text = inp.text or (self._tok.decode(list(inp.token_ids), skip_special_tokens=False,
+                                             clean_up_tokenization_spaces=False) if inp.token_ids else "")
+        if not text:
+            raise GenerationError("nothing to embed: the input is empty")
+        name = await self.resolve_name(self._model)
+        try:
+            vector = await self.client.embed(name, text)
+        except EmbeddingUnsupported:
+            self.capabilities = dataclasses.replace(self.capabilities, embeddings=False)
+            raise
+        return EmbeddingOutput(hidden=np.asarray([vector], dtype=np.float32), pooled=True)
+
+    def note_server(self, info: ServerInfo) -> None:
+        """Capabilities follow the server detected last (it may have restarted as another version)."""
+        self.capabilities = capabilities_for(info)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _tokenizer(self, folder: Any) -> tuple[Any, VocabFacts]:
@@ -349,13 +440,14 @@ class RkllamaRuntime:
         assert self._model is not None
         for attempt in (1, 2, 3):
             info = await self.client.info()
+            self.note_server(info)
             name = await self.resolve_name(self._model)
             messages = wire_messages(inp.messages or (), early=info.api == API_EARLY)
             tools = jsonable(list(inp.tools)) if inp.tools and info.api != API_EARLY else None
             if inp.tools and info.api == API_EARLY:
                 log.warning("the early rkllama API takes no tools: the request's tools are not sent")
             try:
-                return await self.client.open_chat(name, messages, tools), info
+                return await self.client.open_chat(name, messages, tools, wire_options(inp, info)), info
             except ServerChanged as exc:
                 log.warning("%s: detecting its API again", exc)
                 self._names.clear()

@@ -16,6 +16,21 @@ rkllama exists in the field in three shapes, all of which this client drives:
 The generation is detected once per server instance and cached; any connection failure
 forgets it, so a server that restarted (or was upgraded) is detected afresh. Every error
 names the server's URL and says what to do.
+
+Within the worker generation, two later features matter (rkllama's server code, by the
+version its `/api/version` reports):
+
+* 0.0.43 (Aug 2025, the first with workers): `POST /api/embed` (also `/api/embeddings`, same
+  shapes) `{"model", "input"}` -> `{"model", "embeddings": [[...]], "total_duration",
+  "load_duration", "prompt_eval_count"}`, one vector per input: the last token's hidden state
+  (RKLLM's last-hidden-layer mode on the text). `/v1/embeddings` gives the OpenAI shape. The
+  one-model Ollama-style server ("0.5.1") answers `/api/embeddings` with 501.
+* 0.0.73 (Jun 2026, runtime 1.3.0): `/api/chat`'s `options` apply per run: `temperature`,
+  `top_k` (read with int()), `top_p`, `repeat_penalty`, `frequency_penalty`,
+  `presence_penalty`, the mirostat keys, and `num_predict` (renamed to its `max_new_tokens`).
+  Before, the options of the request that happened to load the model became that model's
+  settings for everyone, and `num_predict` was ignored; so they are sent only from 0.0.73 on.
+  No version reads `seed`; it is sent anyway (Ollama's key, ignored).
 """
 from __future__ import annotations
 
@@ -27,7 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ...config import Config
-from ...errors import GenerationError, ModelLoadError, ModelNotFound, RKLLMError, RuntimeUnavailable
+from ...errors import (EmbeddingUnsupported, GenerationError, ModelLoadError, ModelNotFound, RKLLMError,
+                       RuntimeUnavailable)
 
 log = logging.getLogger("exo_rkllm.rkllama")
 
@@ -38,6 +54,17 @@ START_HINT = ("start rkllama on the board (`rkllama_server --models <models fold
               "versions) or point RKLLM_SERVER_URL (or RKLLM_SERVER_HOST / RKLLM_SERVER_PORT) at it")
 LOAD_SETTING = "RKLLM_SERVER_LOAD_TIMEOUT"
 PROBE_TIMEOUT_S = 2.0  # a quick reachability check (RKLLM_BACKEND=auto) gives up after this
+PER_RUN_OPTIONS_SINCE = (0, 0, 73)  # /api/chat options apply to that run (runtime 1.3.0)
+EMBEDDINGS_SINCE = (0, 0, 43)  # /api/embed answers (the first version with model workers)
+EMBEDDINGS_HINT = ("rkllama 0.0.43 or newer (the version with model workers, `rkllama_server`) serves "
+                   "embeddings at /api/embed; upgrade the server")
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    """`"0.0.74"` -> (0, 0, 74); None for anything else."""
+    if not text or not re.fullmatch(r"\d+(\.\d+)*", text.strip()):
+        return None
+    return tuple(int(p) for p in text.strip().split("."))
 
 
 class ServerNotLoaded(GenerationError):
@@ -61,6 +88,29 @@ class ServerInfo:
     version: str | None = None
     workers: bool = False  # models run in worker processes: /api/ps, /unload_model {"model_name"}
     openai: bool = False  # /v1/models answers (informational)
+
+    @property
+    def release(self) -> tuple[int, ...] | None:
+        """rkllama's own version, where the server reports it. The one-model Ollama-style servers
+        (Mar-Aug 2025) answer a fixed "0.5.1" meant for Ollama clients: no rkllama version."""
+        if self.api != API_OLLAMA or not self.workers:
+            return None
+        return parse_version(self.version)
+
+    @property
+    def per_run_options(self) -> bool:
+        """/api/chat applies the request's `options` (sampling, num_predict) to that run."""
+        release = self.release
+        return release is not None and release >= PER_RUN_OPTIONS_SINCE
+
+    @property
+    def embeddings(self) -> bool:
+        """/api/embed answers. Every worker server has it; an unparsable version of one is trusted too
+        (the route is tried, and a 404 says EmbeddingUnsupported)."""
+        if self.api != API_OLLAMA or not self.workers:
+            return False
+        release = self.release
+        return release is None or release >= EMBEDDINGS_SINCE
 
     @property
     def label(self) -> str:
@@ -404,16 +454,44 @@ class RkllamaClient:
             log.debug("rkllama unload of %s failed: %s", name, exc)
 
     # -- generation --------------------------------------------------------------------------------
-    async def open_chat(self, name: str, messages: list[dict[str, Any]], tools: Sequence[Any] | None) -> ChatStream:
+    async def embed(self, name: str, text: str) -> list[float]:
+        """The server's embedding of `text` with model `name` (rkllama: the last token's hidden
+        state). Bounded by the first-token timeout: it may load the model and prefills the text.
+        Raises EmbeddingUnsupported where the server has no such route."""
+        status, body = await self.request("POST", "/api/embed", json_body={"model": name, "input": text},
+                                          timeout=self.first_token_timeout,
+                                          setting="RKLLM_SERVER_FIRST_TOKEN_TIMEOUT")
+        if status in (404, 405, 501):
+            self.forget()  # perhaps another server now: detect it afresh next time
+            raise EmbeddingUnsupported(f"the rkllama server at {self.url} gives no embeddings (POST /api/embed: "
+                                       f"HTTP {status} {_error_text(body)}): {EMBEDDINGS_HINT}")
+        if status != 200:
+            reason = _error_text(body)
+            if "failed to load model" in reason.lower():
+                raise ModelLoadError(f"rkllama at {self.url} could not load {name!r} to embed: {reason}")
+            raise GenerationError(f"rkllama at {self.url} could not embed with {name!r}: HTTP {status} {reason}")
+        rows = body.get("embeddings") if isinstance(body, dict) else None
+        if rows is None and isinstance(body, dict) and isinstance(body.get("embedding"), list):
+            rows = [body["embedding"]]  # Ollama's older /api/embeddings shape
+        if (not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], list) or not rows[0]
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rows[0])):
+            shown = json.dumps(body) if isinstance(body, (dict, list)) else str(body)
+            raise GenerationError(f"rkllama at {self.url} sent an embedding answer this client cannot read: "
+                                  f"{shown[:200]!r}")
+        return [float(x) for x in rows[0]]
+
+    async def open_chat(self, name: str, messages: list[dict[str, Any]], tools: Sequence[Any] | None,
+                        options: Mapping[str, Any] | None = None) -> ChatStream:
         """POST the conversation; returns once the server has answered with its headers.
 
         rkllama (Flask) sends its headers together with the first piece, so this waits through
         the model load and the prefill: the caller bounds it with the first-token timeout (the
         session has no read timeout of its own).
 
-        The server templates the messages itself (once). Raises ServerNotLoaded when an early
-        server has no model, RuntimeUnavailable when it cannot be reached, GenerationError on any
-        other refusal."""
+        The server templates the messages itself (once). `options` (Ollama's names) go with an
+        Ollama-style request only; the caller decides whether the server applies them per run
+        (`ServerInfo.per_run_options`). Raises ServerNotLoaded when an early server has no model,
+        RuntimeUnavailable when it cannot be reached, GenerationError on any other refusal."""
         import aiohttp
 
         info = await self.info()
@@ -422,6 +500,8 @@ class RkllamaClient:
             body: dict[str, Any] = {"model": name, "messages": messages, "stream": True}
             if tools:
                 body["tools"] = list(tools)
+            if options:
+                body["options"] = dict(options)
         else:
             path, body = "/generate", {"messages": messages, "stream": True}
         session = self._get_session()
