@@ -182,7 +182,8 @@ def embedding_rows(token_ids: tuple[int, ...], width: int) -> np.ndarray:
     rows = np.empty((len(token_ids), width), dtype=np.float32)
     state = np.zeros(width, dtype=np.float32)
     for i, token_id in enumerate(token_ids):
-        vector = np.random.default_rng((_EMBED_SEED, int(token_id) & 0xFFFFFFFF)).standard_normal(width, dtype=np.float32)
+        rng = np.random.default_rng((_EMBED_SEED, int(token_id) & 0xFFFFFFFF))
+        vector = rng.standard_normal(width, dtype=np.float32)
         state = np.float32(0.5) * state + vector
         rows[i] = state
     return rows
