@@ -16,7 +16,7 @@ from aiohttp import web
 from exo_rkllm.errors import EmbeddingUnsupported, GenerationError, RuntimeUnavailable
 from exo_rkllm.runtime.base import EmbeddingInput, SamplingParams
 from exo_rkllm.runtime.rkllama import RkllamaClient, create
-from exo_rkllm.runtime.sim import DEFAULT_HIDDEN_SIZE, SimTiming, embedding_rows
+from exo_rkllm.runtime.sim import DEFAULT_HIDDEN_SIZE, embedding_rows
 from fake_rkllama.fixtures import *  # noqa: F401,F403
 from fake_rkllama.fixtures import DEMO_FOLDER_NAME, chat, collect, rkllama_config
 
