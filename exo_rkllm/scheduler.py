@@ -80,6 +80,10 @@ class _Job:
     def created_at(self) -> float:
         return self.stream.created_at
 
+    @property
+    def label(self) -> str:
+        return self.stream.request_id
+
 
 @dataclass
 class _EmbedJob:
@@ -275,7 +279,7 @@ class Scheduler:
             return
         running.preempt = True
         log.debug("request %s (background) paused for interactive request %s", running.stream.request_id,
-                  arrival.stream.request_id)
+                  arrival.label)
         asyncio.ensure_future(self._abort(running))
 
     # -- embeddings ------------------------------------------------------------------------------
