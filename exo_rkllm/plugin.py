@@ -347,8 +347,12 @@ class ExoNodePort:
         feed = _feeds.open(rid, stop_ids)
         engine = self.node.inference_engine
         engine.set_request_context(rid, submission.context)
-        if self.node.peers:
-            _broadcast(rid, {"type": CONTEXT_STATUS, "request_id": rid, "context": submission.context.to_json()})
+        if self.node.peers:  # before the prompt: a peer running layer 0 must never encode exo's text instead
+            status = json.dumps({"type": CONTEXT_STATUS, "request_id": rid, "context": submission.context.to_json()})
+            try:
+                await self.node.broadcast_opaque_status(rid, status)
+            except Exception as exc:
+                log.warning("request %s: its context could not be sent to the other nodes: %r", rid, exc)
         shard = build_base_shard(submission.model_id, ENGINE_CLASSNAME)
         if shard is None:
             feed.fail(ModelNotFound(f"exo has no model card for {submission.model_id!r}"))
@@ -578,7 +582,7 @@ async def _model_request(request: Any, required: bool) -> tuple[str | None, Any]
     """The `model` of a load/unload body: (name, None), or (None, the 400 answer)."""
     try:
         data = await request.json() if request.can_read_body else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, error_response(APIError(400, "the request body is not valid JSON", code="invalid_json"))
     name = data.get("model") if isinstance(data, dict) else None
     if (required or name is not None) and (not isinstance(name, str) or not name):

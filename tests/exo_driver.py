@@ -235,10 +235,10 @@ class ExoRing:
         self._spawn(run())
 
     def abandon(self, request_id: str, reason: str = "client disconnected") -> None:
-        """What the handlers do when the HTTP client goes away: cancel on every node."""
+        """What the handlers do when the HTTP client goes away: cancel on every node. exo still
+        steps the request until the engine hands it the eos; its answer then ends (as an error)."""
         for engine in self.engines:
             engine.cancel_request(request_id, reason)
-        self._release(request_id)
 
     async def drain(self) -> None:
         while self._tasks:

@@ -127,9 +127,9 @@ async def test_a_dropped_tokenizer_still_held_is_shared_not_loaded_twice(many_mo
     assert engine.model_for(ids[0]).tokenizer is held
 
 
-async def test_exo_api_marks_only_live_tokenizers_as_ours(many_models_dir, monkeypatch):
-    """The plugin recognises its tokenizers in exo's generate_completion; it used to keep their
-    id() forever: one more entry per model built, and an id that a later object may reuse."""
+async def test_exo_resolving_our_tokenizers_keeps_nothing_per_model(many_models_dir, monkeypatch):
+    """exo's resolve_tokenizer gets the engine's own tokenizer for our models, and the plugin holds
+    no reference of its own: the model cache alone decides what stays in memory."""
     engine, _ = make_engine(many_models_dir, model_cache=0)
     ids = model_ids(engine)
     fake = types.ModuleType("exo.inference.tokenizers")
@@ -140,15 +140,16 @@ async def test_exo_api_marks_only_live_tokenizers_as_ours(many_models_dir, monke
     fake.resolve_tokenizer = original
     plugin._patch_tokenizers(fake)
     monkeypatch.setattr(plugin, "_engine", engine)
-    monkeypatch.setattr(plugin, "_our_tokenizers", weakref.WeakSet())
     for entry in engine.catalog.servable():
         monkeypatch.setitem(plugin._repo_to_model, str(entry.folder), entry.model_id)
+    freed = []
     for entry in sorted(engine.catalog.servable(), key=lambda e: e.model_id):
         tok = await fake.resolve_tokenizer(str(entry.folder))
-        assert tok in plugin._our_tokenizers
+        assert tok is engine.model_for(entry.model_id).tokenizer
+        freed.append(weakref.ref(tok))
         del tok
     gc.collect()
-    assert len(plugin._our_tokenizers) == 1  # the last model's: the others were freed
+    assert sum(ref() is not None for ref in freed) == 1  # the last model's: the others were freed
     assert len(engine._models) == 1 and engine._models.ids() == [ids[-1]]
 
 

@@ -188,6 +188,12 @@ class OpenAIServer:
 
     async def _next(self, job: _Job, feed: TokenFeed, gone: asyncio.Event, deadline: float | None) -> Update | None:
         """The next update; None if the client went away. A timeout raises APIError 408."""
+        if gone.is_set():
+            self.port.cancel(job.request_id, "client disconnected")
+            return None
+        ready = feed.poll()
+        if ready is not None and (deadline is None or time.monotonic() < deadline):
+            return ready  # the common case while tokens flow: no task, no wait
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         reading = asyncio.ensure_future(feed.next())
         leaving = asyncio.ensure_future(gone.wait())
@@ -229,8 +235,14 @@ class OpenAIServer:
         update: Update | None = first
         try:
             while update is not None:
-                delta = job.answer.push(update.ids)
-                ending = update.ending
+                ids, ending = list(update.ids), update.ending
+                while ending is None:  # tokens that came while the last chunk was written: one chunk
+                    more = feed.poll()
+                    if more is None:
+                        break
+                    ids += more.ids
+                    ending = more.ending
+                delta = job.answer.push(ids)
                 if self._stop_if_stopped(job, feed):
                     ending = Ending("stop")
                 if ending is not None:
@@ -266,8 +278,11 @@ class OpenAIServer:
         await out.done()
 
     async def _whole(self, job: _Job, feed: TokenFeed, gone: asyncio.Event) -> web.StreamResponse:
+        """A non-streamed answer. Without stop sequences nothing needs the text before the end,
+        so the ids are decoded once, at the end, as exo did (streaming decodes as it goes)."""
         deadline: float | None = None
-        delta = Delta()
+        watch_text = bool(job.answer.stops)
+        ids: list[int] = []
         while True:
             try:
                 update = await self._next(job, feed, gone, deadline)
@@ -277,13 +292,18 @@ class OpenAIServer:
                 return web.Response(status=499)
             if deadline is None and self.response_timeout:
                 deadline = time.monotonic() + self.response_timeout
-            delta += job.answer.push(update.ids)
             ending = update.ending
-            if self._stop_if_stopped(job, feed):
-                ending = Ending("stop")
+            if watch_text:
+                job.answer.push(update.ids)
+                if self._stop_if_stopped(job, feed):
+                    ending = Ending("stop")
+            else:
+                ids.extend(update.ids)
             if ending is None:
                 continue
-            delta += job.answer.finish()
+            if ids:
+                job.answer.push(ids)
+            job.answer.finish()
             if ending.error is not None:  # no partial answer that looks complete
                 return error_response(self._api_error(ending.error))
             return web.json_response(self._whole_body(job, feed, ending), headers=job.headers,
@@ -481,8 +501,8 @@ async def _json_body(request: web.Request) -> Any:
     raw = await request.read()
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise APIError(400, "the request body is not valid JSON (or nested too deeply)", code="invalid_json") from None
 
 
 async def _watch_disconnect(request: web.Request, gone: asyncio.Event) -> None:

@@ -104,6 +104,10 @@ class TokenFeed:
     async def next(self) -> Update:
         return await self._queue.get()
 
+    def poll(self) -> Update | None:
+        """The next update if one is already there, else None (no waiting)."""
+        return None if self._queue.empty() else self._queue.get_nowait()
+
     def ready(self) -> list[Update]:
         """The updates delivered so far and not yet read, without waiting."""
         out = []

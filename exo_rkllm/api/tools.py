@@ -283,7 +283,7 @@ class ToolCallParser:
     def _hermes_call(self, inner: str) -> ToolCall | None:
         try:
             obj = json.loads(inner)
-        except ValueError:
+        except (ValueError, RecursionError):  # a model may write anything
             return None
         return self._make_call(obj, ("arguments", "parameters"), require_arguments=False)
 
@@ -302,7 +302,7 @@ class ToolCallParser:
         body = text[i + len(MISTRAL_TAG):] if tagged else text
         try:
             value = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # a model may write anything
             return None
         if tagged and isinstance(value, dict):
             value = [value]
@@ -337,7 +337,7 @@ class ToolCallParser:
             # Arguments written as JSON text are passed through as that text, if it is an object.
             try:
                 decoded = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):  # a model may write anything
                 return None
             if not isinstance(decoded, dict):
                 return None
