@@ -40,7 +40,7 @@ from .embeddings import EmbeddingResult, embedding_vector, pooling_method, text_
 from .errors import GenerationError, ModelLoadError, ModelUnavailable, RequestCancelled, RKLLMError
 from .lifecycle import Lifecycle, ModelStatus, model_status
 from .model_cache import ModelCache
-from .runtime.base import ChatMessage, EmbeddingInput, ModelSpec, Runtime
+from .runtime.base import Capabilities, ChatMessage, EmbeddingInput, ModelSpec, Runtime
 from .runtime.factory import create_runtime
 from .scheduler import Priority, Scheduler
 from .streams import FinishReason, RequestStream, RunOptions
@@ -276,6 +276,11 @@ class RKLLMInferenceEngine:
         own end of answer. exo reports a failure before the first token only as a generic 500, one
         after it not at all, and a cut-short answer as `stop`: the plugin corrects all three."""
         self._end_listeners.append(listener)
+
+    async def capabilities(self) -> Capabilities:
+        """What this node's runtime can do (it is built now if it was not yet): the API shapes
+        requests by it (token ids or chat messages; raw completions need token input)."""
+        return (await self._get_scheduler()).runtime.capabilities
 
     def request_sampling_applies(self) -> bool:
         """Whether a request's own sampling (temperature, top_p... and seed) reaches this node's runtime;

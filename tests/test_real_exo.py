@@ -7,17 +7,14 @@ simulated runtime in this process on the same templated prompt.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
-import time
 from typing import Any
 
 import aiohttp
 import pytest
 
-from exo_rkllm.runtime.base import GenerationInput, TokenEvent
-from exo_rkllm.runtime.sim import SimRuntime, SimTiming
-from real_exo import EXO_PYTHON, REAL_EXO, start_exo
+from real_exo import EXO_PYTHON, REAL_EXO, SSEStream, expected_answer, expected_text, post_json, start_exo, \
+    stream_chat, user
 from support import DEMO_ID
 
 pytestmark = REAL_EXO
@@ -50,44 +47,20 @@ def exo(tmp_path_factory, demo_model_dir):
     proc.stop()
 
 
-async def expected_text(demo_spec, tokenizer, messages) -> str:
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    rt = SimRuntime(SimTiming.instant())
-    await rt.load(demo_spec)
-    text = ""
-    async for ev in rt.generate(GenerationInput("expected", tuple(tokenizer.encode(prompt)))):
-        if isinstance(ev, TokenEvent):
-            text += ev.text
-    return text
-
-
-async def stream_chat(session: aiohttp.ClientSession, url: str, messages, model: str = DEMO_ID,
-                      stop_after: int | None = None) -> dict[str, Any]:
-    started = time.monotonic()
-    chunks: list[dict[str, Any]] = []
-    first_at = None
-    async with session.post(f"{url}/v1/chat/completions",
-                            json={"model": model, "messages": messages, "stream": True}) as resp:
-        assert resp.status == 200, await resp.text()
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: "):
-                continue
-            chunk = json.loads(line[6:])
-            chunks.append(chunk)
-            if first_at is None and chunk["choices"][0]["delta"].get("content"):
-                first_at = time.monotonic()
-            if stop_after is not None and len(chunks) >= stop_after:
-                break  # leave mid-stream: the connection is closed
-            if chunk["choices"][0]["finish_reason"] is not None:
-                break
-    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
-    return {"text": text, "chunks": chunks, "finish": chunks[-1]["choices"][0]["finish_reason"] if chunks else None,
-            "ttft": (first_at or time.monotonic()) - started, "total": time.monotonic() - started}
-
-
-def user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
+async def finished_run(session: aiohttp.ClientSession, api: str, stream: SSEStream) -> dict[str, Any]:
+    """The scheduler's record of the request behind `stream` (GET /v1/rkllm/status, `recent`): how
+    many tokens the runtime really generated and how its run ended. Polled: the record is written
+    once the runtime has stopped, which may follow the end of the HTTP answer."""
+    rid = stream.chunks[0]["id"].removeprefix("chatcmpl-")
+    status: dict[str, Any] = {}
+    for _ in range(600):
+        async with session.get(f"{api}/v1/rkllm/status") as r:
+            status = await r.json()
+        found = [run for run in status.get("recent") or [] if run["request_id"] == rid]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no record of request {rid}: {status}")
 
 
 async def test_models_lists_only_this_engines_models(exo):
@@ -101,8 +74,8 @@ async def test_modelfile_system_prompt_is_not_added(exo, demo_spec, demo_tokeniz
     user sent (exo's own --system-prompt is the documented way to add a default one)."""
     async with aiohttp.ClientSession() as s:
         res = await stream_chat(s, exo.api, user("hello"), model="withsystem")
-    assert res["text"] == await expected_text(demo_spec, demo_tokenizer, user("hello"))
-    assert res["text"] != "the Modelfile system prompt was applied"
+    assert res.text == await expected_text(demo_spec, demo_tokenizer, user("hello"))
+    assert res.text != "the Modelfile system prompt was applied"
 
 
 async def test_an_answer_that_fills_the_context_says_length(exo, demo_tokenizer):
@@ -113,9 +86,10 @@ async def test_an_answer_that_fills_the_context_says_length(exo, demo_tokenizer)
     assert 0 < room < MAX_TOKENS  # the context, not exo's --max-generate-tokens, ends it
     async with aiohttp.ClientSession() as s:
         streamed = await stream_chat(s, exo.api, messages, model="shortcontext")
-        async with s.post(f"{exo.api}/v1/chat/completions", json={"model": "shortcontext", "messages": messages}) as r:
-            full = await r.json()
-    assert streamed["finish"] == "length" and full["choices"][0]["finish_reason"] == "length"
+        status, full, _ = await post_json(s, f"{exo.api}/v1/chat/completions",
+                                          {"model": "shortcontext", "messages": messages})
+    assert status == 200, full
+    assert streamed.finish == "length" and full["choices"][0]["finish_reason"] == "length"
     assert len(demo_tokenizer.encode(full["choices"][0]["message"]["content"])) in range(room - 2, room + 1)
 
 
@@ -123,17 +97,19 @@ async def test_an_answer_that_fills_the_context_says_length(exo, demo_tokenizer)
                                     "hi [[sim:text= Hé 世界 🤖👩‍💻 ¿qué?  \t日本語 🇫🇷]]"])
 async def test_streamed_and_full_answers_are_the_runtime_text(exo, demo_spec, demo_tokenizer, prompt):
     messages = user(prompt)
-    want = await expected_text(demo_spec, demo_tokenizer, messages)
-    assert any(ord(c) > 0x2000 for c in want)
+    want = await expected_answer(demo_spec, demo_tokenizer, messages)
+    assert any(ord(c) > 0x2000 for c in want.text)
     async with aiohttp.ClientSession() as s:
-        streamed = await stream_chat(s, exo.api, messages)
-        async with s.post(f"{exo.api}/v1/chat/completions", json={"model": DEMO_ID, "messages": messages}) as r:
-            full = await r.json()
-    assert streamed["text"].encode() == want.encode()
-    assert streamed["finish"] == "stop"
-    assert full["choices"][0]["message"]["content"].encode() == want.encode()
+        streamed = await stream_chat(s, exo.api, messages, stream_options={"include_usage": True})
+        status, full, _ = await post_json(s, f"{exo.api}/v1/chat/completions", {"model": DEMO_ID, "messages": messages})
+    assert status == 200, full
+    assert streamed.text.encode() == want.text.encode()
+    assert streamed.finish == "stop"
+    assert full["choices"][0]["message"] == {"role": "assistant", "content": want.text}
     assert full["choices"][0]["finish_reason"] == "stop"
-    for text in (streamed["text"], full["choices"][0]["message"]["content"]):
+    assert streamed.usage["completion_tokens"] == full["usage"]["completion_tokens"] == want.tokens, \
+        "usage counts the answer's tokens, not the end-of-turn token"
+    for text in (streamed.text, full["choices"][0]["message"]["content"]):
         assert "\ufffd" not in text and "<|im_end|>" not in text
 
 
@@ -141,7 +117,7 @@ async def test_openai_client_streams(exo, demo_spec, demo_tokenizer):
     openai = pytest.importorskip("openai")
     messages = user("OpenAI client [[sim:tokens=20]]")
     want = await expected_text(demo_spec, demo_tokenizer, messages)
-    client = openai.AsyncOpenAI(base_url=f"{exo.api}/v1", api_key="none")
+    client = openai.AsyncOpenAI(base_url=f"{exo.api}/v1", api_key="none", max_retries=0)
     text = ""
     async for chunk in await client.chat.completions.create(model=DEMO_ID, messages=messages, stream=True):
         text += chunk.choices[0].delta.content or ""
@@ -151,11 +127,13 @@ async def test_openai_client_streams(exo, demo_spec, demo_tokenizer):
 
 async def test_max_generate_tokens_ends_with_length(exo):
     async with aiohttp.ClientSession() as s:
-        res = await stream_chat(s, exo.api, user("long [[sim:tokens=300]]"))
-        assert res["finish"] == "length" and len(res["chunks"]) == MAX_TOKENS
+        res = await stream_chat(s, exo.api, user("long [[sim:tokens=300]]"), stream_options={"include_usage": True})
+        assert res.finish == "length" and res.usage["completion_tokens"] == MAX_TOKENS
         after = await stream_chat(s, exo.api, user("short [[sim:tokens=3]]"))
-        assert after["finish"] == "stop"
-        assert after["ttft"] < 2.0, "the runtime must have been aborted, not left generating 260 more tokens"
+        assert after.finish == "stop"
+        run = await finished_run(s, exo.api, res)
+    # the runtime was stopped at exo's limit, not left generating the 260 tokens nobody reads
+    assert MAX_TOKENS <= run["generated"] <= MAX_TOKENS + 1 and run["outcome"].startswith("cancelled"), run
 
 
 async def test_concurrent_streams_each_get_their_own_text(exo, demo_spec, demo_tokenizer):
@@ -163,7 +141,8 @@ async def test_concurrent_streams_each_get_their_own_text(exo, demo_spec, demo_t
     wants = [await expected_text(demo_spec, demo_tokenizer, m) for m in prompts]
     async with aiohttp.ClientSession() as s:
         results = await asyncio.gather(*(stream_chat(s, exo.api, m) for m in prompts))
-    assert [r["text"] for r in results] == wants
+    assert [r.text for r in results] == wants
+    assert len({r.chunks[0]["id"] for r in results}) == 4, "each stream has its own id"
 
 
 async def test_disconnect_mid_stream_frees_the_npu(exo):
@@ -171,36 +150,39 @@ async def test_disconnect_mid_stream_frees_the_npu(exo):
         gone = asyncio.create_task(stream_chat(s, exo.api, user("abandon me [[sim:tokens=300]]"), stop_after=3))
         await asyncio.sleep(0.05)
         queued = asyncio.create_task(stream_chat(s, exo.api, user("queued behind [[sim:tokens=5]]")))
-        await gone
-        left_at = time.monotonic()
-        res = await asyncio.wait_for(queued, 30)
-    # 300 tokens at 20 ms would hold the NPU for 6 s; the abort must let the next one start at once.
-    assert res["finish"] == "stop"
-    assert time.monotonic() - left_at < 1.0 + 5 * 0.02 + 0.5
+        left = await gone  # leaving the `async with` closed the connection mid-answer
+        res = await asyncio.wait_for(queued, 60)
+        abandoned = await finished_run(s, exo.api, left)
+        served = await finished_run(s, exo.api, res)
+    assert res.finish == "stop"
+    # 300 tokens would hold the NPU for 6 s: the abandoned run was stopped, then the queued one ran
+    assert abandoned["outcome"].startswith("cancelled") and abandoned["generated"] < 300, abandoned
+    assert served["outcome"] == "done" and served["generated"] == 5
 
 
 async def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(exo):
+    url = f"{exo.api}/v1/chat/completions"
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{exo.api}/v1/chat/completions", json={"model": "no-such-model", "messages": user("x")}) as r:
-            body = await r.json()
-            assert r.status == 404 and "unknown model 'no-such-model'" in body["error"]["message"]
-            assert DEMO_ID in body["error"]["message"]
-        async with s.post(f"{exo.api}/v1/chat/completions", json={"model": DEMO_ID}) as r:
-            assert r.status == 400 and "messages" in (await r.json())["error"]["message"]
-        async with s.post(f"{exo.api}/v1/chat/completions", json={"model": DEMO_ID, "messages": user("word " * 5000)}) as r:
-            body = await r.json()
-            assert r.status == 400 and "context of 4096 tokens" in body["error"]["message"], body
+        status, body, _ = await post_json(s, url, {"model": "no-such-model", "messages": user("x")})
+        assert status == 404 and "no-such-model" in body["error"]["message"], body
+        assert body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
+        status, body, _ = await post_json(s, url, {"model": DEMO_ID})
+        assert status == 400 and body["error"]["param"] == "messages", body
+        status, body, _ = await post_json(s, url, {"model": DEMO_ID, "messages": user("word " * 5000)})
+        assert status == 400 and "context of 4096 tokens" in body["error"]["message"], body
         for model, reason in (("BrokenModelfile", "no such file"), ("NoTokenizer", "missing tokenizer")):
-            async with s.post(f"{exo.api}/v1/chat/completions", json={"model": model, "messages": user("x")}) as r:
-                body = await r.json()
-                assert r.status == 409 and reason in body["error"]["message"], body
+            status, body, _ = await post_json(s, url, {"model": model, "messages": user("x")})
+            assert status == 409 and reason in body["error"]["message"], body
+        # a failure after the first token: the text so far, then the error chunk and [DONE], no finish_reason
         res = await stream_chat(s, exo.api, user("error please [[sim:error_at=4]]"))
-        assert res["finish"] == "error" and "token 4" in res["chunks"][-1]["error"]["message"]
-        async with s.post(f"{exo.api}/v1/chat/completions",
-                          json={"model": DEMO_ID, "messages": user("error please [[sim:error_at=2]]")}) as r:
-            assert r.status == 500 and "token 2" in (await r.json())["error"]["message"]
+        assert res.text and res.finish is None and "token 4" in res.error["message"], res.events[-3:]
+        # before the first token of a stream: an HTTP error status with OpenAI's JSON, no stream
+        res = await stream_chat(s, exo.api, user("error please [[sim:error_at=1]]"))
+        assert res.status == 500 and "token 1" in res.error["message"] and not res.events, res.body
+        status, body, _ = await post_json(s, url, {"model": DEMO_ID, "messages": user("error please [[sim:error_at=2]]")})
+        assert status == 500 and "token 2" in body["error"]["message"], body
         ok = await stream_chat(s, exo.api, user("still alive [[sim:tokens=3]]"))
-        assert ok["finish"] == "stop"
+        assert ok.finish == "stop"
 
 
 async def test_no_request_state_is_left_behind_after_200_requests(exo):
@@ -208,25 +190,28 @@ async def test_no_request_state_is_left_behind_after_200_requests(exo):
         for i in range(200):
             if i % 20 == 0:  # ends on exo's --max-generate-tokens, runtime aborted
                 res = await stream_chat(s, exo.api, user(f"n{i} [[sim:tokens=100]]"))
-                assert res["finish"] == "length"
+                assert res.finish == "length"
             elif i % 3 == 0:
-                async with s.post(f"{exo.api}/v1/chat/completions",
-                                  json={"model": DEMO_ID, "messages": user(f"n{i} [[sim:tokens=2]]")}) as r:
-                    assert r.status == 200
+                status, body, _ = await post_json(s, f"{exo.api}/v1/chat/completions",
+                                                  {"model": DEMO_ID, "messages": user(f"n{i} [[sim:tokens=2]]")})
+                assert status == 200, body
+            elif i % 7 == 0:  # a failure mid-answer
+                res = await stream_chat(s, exo.api, user(f"n{i} [[sim:tokens=5]] [[sim:error_at=3]]"))
+                assert res.error is not None
             else:
                 await stream_chat(s, exo.api, user(f"n{i} [[sim:tokens=2]]"))
         await asyncio.sleep(0.3)
         async with s.get(f"{exo.api}/v1/rkllm/status") as r:
             status = await r.json()
     assert status["streams"] == 0 and status["queued"] == 0 and status["running"] is None
-    assert status["plugin"] == {"active": 0, "endings": 0, "texts": 0}
+    assert status["plugin"] == {"feeds": 0}
     assert status["engine"] == {"contexts": 0}
 
 
 async def test_zz_shutdown_stops_the_npu_and_releases_the_runtime(exo):
     """Runs last in this module: it stops the shared exo, with a generation in flight."""
     async with aiohttp.ClientSession() as s:
-        task = asyncio.create_task(stream_chat(s, exo.api, user("[[sim:tokens=400]]")))
+        task = asyncio.create_task(stream_chat(s, exo.api, user("[[sim:tokens=400]]"), check=False))
         for _ in range(200):
             async with s.get(f"{exo.api}/v1/rkllm/status") as r:
                 if (await r.json()).get("running"):
@@ -246,10 +231,11 @@ def test_empty_models_folder_starts_and_says_what_to_do(tmp_path):
             async with aiohttp.ClientSession() as s:
                 async with s.get(f"{proc.api}/v1/models") as r:
                     assert (await r.json())["data"] == []
-                async with s.post(f"{proc.api}/v1/chat/completions", json={"messages": user("hi")}) as r:
-                    body = await r.json()
-                    assert r.status == 404 and "exo-rkllm demo" in body["error"]["message"]
+                status, body, _ = await post_json(s, f"{proc.api}/v1/chat/completions", {"messages": user("hi")})
+                assert status == 404 and body["error"]["code"] == "model_not_found", body
+                assert "RKLLM_MODELS_DIR" in body["error"]["message"], body
+                assert str(tmp_path) not in body["error"]["message"], "the server's paths stay private"
         asyncio.run(check())
-        assert "no servable .rkllm model" in proc.log_text()
+        assert "no servable .rkllm model" in proc.log_text() and "exo-rkllm demo" in proc.log_text()
     finally:
         proc.stop()

@@ -8,16 +8,13 @@ uninterrupted one, computed by the simulator in this process).
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
-from typing import Any
 
 import aiohttp
 import pytest
 
-from real_exo import EXO_PYTHON, REAL_EXO, start_exo
+from real_exo import EXO_PYTHON, REAL_EXO, SSEStream, expected_text, post_json, start_exo, stream_chat, user
 from support import DEMO_ID
-from test_real_exo import expected_text, stream_chat, user
 
 pytestmark = REAL_EXO
 TITLE = ("### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing the chat history.\n"
@@ -38,21 +35,14 @@ def exo(tmp_path_factory, demo_model_dir):
 
 async def background(session: aiohttp.ClientSession, url: str, shape: str, text: str) -> str:
     """A background request of the given shape; returns its whole answer text."""
-    body: dict[str, Any] = {"model": DEMO_ID, "messages": user(text), "stream": shape != "not streamed"}
+    if shape == "not streamed":
+        status, body, _ = await post_json(session, f"{url}/v1/chat/completions", {"model": DEMO_ID, "messages": user(text)})
+        assert status == 200, body
+        return body["choices"][0]["message"]["content"]
     headers = {"X-Priority": "background"} if shape == "header" else {}
-    async with session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as resp:
-        assert resp.status == 200, await resp.text()
-        if not body["stream"]:
-            return (await resp.json())["choices"][0]["message"]["content"]
-        out = ""
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if line.startswith("data: "):
-                choice = json.loads(line[6:])["choices"][0]
-                out += choice["delta"].get("content") or ""
-                if choice["finish_reason"] is not None:
-                    break
-        return out
+    res = await stream_chat(session, url, user(text), headers=headers)
+    assert res.finish == "stop", res.events[-3:]
+    return res.text
 
 
 async def until_running(session: aiohttp.ClientSession, url: str) -> None:
@@ -79,7 +69,7 @@ async def test_a_streamed_chat_pauses_a_background_request(exo, demo_spec, demo_
             ended.append("background")
             return out
 
-        async def chat() -> dict[str, Any]:
+        async def chat() -> SSEStream:
             out = await stream_chat(s, exo.api, user(f"the person, {shape} [[sim:tokens=5]]"))
             ended.append("chat")
             return out
@@ -89,7 +79,7 @@ async def test_a_streamed_chat_pauses_a_background_request(exo, demo_spec, demo_
         res = await chat()
         bg_text = await asyncio.wait_for(bg_task, 60)
     assert ended == ["chat", "background"], "the chat must not wait for the background answer"
-    assert res["finish"] == "stop"
+    assert res.finish == "stop"
     assert bg_text == want, "the paused and resumed answer must equal the uninterrupted one"
     assert paused_lines(exo) == paused_before + 1, "exactly one request was paused, and logged once"
 

@@ -1,73 +1,109 @@
 """Several real exo nodes on loopback: the node holding layer 0 runs the model, the others pass tokens
-through; every node's API gives the same text as one node. Skipped without legacy exo."""
+through; every node's API gives the same text as one node. Skipped without legacy exo.
+
+One ring per size for the module (a module-scoped fixture): starting nodes costs seconds each."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
+from typing import Any
 
 import aiohttp
 import pytest
 
-from real_exo import EXO_PYTHON, REAL_EXO, start_ring
+from real_exo import EXO_PYTHON, REAL_EXO, ExoProcess, post_json, start_ring, stream_chat, user
 from support import DEMO_ID
 
 pytestmark = REAL_EXO
 TEXT = " Hé 世界 🤖👩‍💻 ring of nodes 🇫🇷"
+# Found with these tests (reported to the lead, exo_rkllm/ is not this module's to change): on a node
+# that serves the HTTP request but does not run the model, the request's context (its prompt ids and
+# RunOptions) races exo's prompt to the runner, and the runner's word on how the request ended races
+# its last token back; when the token wins, max_tokens is ignored and a failed answer ends "stop".
+RING_RACES = ("product bug: on a node that does not run the model, max_tokens is ignored (the context "
+              "status races the prompt to the runner) and a length or a failure ends as 'stop' (the ENDED "
+              "status races the last token back)")
 
 
-async def ask(session, api: str, content: str, stream: bool) -> tuple[str, str]:
-    body = {"model": DEMO_ID, "messages": [{"role": "user", "content": content}], "stream": stream}
-    async with session.post(f"{api}/v1/chat/completions", json=body) as r:
-        assert r.status == 200, await r.text()
-        if not stream:
-            data = await r.json()
-            return data["choices"][0]["message"]["content"], data["choices"][0]["finish_reason"]
-        text, finish = "", None
-        async for raw in r.content:
-            line = raw.decode().strip()
-            if line.startswith("data: "):
-                choice = json.loads(line[6:])["choices"][0]
-                text += choice["delta"]["content"]
-                finish = choice["finish_reason"] or finish
-                if finish:
-                    break
-        return text, finish
-
-
-@pytest.mark.parametrize("n_nodes", [2, 3])
-def test_ring_answers_like_one_node_from_every_api(tmp_path, demo_models_dir, n_nodes):
-    nodes = start_ring(EXO_PYTHON, tmp_path, demo_models_dir, n_nodes,
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}-nodes")
+def ring(request, tmp_path_factory, demo_models_dir) -> list[ExoProcess]:
+    n_nodes = request.param
+    nodes = start_ring(EXO_PYTHON, tmp_path_factory.mktemp(f"ring{n_nodes}"), demo_models_dir, n_nodes,
                        {"RKLLM_SIM_DECODE_MS": "10", "RKLLM_SIM_LOAD_MS": "100"})
     try:
-        async def run():
-            async with aiohttp.ClientSession() as s:
-                # exo needs a moment after start-up to collect the ring's topology
-                deadline = time.monotonic() + 60
-                while True:
-                    async with s.get(f"{nodes[0].api}/v1/topology") as r:
-                        topo = await r.json()
-                    if len(topo.get("nodes", {})) == n_nodes or time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(1)
-                assert len(topo["nodes"]) == n_nodes, topo
-                for node in nodes:
-                    for stream in (True, False):
-                        text, finish = await ask(s, node.api, f"ring [[sim:text={TEXT}]]", stream)
-                        assert text == TEXT and finish == "stop"
-                generated = await ask(s, nodes[-1].api, "a generated answer", True)
-                again = await ask(s, nodes[0].api, "a generated answer", False)
-                assert generated == again
-                statuses = []
-                for node in nodes:
-                    async with s.get(f"{node.api}/v1/rkllm/status") as r:
-                        statuses.append(await r.json())
-                return statuses
-
-        statuses = asyncio.run(run())
-        runners = [st for st in statuses if st.get("loaded_model")]
-        assert len(runners) == 1, "exactly one node (the one holding layer 0) runs the model"
-        assert all(st["plugin"]["active"] == 0 and st["engine"]["contexts"] == 0 for st in statuses)
+        asyncio.run(_until_topology(nodes))
+        yield nodes
     finally:
         for node in nodes:
             node.stop()
+
+
+async def _until_topology(nodes: list[ExoProcess]) -> None:
+    """exo needs a moment after start-up to collect the ring's topology."""
+    async with aiohttp.ClientSession() as s:
+        deadline = time.monotonic() + 60
+        while True:
+            async with s.get(f"{nodes[0].api}/v1/topology") as r:
+                topo = await r.json()
+            if len(topo.get("nodes", {})) == len(nodes) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1)
+    assert len(topo["nodes"]) == len(nodes), topo
+
+
+async def ask(session, api: str, content: str, stream: bool) -> tuple[str, str]:
+    messages = [{"role": "user", "content": content}]
+    if stream:  # the shared reader checks the whole stream: role first, one finish, [DONE]
+        res = await stream_chat(session, api, messages, stream_options={"include_usage": True})
+        return res.text, res.finish
+    status, data, _ = await post_json(session, f"{api}/v1/chat/completions", {"model": DEMO_ID, "messages": messages})
+    assert status == 200, data
+    return data["choices"][0]["message"]["content"], data["choices"][0]["finish_reason"]
+
+
+async def statuses(session, nodes: list[ExoProcess]) -> list[dict[str, Any]]:
+    out = []
+    for node in nodes:
+        async with session.get(f"{node.api}/v1/rkllm/status") as r:
+            out.append(await r.json())
+    return out
+
+
+def test_ring_answers_like_one_node_from_every_api(ring):
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            for node in ring:
+                for stream in (True, False):
+                    text, finish = await ask(s, node.api, f"ring [[sim:text={TEXT}]]", stream)
+                    assert text == TEXT and finish == "stop"
+            generated = await ask(s, ring[-1].api, "a generated answer", True)
+            again = await ask(s, ring[0].api, "a generated answer", False)
+            assert generated == again
+            return await statuses(s, ring)
+
+    states = asyncio.run(run())
+    runners = [st for st in states if st.get("loaded_model")]
+    assert len(runners) == 1, "exactly one node (the one holding layer 0) runs the model"
+    assert all(st["plugin"]["feeds"] == 0 and st["engine"]["contexts"] == 0 for st in states)
+
+
+@pytest.mark.xfail(strict=True, reason=RING_RACES)
+def test_every_node_honours_max_tokens_and_reports_a_failure_mid_answer(ring):
+    """The request's own fields reach the node that runs the model, and how the answer ended reaches
+    the node that serves it: from every node's API."""
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            for node in ring:
+                capped = await stream_chat(s, node.api, user("capped [[sim:tokens=50]]"), max_tokens=7,
+                                           stream_options={"include_usage": True})
+                assert (capped.finish, capped.usage["completion_tokens"]) == ("length", 7), node.api
+                status, whole, _ = await post_json(s, f"{node.api}/v1/chat/completions",
+                                                   {"model": DEMO_ID, "messages": user("capped [[sim:tokens=50]]"),
+                                                    "max_tokens": 7})
+                assert status == 200 and whole["usage"]["completion_tokens"] == 7, (node.api, whole)
+                assert whole["choices"][0]["finish_reason"] == "length", (node.api, whole)
+                failed = await stream_chat(s, node.api, user("fail [[sim:tokens=20]] [[sim:error_at=5]]"))
+                assert failed.text and failed.finish is None, (node.api, failed.events[-2:])
+                assert "token 5" in failed.error["message"], (node.api, failed.events[-2:])
+
+    asyncio.run(run())

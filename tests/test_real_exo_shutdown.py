@@ -13,40 +13,28 @@ from typing import Any
 
 import aiohttp
 
-from real_exo import EXO_PYTHON, REAL_EXO, start_exo
-from support import DEMO_ID, user
+from real_exo import EXO_PYTHON, REAL_EXO, SSEStream, check_stream, post_json, start_exo, stream_chat
+from support import user
 
 pytestmark = REAL_EXO
 
 
-async def _stream(session: aiohttp.ClientSession, url: str, text: str, chunks: list[dict[str, Any]]) -> int:
-    async with session.post(f"{url}/v1/chat/completions",
-                            json={"model": DEMO_ID, "messages": user(text), "stream": True}) as resp:
-        if resp.status != 200:
-            chunks.append({"status": resp.status, "body": await resp.text()})
-            return resp.status
-        try:
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    chunks.append(json.loads(line[6:]))
-        except aiohttp.ClientError:
-            pass  # a dropped connection is an honest end too: it never looks finished
-        return resp.status
+async def _stream(session: aiohttp.ClientSession, url: str, text: str, seen: list[SSEStream],
+                  progress: list[Any] | None = None) -> SSEStream:
+    """A streamed request, read to its end (checked below: a dropped connection is an honest end
+    too, since it never looks finished)."""
+    res = await stream_chat(session, url, user(text), check=False,
+                            on_event=progress.append if progress is not None else None)
+    seen.append(res)
+    return res
 
 
 async def _full(session: aiohttp.ClientSession, url: str, text: str) -> tuple[int, Any]:
     try:
-        async with session.post(f"{url}/v1/chat/completions",
-                                json={"model": DEMO_ID, "messages": user(text)}) as resp:
-            return resp.status, await resp.json(content_type=None)
+        status, body, _ = await post_json(session, f"{url}/v1/chat/completions", {"messages": user(text)})
+        return status, body
     except aiohttp.ClientError as exc:
         return 0, repr(exc)
-
-
-def _finish(chunks: list[dict[str, Any]]) -> str | None:
-    reasons = [c["choices"][0].get("finish_reason") for c in chunks if c.get("choices")]
-    return next((r for r in reversed(reasons) if r is not None), None)
 
 
 async def test_sigterm_ends_every_open_request_as_an_error(tmp_path, demo_models_dir):
@@ -54,13 +42,14 @@ async def test_sigterm_ends_every_open_request_as_an_error(tmp_path, demo_models
                     {"RKLLM_SIM_DECODE_MS": "20", "RKLLM_SIM_PREFILL_MS": "1", "RKLLM_SIM_PREFILL_BASE_MS": "5",
                      "RKLLM_SIM_LOAD_MS": "100"})
     try:
-        running: list[dict[str, Any]] = []
-        queued: list[dict[str, Any]] = []
+        running: list[SSEStream] = []
+        queued: list[SSEStream] = []
         async with aiohttp.ClientSession() as s:
-            first = asyncio.create_task(_stream(s, exo.api, "long [[sim:tokens=400]]", running))
-            while len(running) < 10:
+            progress: list[Any] = []
+            first = asyncio.create_task(_stream(s, exo.api, "long [[sim:tokens=400]]", running, progress))
+            while len(progress) < 10:
                 await asyncio.sleep(0.02)
-                assert not first.done(), running
+                assert not first.done(), progress
             second = asyncio.create_task(_stream(s, exo.api, "waiting [[sim:tokens=50]]", queued))
             third = asyncio.create_task(_full(s, exo.api, "waiting too [[sim:tokens=50]]"))
             await asyncio.sleep(0.5)
@@ -71,18 +60,28 @@ async def test_sigterm_ends_every_open_request_as_an_error(tmp_path, demo_models
     finally:
         exo.stop()
     log = exo.log_text()
-    # The running stream: its text so far, then an error chunk (or a dropped connection) -- never stop/length.
-    assert 10 <= len(running) < 400
-    assert _finish(running) in ("error", None), running[-2:]
-    if _finish(running) == "error":
-        assert "shutting down" in json.dumps(running[-1])
-    # The waiting stream and the waiting non-streamed request: an error, never a finished answer.
-    assert _finish(queued) in ("error", None) and not any(c.get("status") == 200 for c in queued), queued
-    if queued and "status" in queued[0]:
-        assert queued[0]["status"] == 503 and "shutting down" in queued[0]["body"]
+    # The running stream: its text so far, then the error chunk and [DONE] (or a dropped connection),
+    # never a finish_reason.
+    (res,) = running
+    assert 10 <= len(res.chunks) < 400 and res.text
+    assert res.finish is None, res.events[-2:]
+    if not res.dropped:
+        check_stream(res)
+        assert "shutting down" in res.error["message"], res.events[-2:]
+    # The waiting stream: an HTTP 503 before its first token (or a dropped connection), never a 200 answer.
+    (waiting,) = queued
+    assert waiting.finish is None, waiting.events
+    if not waiting.dropped:
+        if waiting.status == 200:  # it had started after all: then it ends like the running one
+            check_stream(waiting)
+            assert "shutting down" in waiting.error["message"]
+        else:
+            assert waiting.status == 503 and "shutting down" in waiting.error["message"], waiting.body
+            assert set(waiting.error) == {"message", "type", "param", "code"}
+    # The waiting non-streamed request: an error, never a finished answer.
     status, body = third.result()
-    assert status != 200 or body["choices"][0]["finish_reason"] == "error", body
+    assert status != 200, body
     if status:
-        assert status == 503 and "shutting down" in json.dumps(body)
+        assert status == 503 and "shutting down" in body["error"]["message"], body
     assert "Task was destroyed but it is pending" not in log, log[-3000:]
     assert "rkllm engine stopped" in log

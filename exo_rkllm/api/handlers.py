@@ -467,7 +467,7 @@ class OpenAIServer:
                            param="messages", code="template_error") from None
 
     async def _capabilities(self) -> Any:
-        return (await self.engine._get_scheduler()).runtime.capabilities
+        return await self.engine.capabilities()
 
     def _options(self, max_tokens: int | None, sampling: Sampling) -> RunOptions:
         given = {ours: getattr(sampling, theirs) for theirs, ours in _SAMPLING_FIELDS.items()
