@@ -419,7 +419,8 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
             lambda rid, status: on_opaque_status(node.inference_engine, rid, status))
         self.token_callback.on_next(lambda *args: None)  # exo's own token queues: unused for our models
         server = OpenAIServer(engine, ExoNodePort(node), engine.config, default_model=lambda: self.default_model,
-                              response_timeout=self.response_timeout, on_models_listed=register_model_cards)
+                              response_timeout=self.response_timeout,
+                              system_prompt=getattr(self, "system_prompt", None), on_models_listed=register_model_cards)
         self._exo_rkllm_server = server
         mount(self.app, server, engine.config, exo_timeout=self.timeout_middleware,
               response_timeout=lambda: self.response_timeout, tinychat_dir=getattr(self, "static_dir", None),

@@ -90,14 +90,14 @@ def _parse(raw: bytes, content_type: str) -> Any:
 
 
 async def start_api(models_dir: Path, timing: SimTiming | None = None, *, release: str | None = None,
-                    response_timeout: float | None = None, **config: Any) -> Api:
+                    response_timeout: float | None = None, system_prompt: str | None = None, **config: Any) -> Api:
     engine, runtime = make_engine(models_dir, timing, **config)
     if release is not None:
         runtime.inner = SimRuntime(timing or SimTiming.instant(), release=release)
         runtime.capabilities = runtime.inner.capabilities
     ring = ExoRing([engine])
     port = ring.port()
-    server = OpenAIServer(engine, port, engine.config, response_timeout=response_timeout)
+    server = OpenAIServer(engine, port, engine.config, response_timeout=response_timeout, system_prompt=system_prompt)
     app = web.Application()
     plugin.mount(app, server, engine.config)
     http = TestServer(app)

@@ -211,3 +211,14 @@ async def test_a_messages_backend_gets_the_conversation_with_special_token_text_
         assert status == 400 and body["error"]["code"] == "unsupported_backend"
     finally:
         await stop_api(api)
+
+
+async def test_exos_system_prompt_opens_a_conversation_that_has_none(demo_models_dir):
+    api = await start_api(demo_models_dir, system_prompt="You are a board.")
+    try:
+        await api.post("/v1/chat/completions", api.chat(user(sim_text("a"))))
+        assert api.port.submitted[-1].prompt_text.startswith("<|im_start|>system\nYou are a board.<|im_end|>")
+        await api.post("/v1/chat/completions", api.chat([{"role": "system", "content": "Mine."}, *user(sim_text("b"))]))
+        assert "You are a board." not in api.port.submitted[-1].prompt_text
+    finally:
+        await stop_api(api)

@@ -80,13 +80,14 @@ class OpenAIServer:
 
     def __init__(self, engine: RKLLMInferenceEngine, port: NodePort, config: Config | None = None, *,
                  default_model: Callable[[], str | None] | None = None,
-                 response_timeout: float | None = None,
+                 response_timeout: float | None = None, system_prompt: str | None = None,
                  on_models_listed: Callable[[list[Any]], None] | None = None) -> None:
         self.engine = engine
         self.port = port
         self.config = config or engine.config
         self._default_model = default_model or (lambda: None)
         self.response_timeout = response_timeout
+        self.system_prompt = system_prompt  # exo's --system-prompt: for conversations that have none
         self._on_models_listed = on_models_listed
 
     # -- routes ------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ class OpenAIServer:
         kwargs = dict(req.chat_template_kwargs)
         if req.enable_thinking is not None:
             kwargs["enable_thinking"] = req.enable_thinking
-        messages = [dict(m) for m in req.messages]
+        messages = self._with_system_prompt(req.messages)
         prompt = await self._render(tokenizer, messages, tools, kwargs)
         token_input = (await self._capabilities()).token_input
         if not token_input:  # the server templates and tokenizes: make special-token text inert there
@@ -434,13 +435,21 @@ class OpenAIServer:
             kwargs = dict(req.chat_template_kwargs)
             if req.enable_thinking is not None:
                 kwargs["enable_thinking"] = req.enable_thinking
-            prompt = await self._render(model.tokenizer, [dict(m) for m in req.messages], tools, kwargs)
+            prompt = await self._render(model.tokenizer, self._with_system_prompt(req.messages), tools, kwargs)
         except APIError as err:
             return error_response(err)
         return web.json_response({"length": len(prompt.text), "num_tokens": len(prompt.ids),
                                   "encoded_tokens": list(prompt.ids), "encoded_prompt": prompt.text})
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _with_system_prompt(self, messages: Any) -> list[dict]:
+        """The conversation as the template gets it: exo's `--system-prompt` first when it has no
+        system message (what exo's own handler did)."""
+        out = [dict(m) for m in messages]
+        if self.system_prompt and not any(m.get("role") == "system" for m in out):
+            out.insert(0, {"role": "system", "content": self.system_prompt})
+        return out
+
     async def _model(self, name: str | None) -> tuple[str, Any, int]:
         """(the name to echo, the engine's model, its layer count) for the request's `model`."""
         if not name or name.startswith("gpt-"):  # OpenAI clients' defaults: the server's default model
