@@ -90,13 +90,18 @@ def _parse(raw: bytes, content_type: str) -> Any:
 
 
 async def start_api(models_dir: Path, timing: SimTiming | None = None, *, release: str | None = None,
-                    response_timeout: float | None = None, system_prompt: str | None = None, **config: Any) -> Api:
-    engine, runtime = make_engine(models_dir, timing, **config)
+                    response_timeout: float | None = None, system_prompt: str | None = None, nodes: int = 1,
+                    api_node: int = 0, **config: Any) -> Api:
+    """The handlers over a ring of `nodes` engines (node 0 holds layer 0 and runs the model), serving
+    HTTP on `api_node`. `runtime` is node 0's."""
+    built = [make_engine(models_dir, timing, **config) for _ in range(nodes)]
+    engines = [engine for engine, _ in built]
+    engine, runtime = engines[api_node], built[0][1]
     if release is not None:
         runtime.inner = SimRuntime(timing or SimTiming.instant(), release=release)
         runtime.capabilities = runtime.inner.capabilities
-    ring = ExoRing([engine])
-    port = ring.port()
+    ring = ExoRing(engines)
+    port = ring.port(api_node)
     server = OpenAIServer(engine, port, engine.config, response_timeout=response_timeout, system_prompt=system_prompt)
     app = web.Application()
     plugin.mount(app, server, engine.config)
@@ -109,4 +114,5 @@ async def stop_api(api: Api) -> None:
     await api.session.close()
     await api.http.close()
     await api.ring.drain()
-    await api.engine.shutdown()
+    for engine in api.ring.engines:
+        await engine.shutdown()

@@ -247,8 +247,9 @@ class ExoRing:
 
 class DriverPort:
     """The OpenAI handlers' node port (exo_rkllm/api/port.py) on this driver: what ExoNodePort does
-    on exo's Node, step for step: the context to the engine (and, a little later, to the other
-    nodes), the prompt to process_prompt, the tokens back through on_token, cancel on every node."""
+    on exo's Node, step for step: the context to the engine and to the other nodes (a status
+    message, awaited), then the prompt to process_prompt, the tokens back through on_token,
+    cancel on every node."""
 
     def __init__(self, ring: ExoRing, api_node: int = 0) -> None:
         self.ring = ring
@@ -262,8 +263,10 @@ class DriverPort:
         feed = ring.feeds[rid] = plugin._feeds.open(rid, stop_ids)
         ring.engines[self.api_node].set_request_context(rid, submission.context)
         status = json.dumps({"type": plugin.CONTEXT_STATUS, "request_id": rid, "context": submission.context.to_json()})
-        ring._later(0.05, lambda: [plugin.on_opaque_status(e, rid, status) for i, e in enumerate(ring.engines)
-                                   if i != self.api_node])
+        await asyncio.sleep(0.01)  # the plugin awaits this broadcast before it sends the prompt
+        for i, engine in enumerate(ring.engines):
+            if i != self.api_node:
+                plugin.on_opaque_status(engine, rid, status)
         base = Shard(submission.model_id, 0, 0, submission.n_layers)
 
         async def run() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Collection, Sequence
 
-from ..detok import IncrementalDetokenizer
+from ..detok import REPLACEMENT, IncrementalDetokenizer
 from .reasoning import ReasoningFormat, ReasoningSplitter
 from .stops import StopMatcher
 from .tools import ToolCall, ToolCallParser, ToolDelta, ToolFamily
@@ -78,7 +78,10 @@ class AnswerText:
         """The answer ended (whatever the reason): everything still held back."""
         if self.finished:
             return Delta()
-        delta = self._after_stops(self._stops.push(self._detok.flush()))
+        # An answer cut inside a character (a token limit) leaves its first bytes: the runtime itself
+        # never emits half a character (it holds it back, WAITING), so neither does the answer.
+        tail = self._detok.flush().rstrip(REPLACEMENT)
+        delta = self._after_stops(self._stops.push(tail))
         if not self._stops.done:
             delta += self._after_stops(self._stops.flush())
         delta += self._close()
