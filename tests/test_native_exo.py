@@ -4,7 +4,6 @@ exo is installed, a real `python -m exo.main --inference-engine rkllm` on the fa
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -137,37 +136,22 @@ async def test_exo_ending_or_abandoning_a_request_stops_the_npu(fake_lib, tmp_pa
 @pytest.mark.real_exo
 @requires_exo
 async def test_real_exo_on_the_fake_library(fake_lib, tmp_path, demo_model_dir, demo_tokenizer) -> None:
-    from real_exo import EXO_PYTHON as python, start_exo
+    from real_exo import EXO_PYTHON as python, start_exo, stream_chat
 
     aiohttp = pytest.importorskip("aiohttp")
     models = models_with_fake(tmp_path, demo_model_dir, demo_tokenizer, copy=True, decode_ms=5)
     model_id = Catalog(Config(models_dir=models)).servable()[0].model_id
     exo = start_exo(python, tmp_path, models, {"RKLLM_BACKEND": "native", "RKLLM_LIB_PATH": str(fake_lib("1.2.3"))})
 
-    async def chat(session: Any, text: str) -> tuple[str, str | None, list[dict[str, Any]]]:
-        chunks: list[dict[str, Any]] = []
-        async with session.post(f"{exo.api}/v1/chat/completions",
-                                json={"model": model_id, "messages": user(text), "stream": True}) as resp:
-            assert resp.status == 200, await resp.text()
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if line.startswith("data: "):
-                    chunks.append(json.loads(line[6:]))
-                    if "error" in chunks[-1] or chunks[-1]["choices"][0]["finish_reason"] is not None:
-                        break  # a stream that fails once started ends with an error chunk with no choices
-        text_out = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-        if not chunks:
-            return text_out, None, chunks
-        return text_out, "error" if "error" in chunks[-1] else chunks[-1]["choices"][0]["finish_reason"], chunks
-
     try:
         async with aiohttp.ClientSession() as s:
-            text, finish, _ = await chat(s, "hello")
-            assert (text, finish) == (MULTIBYTE, "stop")
-            _, finish, chunks = await chat(s, "please CRASH now")
-            assert finish == "error" and "SIGSEGV" in json.dumps(chunks[-1])
-            text, finish, _ = await chat(s, "and now?")
-            assert (text, finish) == (MULTIBYTE, "stop")
+            ok = await stream_chat(s, exo.api, user("hello"), model=model_id)
+            assert (ok.text, ok.finish) == (MULTIBYTE, "stop")
+            crashed = await stream_chat(s, exo.api, user("please CRASH now"), model=model_id)
+            # the text so far, then the error chunk and [DONE] (checked by the reader), no finish_reason
+            assert crashed.text and crashed.finish is None and "SIGSEGV" in crashed.error["message"]
+            ok = await stream_chat(s, exo.api, user("and now?"), model=model_id)
+            assert (ok.text, ok.finish) == (MULTIBYTE, "stop")
         assert exo.proc.poll() is None, "exo must survive a crash of the runtime"
     finally:
         exo.stop()

@@ -16,13 +16,13 @@ from support import DEMO_ID
 
 pytestmark = REAL_EXO
 TEXT = " Hé 世界 🤖👩‍💻 ring of nodes 🇫🇷"
-# Found with these tests (reported to the lead, exo_rkllm/ is not this module's to change): on a node
-# that serves the HTTP request but does not run the model, the request's context (its prompt ids and
-# RunOptions) races exo's prompt to the runner, and the runner's word on how the request ended races
-# its last token back; when the token wins, max_tokens is ignored and a failed answer ends "stop".
-RING_RACES = ("product bug: on a node that does not run the model, max_tokens is ignored (the context "
-              "status races the prompt to the runner) and a length or a failure ends as 'stop' (the ENDED "
-              "status races the last token back)")
+# Found with these tests (reported to the lead; exo_rkllm/ is not this module's to change): on a node
+# that serves the HTTP request but does not run the model, the runner's word on how the request ended
+# (an exo_rkllm_ended status) races its last token back; when the token wins, an answer cut by
+# max_tokens ends "stop" instead of "length", and one that failed mid-answer ends "stop" instead of with
+# the error chunk. A race: seen on every 2-node run, not on every 3-node run, hence not strict.
+ENDING_RACE = ("product bug: on a node that does not run the model, a length or a failure ends as 'stop' "
+               "when the runner's ENDED status arrives after the last token")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}-nodes")
@@ -87,20 +87,35 @@ def test_ring_answers_like_one_node_from_every_api(ring):
     assert all(st["plugin"]["feeds"] == 0 and st["engine"]["contexts"] == 0 for st in states)
 
 
-@pytest.mark.xfail(strict=True, reason=RING_RACES)
-def test_every_node_honours_max_tokens_and_reports_a_failure_mid_answer(ring):
-    """The request's own fields reach the node that runs the model, and how the answer ended reaches
-    the node that serves it: from every node's API."""
+def test_every_node_honours_the_requests_max_tokens(ring):
+    """The request's own fields (its context: prompt ids, RunOptions) reach the node that runs the
+    model, whichever node's API took the request."""
     async def run():
         async with aiohttp.ClientSession() as s:
             for node in ring:
                 capped = await stream_chat(s, node.api, user("capped [[sim:tokens=50]]"), max_tokens=7,
                                            stream_options={"include_usage": True})
-                assert (capped.finish, capped.usage["completion_tokens"]) == ("length", 7), node.api
+                assert capped.usage["completion_tokens"] == 7, (node.api, capped.usage)
                 status, whole, _ = await post_json(s, f"{node.api}/v1/chat/completions",
                                                    {"model": DEMO_ID, "messages": user("capped [[sim:tokens=50]]"),
                                                     "max_tokens": 7})
                 assert status == 200 and whole["usage"]["completion_tokens"] == 7, (node.api, whole)
+
+    asyncio.run(run())
+
+
+@pytest.mark.xfail(strict=False, reason=ENDING_RACE)
+def test_every_node_says_length_and_reports_a_failure_mid_answer(ring):
+    """How the answer ended reaches the node that serves it: `length` for a cut answer, the error
+    chunk (never a finish_reason) for one that failed, from every node's API."""
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            for node in ring:
+                capped = await stream_chat(s, node.api, user("capped [[sim:tokens=50]]"), max_tokens=7)
+                assert capped.finish == "length", (node.api, capped.events[-2:])
+                status, whole, _ = await post_json(s, f"{node.api}/v1/chat/completions",
+                                                   {"model": DEMO_ID, "messages": user("capped [[sim:tokens=50]]"),
+                                                    "max_tokens": 7})
                 assert whole["choices"][0]["finish_reason"] == "length", (node.api, whole)
                 failed = await stream_chat(s, node.api, user("fail [[sim:tokens=20]] [[sim:error_at=5]]"))
                 assert failed.text and failed.finish is None, (node.api, failed.events[-2:])

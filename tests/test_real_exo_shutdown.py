@@ -7,7 +7,6 @@ printed "Task was destroyed but it is pending!" on the way out.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 from typing import Any
 

@@ -20,7 +20,7 @@ import pytest
 
 from exo_rkllm.runtime.sim import SimTiming
 from fake_rkllama import APIS, FakeRkllamaServer
-from real_exo import EXO_PYTHON, REAL_EXO, free_port, start_exo
+from real_exo import EXO_PYTHON, REAL_EXO, free_port, post_json, start_exo, stream_chat, user
 from support import DEMO_ID
 
 pytestmark = REAL_EXO
@@ -70,36 +70,6 @@ def rig(tmp_path_factory, demo_model_dir):
     fake.close()
 
 
-async def stream_chat(session: aiohttp.ClientSession, url: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    chunks: list[dict[str, Any]] = []
-    first_at = None
-    async with session.post(f"{url}/v1/chat/completions",
-                            json={"model": DEMO_ID, "messages": messages, "stream": True}) as resp:
-        assert resp.status == 200, await resp.text()
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: "):
-                continue
-            chunk = json.loads(line[6:])
-            chunks.append(chunk)
-            if not chunk["choices"]:  # a stream that fails once started ends with an error chunk, no choices
-                break
-            if first_at is None and chunk["choices"][0]["delta"].get("content"):
-                first_at = time.monotonic()
-            if chunk["choices"][0]["finish_reason"] is not None:
-                break
-    finish = None
-    if chunks:
-        last = chunks[-1]
-        finish = "error" if not last["choices"] and "error" in last else last["choices"][0]["finish_reason"]
-    return {"text": "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]),
-            "chunks": chunks, "finish": finish, "first_at": first_at}
-
-
-def user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
 @pytest.mark.parametrize("api", APIS)
 async def test_exact_text_and_one_template_in_every_api_generation(rig, api):
     exo, fake = rig
@@ -109,12 +79,13 @@ async def test_exact_text_and_one_template_in_every_api_generation(rig, api):
                        "[[sim:text= café：你好，世界！]]"]:
             streamed = await stream_chat(s, exo.api, user(prompt))
             rec = fake.server.generations()[-1]
-            async with s.post(f"{exo.api}/v1/chat/completions", json={"model": DEMO_ID, "messages": user(prompt)}) as r:
-                full = await r.json()
+            status, full, _ = await post_json(s, f"{exo.api}/v1/chat/completions",
+                                              {"model": DEMO_ID, "messages": user(prompt)})
+            assert status == 200, full
             rec_full = fake.server.generations()[-1]
             assert rec.text and any(ord(c) > 0x2000 for c in rec.text + rec_full.text + "世")
-            assert streamed["text"].encode() == rec.text.encode()
-            assert streamed["finish"] == "stop"
+            assert streamed.text.encode() == rec.text.encode()
+            assert streamed.finish == "stop"
             assert full["choices"][0]["message"]["content"].encode() == rec_full.text.encode()
             for r in (rec, rec_full):
                 assert r.path == ("/generate" if api == "early" else "/api/chat")
@@ -131,8 +102,8 @@ async def test_time_to_first_token_through_exo(rig):
         for i in range(4):
             res = await stream_chat(s, exo.api, user(f"question {i} [[sim:tokens=3]]"))
             rec = fake.server.generations()[-1]
-            gaps.append(res["first_at"] - rec.first_piece_at)
-            assert res["text"] == rec.text
+            gaps.append(res.first_content_at - rec.first_piece_at)
+            assert res.text == rec.text
     print(f"\nreal exo: first token at the client {statistics.median(gaps) * 1000:.1f} ms (median), "
           f"{max(gaps) * 1000:.1f} ms (max) after the server's first chunk")
     assert max(gaps) < 0.25  # generous; the figures are reported
@@ -143,32 +114,32 @@ async def test_failures_are_clear_and_the_next_request_works(rig):
     fake.switch("ollama")
     async with aiohttp.ClientSession() as s:
         fake.server.faults.http_error = (500, {"error": "worker exploded"})
-        async with s.post(f"{exo.api}/v1/chat/completions", json={"model": DEMO_ID, "messages": user("x")}) as r:
-            body = await r.json()
-            assert r.status == 500 and "worker exploded" in body["error"]["message"], body
+        status, body, _ = await post_json(s, f"{exo.api}/v1/chat/completions", {"model": DEMO_ID, "messages": user("x")})
+        assert status == 500 and "worker exploded" in body["error"]["message"], body
+        fake.server.faults.http_error = (500, {"error": "worker exploded"})  # faults are taken by one request
+        res = await stream_chat(s, exo.api, user("x"))  # the same failure before the first token of a stream
+        assert res.status == 500 and "worker exploded" in res.error["message"] and not res.events, res.body
         fake.server.faults.malformed_after = 3
         res = await stream_chat(s, exo.api, user("[[sim:text=one two three four five six seven]]"))
-        assert res["finish"] == "error" and "malformed stream chunk" in res["chunks"][-1]["error"]["message"]
+        assert res.finish is None and "malformed stream chunk" in res.error["message"], res.events[-2:]
         ok = await stream_chat(s, exo.api, user("[[sim:text=fine 世界]]"))
-        assert ok["text"] == "fine 世界" and ok["finish"] == "stop"
+        assert ok.text == "fine 世界" and ok.finish == "stop"
         fake.server.faults.fail_after = 2  # the server dies mid-answer
         res = await stream_chat(s, exo.api, user("[[sim:text=one two three four five six seven]]"))
-        assert res["finish"] == "error" and "broke off the answer" in res["chunks"][-1]["error"]["message"]
-        assert res["text"] == "one two"
+        assert res.finish is None and "broke off the answer" in res.error["message"], res.events[-2:]
+        assert res.text == "one two"
         ok = await stream_chat(s, exo.api, user("[[sim:text=alive 🤖]]"))
-        assert ok["text"] == "alive 🤖"
+        assert ok.text == "alive 🤖"
         fake.server.faults.first_token_delay_s = 2.5  # longer than RKLLM_SERVER_FIRST_TOKEN_TIMEOUT=1.5
-        async with s.post(f"{exo.api}/v1/chat/completions", json={"model": DEMO_ID, "messages": user("x")}) as r:
-            body = await r.json()
-            assert r.status >= 500 and "RKLLM_SERVER_FIRST_TOKEN_TIMEOUT" in body["error"]["message"], body
+        status, body, _ = await post_json(s, f"{exo.api}/v1/chat/completions", {"model": DEMO_ID, "messages": user("x")})
+        assert status >= 500 and "RKLLM_SERVER_FIRST_TOKEN_TIMEOUT" in body["error"]["message"], body
         ok = await stream_chat(s, exo.api, user("[[sim:text=patient 🇯🇵]]"))
-        assert ok["text"] == "patient 🇯🇵"
+        assert ok.text == "patient 🇯🇵"
         fake.call(fake.server.down())
         started = time.monotonic()
-        async with s.post(f"{exo.api}/v1/chat/completions", json={"model": DEMO_ID, "messages": user("x")}) as r:
-            body = await r.json()
-            assert r.status >= 500 and fake.server.url in body["error"]["message"], body
+        status, body, _ = await post_json(s, f"{exo.api}/v1/chat/completions", {"model": DEMO_ID, "messages": user("x")})
+        assert status >= 500 and fake.server.url in body["error"]["message"], body
         assert time.monotonic() - started < 3.0
         fake.call(fake.server.up())
         ok = await stream_chat(s, exo.api, user("[[sim:text=back 🇫🇷]]"))
-        assert ok["text"] == "back 🇫🇷"
+        assert ok.text == "back 🇫🇷"
