@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from exo_rkllm import plugin
 from exo_rkllm.api.handlers import OpenAIServer
@@ -29,6 +29,28 @@ def sim_text(text: str) -> str:
     return f"Answer with [[sim:text={text}]]"
 
 
+class ExoLikeServer:
+    """The app served as exo serves it: `web.AppRunner` with its defaults, so a handler is NOT cancelled
+    when its client leaves (aiohttp's TestServer would cancel it, hiding what the handlers must notice)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.runner = web.AppRunner(app)
+        self.port = 0
+
+    async def start_server(self) -> None:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def make_url(self, path: str) -> URL:
+        return URL(f"http://127.0.0.1:{self.port}{path}")
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
 @dataclass
 class Api:
     engine: RKLLMInferenceEngine
@@ -36,7 +58,7 @@ class Api:
     ring: ExoRing
     port: DriverPort
     server: OpenAIServer
-    http: TestServer
+    http: ExoLikeServer
     session: aiohttp.ClientSession
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -105,7 +127,7 @@ async def start_api(models_dir: Path, timing: SimTiming | None = None, *, releas
     server = OpenAIServer(engine, port, engine.config, response_timeout=response_timeout, system_prompt=system_prompt)
     app = web.Application()
     plugin.mount(app, server, engine.config)
-    http = TestServer(app)
+    http = ExoLikeServer(app)
     await http.start_server()
     return Api(engine, runtime, ring, port, server, http, aiohttp.ClientSession())
 

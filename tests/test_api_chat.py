@@ -286,3 +286,24 @@ async def test_in_a_ring_the_api_node_serves_a_model_run_by_another_node(demo_mo
         await idle(api)
     finally:
         await stop_api(api)
+
+
+async def test_a_client_that_leaves_a_non_streamed_request_frees_the_npu(demo_models_dir):
+    """Nothing is written to a non-streamed client until the end: only the connection watch can
+    notice it left (aiohttp does not cancel the handler)."""
+    api = await start_api(demo_models_dir, SimTiming(0, 0, 0, 20.0))
+    try:
+        body = api.chat(user("talk [[sim:tokens=2000]]"))
+        request = asyncio.ensure_future(api.session.post(api.url("/v1/chat/completions"), json=body))
+        for _ in range(500):
+            if api.runtime.tokens:
+                break
+            await asyncio.sleep(0.01)
+        request.cancel()  # the client gives up: its connection is closed
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await idle(api)
+        rid = next(iter(api.runtime.tokens))
+        assert len(api.runtime.tokens[rid]) < 2000 and api.runtime.finishes[rid].aborted
+    finally:
+        await stop_api(api)
