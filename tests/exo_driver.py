@@ -235,10 +235,17 @@ class ExoRing:
         self._spawn(run())
 
     def abandon(self, request_id: str, reason: str = "client disconnected") -> None:
-        """What the handlers do when the HTTP client goes away: cancel on every node. exo still
-        steps the request until the engine hands it the eos; its answer then ends (as an error)."""
+        """What the handlers do when the HTTP client goes away: cancel on every node and release the
+        request (its handler is gone); whoever awaited the answer sees it end unfinished."""
         for engine in self.engines:
             engine.cancel_request(request_id, reason)
+        answer = self.answers.get(request_id)
+        if answer is not None and not answer.finished.is_set():
+            answer.finish_reason = "error"
+            answer.error = {"message": reason, "type": "server_error", "code": "RequestCancelled"}
+            answer.finished_at = time.monotonic()
+            answer.finished.set()
+        self._release(request_id)
 
     async def drain(self) -> None:
         while self._tasks:

@@ -175,7 +175,7 @@ class OpenAIServer:
     async def _serve(self, request: web.Request, job: _Job) -> web.StreamResponse:
         submission = Submission(job.request_id, job.model_id, job.n_layers, job.prompt.text, job.context)
         feed = await self.port.submit(submission, job.stop_ids)
-        gone = asyncio.Event()
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         watcher = asyncio.ensure_future(_watch_disconnect(request, gone))
         try:
             if job.stream:
@@ -184,28 +184,27 @@ class OpenAIServer:
         finally:
             watcher.cancel()
             if not feed.ended:
-                self.port.cancel(job.request_id, "client disconnected" if gone.is_set() else "the request ended")
+                self.port.cancel(job.request_id, "client disconnected" if gone.done() else "the request ended")
             self.port.release(job.request_id)
 
-    async def _next(self, job: _Job, feed: TokenFeed, gone: asyncio.Event, deadline: float | None) -> Update | None:
-        """The next update; None if the client went away. A timeout raises APIError 408."""
-        if gone.is_set():
+    async def _next(self, job: _Job, feed: TokenFeed, gone: "asyncio.Future[None]", deadline: float | None, *,
+                    until_settled: bool = False) -> Update | None:
+        """The next update (with `until_settled`, only once the request has ended: a reader that
+        needs no text before the end wakes once, not per token); None if the client went away. A
+        timeout raises APIError 408."""
+        if gone.done():
             self.port.cancel(job.request_id, "client disconnected")
             return None
-        ready = feed.poll()
-        if ready is not None and (deadline is None or time.monotonic() < deadline):
-            return ready  # the common case while tokens flow: no task, no wait
+        if not until_settled or feed.ended:
+            ready = feed.poll()
+            if ready is not None and (deadline is None or time.monotonic() < deadline):
+                return ready  # the common case while tokens flow: nothing to wait for
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        reading = asyncio.ensure_future(feed.next())
-        leaving = asyncio.ensure_future(gone.wait())
-        try:
-            done, _ = await asyncio.wait((reading, leaving), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            leaving.cancel()
-        if reading in done:
-            return reading.result()
-        reading.cancel()
-        if leaving in done:
+        signal = feed.settled() if until_settled else feed.changed()
+        done, _ = await asyncio.wait((signal, gone), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        if signal in done:
+            return feed.poll()
+        if gone in done:
             log.info("request %s: client disconnected, stopping its generation", job.request_id)
             self.port.cancel(job.request_id, "client disconnected")
             return None
@@ -221,7 +220,7 @@ class OpenAIServer:
         return job.answer.stopped
 
     async def _stream(self, request: web.Request, job: _Job, feed: TokenFeed,
-                      gone: asyncio.Event) -> web.StreamResponse:
+                      gone: "asyncio.Future[None]") -> web.StreamResponse:
         # The response starts with the first token: a failure before it gets its own HTTP status.
         first = await self._next(job, feed, gone, None)
         if first is None:
@@ -278,7 +277,7 @@ class OpenAIServer:
             await out.send(self._usage_chunk(job, feed))
         await out.done()
 
-    async def _whole(self, job: _Job, feed: TokenFeed, gone: asyncio.Event) -> web.StreamResponse:
+    async def _whole(self, job: _Job, feed: TokenFeed, gone: "asyncio.Future[None]") -> web.StreamResponse:
         """A non-streamed answer. Without stop sequences nothing needs the text before the end,
         so the ids are decoded once, at the end, as exo did (streaming decodes as it goes)."""
         deadline: float | None = None
@@ -286,7 +285,8 @@ class OpenAIServer:
         ids: list[int] = []
         while True:
             try:
-                update = await self._next(job, feed, gone, deadline)
+                # the first token starts the timeout; after it, without stops, wake only at the end
+                update = await self._next(job, feed, gone, deadline, until_settled=deadline is not None and not watch_text)
             except APIError as err:
                 return error_response(err)
             if update is None:
@@ -514,13 +514,14 @@ async def _json_body(request: web.Request) -> Any:
         raise APIError(400, "the request body is not valid JSON (or nested too deeply)", code="invalid_json") from None
 
 
-async def _watch_disconnect(request: web.Request, gone: asyncio.Event) -> None:
+async def _watch_disconnect(request: web.Request, gone: "asyncio.Future[None]") -> None:
     """aiohttp does not cancel a handler whose client left: poll its connection."""
     while True:
         await asyncio.sleep(DISCONNECT_POLL_S)
         transport = request.transport
         if transport is None or transport.is_closing():
-            gone.set()
+            if not gone.done():
+                gone.set_result(None)
             return
 
 

@@ -14,6 +14,7 @@ before that last token arrives; `TokenFeed` combines the two.
 from __future__ import annotations
 
 import asyncio
+import collections
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -53,13 +54,17 @@ class Update:
 class TokenFeed:
     """One request's tokens as the node reports them, read by its handler.
 
-    `push` and `hint` are called from node callbacks (synchronously, on the loop); the handler
-    awaits `next()`. Nothing here blocks or grows without bound: the handler reads as they come."""
+    `push`, `hint` and `fail` are called from node callbacks (synchronously, on the loop); the
+    handler reads with `poll()` and, when nothing is there, awaits `changed()` (a future, not a
+    task: waiting costs one future per wake-up on the per-token path). Nothing grows without
+    bound: the handler reads as updates come."""
 
     def __init__(self, request_id: str, stop_ids: frozenset[int]) -> None:
         self.request_id = request_id
         self._stop_ids = stop_ids
-        self._queue: asyncio.Queue[Update] = asyncio.Queue()
+        self._updates: collections.deque[Update] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._settled: asyncio.Future[None] | None = None
         self._hint: RequestEnding | None = None
         self.ended = False
         self.generated = 0  # tokens of the answer (end-of-turn tokens not counted)
@@ -75,10 +80,9 @@ class TokenFeed:
             if last_is_stop:
                 ids = ids[:-1]
             ending = self._ending(last_is_stop)
-            self.ended = True
         self.generated += len(ids)
         if ids or ending is not None:
-            self._queue.put_nowait(Update(ids, ending))
+            self._add(Update(ids, ending))
 
     def hint(self, ending: RequestEnding) -> None:
         """The engine's word on how the request ended (it precedes exo's last token)."""
@@ -87,10 +91,15 @@ class TokenFeed:
 
     def fail(self, error: RKLLMError) -> None:
         """The node could not run the request at all (it raised before any token)."""
-        if self.ended:
-            return
-        self.ended = True
-        self._queue.put_nowait(Update((), Ending("error", error)))
+        if not self.ended:
+            self._add(Update((), Ending("error", error)))
+
+    def _add(self, update: Update) -> None:
+        self._updates.append(update)
+        if update.ending is not None:
+            self.ended = True
+            _resolve(self._settled)
+        _resolve(self._waiter)
 
     def _ending(self, last_is_stop: bool) -> Ending:
         hint = self._hint
@@ -101,19 +110,42 @@ class TokenFeed:
         # No word from the engine: the model's own end, or exo's --max-generate-tokens.
         return Ending("stop" if last_is_stop else "length")
 
-    async def next(self) -> Update:
-        return await self._queue.get()
-
     def poll(self) -> Update | None:
         """The next update if one is already there, else None (no waiting)."""
-        return None if self._queue.empty() else self._queue.get_nowait()
+        return self._updates.popleft() if self._updates else None
 
     def ready(self) -> list[Update]:
         """The updates delivered so far and not yet read, without waiting."""
-        out = []
-        while not self._queue.empty():
-            out.append(self._queue.get_nowait())
+        out = list(self._updates)
+        self._updates.clear()
         return out
+
+    def changed(self) -> "asyncio.Future[None]":
+        """Resolves once an update is there to poll (at once if one already is)."""
+        if self._waiter is None or self._waiter.done():
+            self._waiter = asyncio.get_running_loop().create_future()
+        if self._updates:
+            _resolve(self._waiter)
+        return self._waiter
+
+    def settled(self) -> "asyncio.Future[None]":
+        """Resolves once the request has ended (its last update delivered)."""
+        if self._settled is None:
+            self._settled = asyncio.get_running_loop().create_future()
+            if self.ended:
+                _resolve(self._settled)
+        return self._settled
+
+    async def next(self) -> Update:
+        """Wait for the next update."""
+        while not self._updates:
+            await self.changed()
+        return self._updates.popleft()
+
+
+def _resolve(future: "asyncio.Future[None] | None") -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
 
 
 class NodePort(Protocol):
