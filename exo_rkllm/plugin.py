@@ -59,7 +59,7 @@ def install() -> None:
     from . import _autoload
 
     _autoload.install(force=True)
-    for name in _autoload._TARGETS:
+    for name in _autoload.TARGETS:
         module = sys.modules.get(name)
         if module is not None:
             patch_module(module)
@@ -70,10 +70,6 @@ def patch_module(module: types.ModuleType) -> None:
     if patcher is not None and not getattr(module, "_exo_rkllm_patched", False):
         patcher(module)
         module._exo_rkllm_patched = True  # type: ignore[attr-defined]
-
-
-def current_engine() -> RKLLMInferenceEngine | None:
-    return _engine
 
 
 # -- the pure pieces the tests' exo driver shares with the patches --------------------------------
@@ -147,32 +143,20 @@ def _start_lifecycle(engine: RKLLMInferenceEngine) -> None:
 
 
 def _check_runtime_available(config: Config) -> None:
-    """Fail at start-up, not at the first request, when no runtime can possibly be reached."""
+    """Fail at start-up, not at the first request, when `auto` finds no runtime: the same probe
+    the runtime factory decides with (an HTTP server on the rkllama port that is not rkllama
+    fails here too, with the reason)."""
     if config.backend == "sim":
         log.warning("RKLLM_BACKEND=sim: serving with the SIMULATED runtime (synthetic answers, no NPU)")
         return
     if config.backend != "auto":
         return
-    from .runtime.factory import NO_RUNTIME_HELP
+    from .runtime.factory import check_backend
 
     try:
-        from .runtime.native import find_library
-
-        if find_library(config) is not None:
-            return
-    except ImportError:
-        pass
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(config.rkllama_url)
-    try:
-        with socket.create_connection((url.hostname or "localhost", url.port or 80),
-                                      timeout=config.server_connect_timeout):
-            return
-    except OSError:
-        pass
-    raise SystemExit(f"exo-rkllm: {NO_RUNTIME_HELP}")
+        check_backend(config)
+    except RKLLMError as exc:
+        raise SystemExit(f"exo-rkllm: {exc}") from None
 
 
 def register_model_cards(entries: list[ModelEntry]) -> None:
@@ -515,11 +499,34 @@ def _methods(resource: Any) -> set[str]:
 
 
 TINYCHAT_DEFAULT = "llama-3.2-1b"
+# How exo's web chat reads a stream, and how it must read ours: it indexes choices[0] of every chunk
+# (an error chunk has none: it crashed and showed "Cannot read properties of undefined", then, 30 s
+# later, a shorter answer that looked finished), and stops only at finish_reason "stop" (after a
+# "length" end it parsed "[DONE]" as JSON and failed a good answer). Each fix applies only where
+# exo's script reads exactly so; anything else is served as it is.
+TINYCHAT_FIXES: tuple[tuple[str, str], ...] = (
+    ("const json = JSON.parse(value.data);",
+     'if (value.data === "[DONE]") break; const json = JSON.parse(value.data); '
+     'if (json.error) throw new Error(json.error.message || "the answer failed");'),
+    ("if (json.choices) {", "if (json.choices && json.choices.length) {"),
+    ('if (choice.finish_reason === "stop") break;', "if (choice.finish_reason) break;"),
+)
+
+
+def tinychat_script(text: str, default_model: str | None) -> str:
+    """exo's web chat script as this engine serves it: its default model one this engine serves,
+    and its stream reader able to show an error chunk's message."""
+    if default_model:
+        text = text.replace(f"'{TINYCHAT_DEFAULT}'", json.dumps(default_model))
+    for old, new in TINYCHAT_FIXES:
+        text = text.replace(old, new)
+    return text
 
 
 def _tinychat_default(static_dir: Any, default_model: Callable[[], str]) -> Any:
     """exo's web chat starts on `llama-3.2-1b`, which this engine does not serve, so its first
-    message failed: its script is served with the default set to the API's default model."""
+    message failed; and it could not show an error in the middle of an answer. Its script is
+    served through `tinychat_script`."""
     from pathlib import Path
 
     from aiohttp import web
@@ -531,10 +538,8 @@ def _tinychat_default(static_dir: Any, default_model: Callable[[], str]) -> Any:
         if request.method != "GET" or request.path != "/index.js" or not script.is_file():
             return await handler(request)
         text = await asyncio.to_thread(script.read_text, encoding="utf-8")
-        model = default_model()
-        if model and TINYCHAT_DEFAULT in text:
-            text = text.replace(f"'{TINYCHAT_DEFAULT}'", json.dumps(model))
-        return web.Response(text=text, content_type="application/javascript", headers={"Cache-Control": "no-cache"})
+        return web.Response(text=tinychat_script(text, default_model()), content_type="application/javascript",
+                            headers={"Cache-Control": "no-cache"})
 
     return tinychat
 

@@ -222,3 +222,33 @@ async def test_exos_system_prompt_opens_a_conversation_that_has_none(demo_models
         assert "You are a board." not in api.port.submitted[-1].prompt_text
     finally:
         await stop_api(api)
+
+
+async def test_tinychat_is_served_a_default_it_can_chat_with_and_a_reader_that_shows_errors(demo_models_dir, tmp_path):
+    """exo's web chat script, fetched through the mounted app: the default model is ours and the
+    stream reader lines the project replaces are replaced (the script here holds just those lines)."""
+    from aiohttp import web
+
+    from exo_rkllm import plugin
+    from exo_rkllm.api.handlers import OpenAIServer
+    from api_harness import ExoLikeServer
+
+    script = "\n".join([f"selectedModel: '{plugin.TINYCHAT_DEFAULT}',", *(old for old, _ in plugin.TINYCHAT_FIXES)])
+    (tmp_path / "index.js").write_text(script)
+    api = await start_api(demo_models_dir)
+    app = web.Application()
+    plugin.mount(app, OpenAIServer(api.engine, api.port), api.engine.config, tinychat_dir=tmp_path,
+                 default_model=lambda: DEMO_ID)
+    http = ExoLikeServer(app)
+    await http.start_server()
+    try:
+        async with api.session.get(str(http.make_url("/index.js"))) as resp:
+            served = await resp.text()
+        assert resp.status == 200 and f'selectedModel: "{DEMO_ID}",' in served
+        assert plugin.TINYCHAT_DEFAULT not in served
+        for old, new in plugin.TINYCHAT_FIXES:
+            assert new in served and (old not in served or old in new)
+        assert "json.error.message" in served and 'value.data === "[DONE]"' in served
+    finally:
+        await http.close()
+        await stop_api(api)
