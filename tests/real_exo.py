@@ -463,3 +463,25 @@ async def expected_answer(demo_spec: Any, tokenizer: Any, messages: list[dict[st
 
 async def expected_text(demo_spec: Any, tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     return (await expected_answer(demo_spec, tokenizer, messages)).text
+
+
+async def run_record(session: Any, exo: "ExoProcess", stream_or_id: "SSEStream | str") -> dict[str, Any]:
+    """The scheduler's record of one request (GET /v1/rkllm/status, `recent`): how many tokens the
+    runtime really generated and how its run ended (`done`, `cancelled (...)`, `failed`...). Polled:
+    the record is written once the runtime has stopped, which may follow the end of the HTTP answer."""
+    import asyncio
+
+    if isinstance(stream_or_id, SSEStream):
+        rid = stream_or_id.chunks[0]["id"]
+    else:
+        rid = stream_or_id
+    rid = rid.removeprefix("chatcmpl-").removeprefix("cmpl-")
+    status: dict[str, Any] = {}
+    for _ in range(600):
+        async with session.get(f"{exo.api}/v1/rkllm/status", headers=exo.headers) as r:
+            status = await r.json()
+        found = [run for run in status.get("recent") or [] if run["request_id"] == rid]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no record of request {rid}: {status}")

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from typing import Any
 
 import aiohttp
 import pytest
 
-from real_exo import EXO_PYTHON, REAL_EXO, SSEStream, expected_answer, expected_text, post_json, start_exo, \
+from real_exo import EXO_PYTHON, REAL_EXO, expected_answer, expected_text, post_json, run_record, start_exo, \
     stream_chat, user
 from support import DEMO_ID
 
@@ -45,22 +44,6 @@ def exo(tmp_path_factory, demo_model_dir):
                      ["--max-generate-tokens", str(MAX_TOKENS)])
     yield proc
     proc.stop()
-
-
-async def finished_run(session: aiohttp.ClientSession, api: str, stream: SSEStream) -> dict[str, Any]:
-    """The scheduler's record of the request behind `stream` (GET /v1/rkllm/status, `recent`): how
-    many tokens the runtime really generated and how its run ended. Polled: the record is written
-    once the runtime has stopped, which may follow the end of the HTTP answer."""
-    rid = stream.chunks[0]["id"].removeprefix("chatcmpl-")
-    status: dict[str, Any] = {}
-    for _ in range(600):
-        async with session.get(f"{api}/v1/rkllm/status") as r:
-            status = await r.json()
-        found = [run for run in status.get("recent") or [] if run["request_id"] == rid]
-        if found:
-            return found[0]
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no record of request {rid}: {status}")
 
 
 async def test_models_lists_only_this_engines_models(exo):
@@ -131,7 +114,7 @@ async def test_max_generate_tokens_ends_with_length(exo):
         assert res.finish == "length" and res.usage["completion_tokens"] == MAX_TOKENS
         after = await stream_chat(s, exo.api, user("short [[sim:tokens=3]]"))
         assert after.finish == "stop"
-        run = await finished_run(s, exo.api, res)
+        run = await run_record(s, exo, res)
     # the runtime was stopped at exo's limit, not left generating the 260 tokens nobody reads
     assert MAX_TOKENS <= run["generated"] <= MAX_TOKENS + 1 and run["outcome"].startswith("cancelled"), run
 
@@ -152,8 +135,8 @@ async def test_disconnect_mid_stream_frees_the_npu(exo):
         queued = asyncio.create_task(stream_chat(s, exo.api, user("queued behind [[sim:tokens=5]]")))
         left = await gone  # leaving the `async with` closed the connection mid-answer
         res = await asyncio.wait_for(queued, 60)
-        abandoned = await finished_run(s, exo.api, left)
-        served = await finished_run(s, exo.api, res)
+        abandoned = await run_record(s, exo, left)
+        served = await run_record(s, exo, res)
     assert res.finish == "stop"
     # 300 tokens would hold the NPU for 6 s: the abandoned run was stopped, then the queued one ran
     assert abandoned["outcome"].startswith("cancelled") and abandoned["generated"] < 300, abandoned
