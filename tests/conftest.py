@@ -42,7 +42,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     (tests/legacy_exo.py); a green run that skipped them all must not look like one that ran them."""
     outcomes: dict[str, int] = {}
     reasons: set[str] = set()
-    for kind in ("passed", "failed", "error", "skipped"):
+    for kind in ("passed", "failed", "error", "skipped", "xfailed", "xpassed"):
         for report in terminalreporter.stats.get(kind, []):
             if "real_exo" not in getattr(report, "keywords", {}):
                 continue
@@ -50,14 +50,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                 outcomes[kind] = outcomes.get(kind, 0) + 1
                 if kind == "skipped" and isinstance(report.longrepr, tuple):
                     reasons.add(str(report.longrepr[2]).removeprefix("Skipped: "))
-    ran = outcomes.get("passed", 0) + outcomes.get("failed", 0) + outcomes.get("error", 0)
+    ran = sum(outcomes.get(k, 0) for k in ("passed", "failed", "error", "xfailed", "xpassed"))
     from legacy_exo import find_exo_python
 
     python, why = find_exo_python()
     if ran:
+        expected = outcomes.get("xfailed", 0) + outcomes.get("xpassed", 0)
+        marked = f", {expected} marked xfail" if expected else ""
         line = (f"REAL-EXO TESTS: {ran} ran against legacy exo ({outcomes.get('passed', 0)} passed, "
-                f"{outcomes.get('failed', 0) + outcomes.get('error', 0)} failed, {outcomes.get('skipped', 0)} skipped) "
-                f"with {python}")
+                f"{outcomes.get('failed', 0) + outcomes.get('error', 0)} failed, {outcomes.get('skipped', 0)} skipped"
+                f"{marked}) with {python}")
     elif outcomes.get("skipped"):
         line = f"REAL-EXO TESTS: NONE RAN ({outcomes['skipped']} skipped): {'; '.join(sorted(reasons)) or why}"
     else:

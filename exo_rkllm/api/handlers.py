@@ -455,8 +455,9 @@ class OpenAIServer:
         if not name or name.startswith("gpt-"):  # OpenAI clients' defaults: the server's default model
             name = self._default_model() or next((e.model_id for e in self.engine.catalog.servable()), None)
             if name is None:
-                raise APIError(404, f"no model to serve: put .rkllm models in {self._models_dir_label()} "
-                                    "(see GET /v1/models)", param="model", code="model_not_found")
+                raise APIError(404, f"no model to serve: put .rkllm models in {self._models_dir_label()}, or run "
+                                    "`exo-rkllm demo` to write a model for the simulator (see GET /v1/models)",
+                               param="model", code="model_not_found")
         try:
             model = await asyncio.to_thread(lambda: self.engine.model_for(self.engine.catalog.resolve(name).model_id))
         except RKLLMError as exc:
