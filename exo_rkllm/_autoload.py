@@ -9,7 +9,10 @@ a broken plugin must not break unrelated Python programs.
 import os
 import sys
 
-_TARGETS = (
+# The exo modules exo_rkllm.plugin patches: one patcher each in plugin._PATCHERS (a test checks
+# that both name the same modules). Kept here, not derived from the plugin, because this module
+# must not import the plugin (it runs at every interpreter start-up).
+TARGETS = (
     "exo.helpers",
     "exo.inference.inference_engine",
     "exo.inference.tokenizers",
@@ -18,11 +21,14 @@ _TARGETS = (
 )
 
 
-class _ExoHook:
-    """A meta-path finder that runs exo_rkllm.plugin's patch after a target module executes."""
+class ExoHook:
+    """A meta-path finder that runs exo_rkllm.plugin's patch after a target module executes.
+
+    Ask `active()` (or exo_rkllm.exo_env.hook_active()) whether it is registered; nothing else
+    should look for it by name."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _TARGETS:
+        if fullname not in TARGETS:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -58,16 +64,31 @@ class _PatchingLoader:
 
 def active() -> bool:
     """Whether the hook is registered in this interpreter (what `exo-rkllm doctor` and the tests check)."""
-    return any(isinstance(f, _ExoHook) for f in sys.meta_path)
+    return any(isinstance(f, ExoHook) for f in sys.meta_path)
+
+
+def enabled(environ=None) -> bool:
+    """EXO_RKLLM_AUTOLOAD, read as every exo-rkllm boolean is (config.parse_bool); unset or blank
+    means on. A value that is not a boolean leaves the hook on, and says so."""
+    raw = (os.environ if environ is None else environ).get("EXO_RKLLM_AUTOLOAD")
+    if raw is None:
+        return True
+    from exo_rkllm.config import parse_bool  # only when the variable is set: start-up stays import-free
+
+    try:
+        return parse_bool(raw, empty=True)
+    except ValueError as exc:
+        sys.stderr.write(f"exo-rkllm: EXO_RKLLM_AUTOLOAD is ignored: {exc}\n")
+        return True
 
 
 def install(force: bool = False) -> None:
     """Register the hook (at start-up, unless EXO_RKLLM_AUTOLOAD=0; always when `force`)."""
-    if not force and os.environ.get("EXO_RKLLM_AUTOLOAD", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not force and not enabled():
         return
     if active():
         return
-    sys.meta_path.insert(0, _ExoHook())
+    sys.meta_path.insert(0, ExoHook())
 
 
 try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .config import Config
+from .config import Config, parse_bool
 from .errors import ModelLoadError, ModelNotFound, ModelUnavailable
 from .runtime.base import ModelSpec, SamplingParams
 from .runtime.sim import SIM_MAGIC, read_sim_model
@@ -46,7 +46,6 @@ _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 _FLOAT_KEYS = {"TEMPERATURE": "temperature", "TOP_P": "top_p", "REPEAT_PENALTY": "repeat_penalty",
                "FREQUENCY_PENALTY": "frequency_penalty", "PRESENCE_PENALTY": "presence_penalty"}
 _BOOL_KEYS = ("SKIP_SPECIAL_TOKEN", "EMBED_FLASH", "ENABLE_THINKING")
-_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
 _LINE = re.compile(r'^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$')
 _CTX_IN_NAME = re.compile(r"(?:^|[-_.])(\d{1,3})k(?:$|[-_.])", re.I)
 _CTX_DIGITS_IN_NAME = re.compile(r"(?:^|[-_.])ctx[-_]?(\d{3,6})(?:$|[-_.])", re.I)
@@ -143,8 +142,11 @@ def parse_modelfile(text: str) -> dict[str, str]:
             values[key] = str(int(float(raw)))
     for key in _BOOL_KEYS:
         raw = values.get(key, "").strip()
-        if raw and raw.lower() not in _BOOL_WORDS:
-            problems.append(f"{key}={raw!r} is not a boolean (true or false)")
+        if raw:
+            try:
+                parse_bool(raw)
+            except ValueError:
+                problems.append(f"{key}={raw!r} is not a boolean (true or false)")
     if problems:
         raise ModelfileError("; ".join(problems))
     return values
@@ -309,13 +311,6 @@ class Catalog:
 
     def servable(self) -> list[ModelEntry]:
         return [e for e in self.entries() if e.ok]
-
-    def names(self) -> dict[str, str]:
-        """Every accepted name (ids and aliases) -> model id."""
-        self._ensure_scanned()
-        with self._lock:
-            served = {name: key for name, key in self._aliases.items() if "\0" not in key}
-            return {**served, **{k: k for k in self._by_key if "\0" not in k}}
 
     def find(self, name: str) -> ModelEntry | None:
         self._ensure_scanned()

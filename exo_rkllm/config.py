@@ -1,7 +1,9 @@
-"""Every setting of exo-rkllm, read from the environment (and CLI flags) in one place.
+"""Every setting of exo-rkllm, read from the environment in one place.
 
-The table below is the single source of truth: `Config.from_env` reads it, the
-CLI turns it into flags, and a test checks that the README documents each row.
+The table below is the single source of truth: `Config.from_env` reads it, and a
+test checks that the README documents each row. The `exo-rkllm` command has
+flags for two of them only (`--models-dir`, `--backend`), passed to `from_env`
+as overrides; every other setting is an environment variable.
 """
 from __future__ import annotations
 
@@ -14,13 +16,29 @@ from typing import Any, Callable, Mapping
 from .errors import ConfigError
 
 
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def parse_bool(text: str, empty: bool | None = None) -> bool:
+    """A boolean written the way people write them in environment variables and Modelfiles
+    (1/0, true/false, yes/no, on/off, any case). Every place that reads one uses this, so they
+    all accept the same words. `empty` is what a blank value means; None: blank is an error.
+
+    Raises ValueError for anything else."""
+    value = str(text).strip().lower()
+    if value in TRUE_WORDS:
         return True
-    if value in ("0", "false", "no", "off", ""):
+    if value in FALSE_WORDS:
         return False
-    raise ValueError(f"expected a boolean (1/0, true/false), got {text!r}")
+    if not value and empty is not None:
+        return empty
+    raise ValueError(f"expected a boolean (1/0, true/false, yes/no, on/off), got {text!r}")
+
+
+def _bool(text: str) -> bool:
+    """A setting's boolean: blank means off, as it always has."""
+    return parse_bool(text, empty=False)
 
 
 def _path(text: str) -> Path:
@@ -104,7 +122,9 @@ SETTINGS: tuple[Setting, ...] = (
             "this the least recently used are dropped (the loaded model and models with a request running "
             "or waiting are always kept). 0 keeps only those."),
     Setting("lib_path", "RKLLM_LIB_PATH", _opt_path,
-            "Path of librkllmrt.so (native backend); default: searched in /usr/lib, /usr/local/lib, ~/RKLLAMA/lib."),
+            "Path of librkllmrt.so, or a folder holding it (native backend); default: searched in the folders of "
+            "LD_LIBRARY_PATH, then /usr/lib, /usr/local/lib, /usr/lib/aarch64-linux-gnu, /usr/lib64, /lib, "
+            "~/RKLLAMA/lib and ~/RKLLAMA/src/rkllama/lib."),
     Setting("runtime_version", "RKLLM_RUNTIME_VERSION", str,
             "Force the runtime ABI version (1.1.4, 1.2.0 ... 1.3.0) instead of reading it from the library."),
     Setting("native_isolation", "RKLLM_NATIVE_ISOLATION", _bool,

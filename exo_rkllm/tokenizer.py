@@ -21,7 +21,7 @@ import os
 import threading
 import weakref
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import ModelUnavailable
 
@@ -200,8 +200,6 @@ def token_bytes(tok: Any, token_id: int) -> bytes:
 
 
 def special_ids(tok: Any) -> frozenset[int]:
+    """The ids of the tokenizer's special tokens (the simulator, the rkllama backend's text-to-ids
+    mapping and the fake runtime keep them apart from ordinary text)."""
     return frozenset(int(i) for i in tok.all_special_ids)
-
-
-def ids_list(values: Iterable[Any]) -> list[int]:
-    return [int(v) for v in values]

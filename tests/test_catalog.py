@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -394,7 +396,29 @@ def test_every_listed_alias_resolves_to_its_entry(tmp_path, demo_model_dir):
         for alias in e.aliases:
             assert cat.find(alias) is e, alias
     assert cat.resolve("Alpha").model_id == "alpha" and cat.resolve("Gamma").model_id == "gamma"
-    assert set(cat.names().values()) == {e.model_id for e in entries}
+
+
+def test_aliases_are_listed_in_the_same_order_in_every_run(tmp_path, demo_model_dir):
+    """`exo-rkllm models` and /v1/models list an entry's aliases sorted: the same in every process,
+    whatever order a set of names happens to take (string hashes change between runs)."""
+    root = tmp_path / "models"
+    folder = root / "Zeta_Model.v2"
+    tokenizer_files(demo_model_dir, folder)
+    names = ("b-one", "A-two", "c_three", "Delta.Four", "e five")
+    for name in names:
+        write_sim_model(folder / f"{name}.rkllm", name)
+    (folder / "Modelfile").write_text('FROM="A-two.rkllm"\n')
+    expected = sorted({folder.name, *names})
+    (entry,) = catalog(root).entries()
+    assert list(entry.aliases) == expected
+    listed = set()
+    for seed in ("0", "1", "2", "3", "4", "5"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-m", "exo_rkllm", "--models-dir", str(root), "models"],
+                             capture_output=True, text=True, env=env, timeout=120)
+        line = next(ln for ln in out.stdout.splitlines() if "aliases:" in ln)
+        listed.add(line.split("aliases:", 1)[1].strip())
+    assert listed == {", ".join(expected)}
 
 
 def test_the_engine_never_serves_a_stale_cache_entry(tmp_path, demo_model_dir):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from exo_rkllm.config import SETTINGS, Config
+from exo_rkllm.catalog import ModelfileError, parse_modelfile
+from exo_rkllm.config import FALSE_WORDS, SETTINGS, TRUE_WORDS, Config, parse_bool
 from exo_rkllm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,3 +61,55 @@ def test_readme_defaults_match_the_code():
         else:
             expected = str(value)
         assert shown == expected, f"README says {s.env} defaults to {shown!r}, the code to {expected!r}"
+
+
+# -- booleans: one parser for settings, Modelfiles and EXO_RKLLM_AUTOLOAD ----------------------------------------
+@pytest.mark.parametrize("word", [*TRUE_WORDS, *FALSE_WORDS])
+def test_every_boolean_reader_accepts_the_same_words(word):
+    """A setting, a Modelfile value and EXO_RKLLM_AUTOLOAD read the same words the same way."""
+    from exo_rkllm import _autoload
+
+    value = word in TRUE_WORDS
+    for written in (word, word.upper(), f" {word.title()} "):
+        assert parse_bool(written) is value
+        assert Config.from_env({"RKLLM_KV_REUSE": written}).kv_reuse is value
+        assert parse_modelfile(f"ENABLE_THINKING={written}\n")["ENABLE_THINKING"] == written.strip()
+        assert _autoload.enabled({"EXO_RKLLM_AUTOLOAD": written}) is value
+
+
+@pytest.mark.parametrize("word", ["maybe", "2", "enabled", "nope"])
+def test_every_boolean_reader_refuses_the_same_words(word, capsys):
+    from exo_rkllm import _autoload
+
+    with pytest.raises(ValueError, match="expected a boolean"):
+        parse_bool(word)
+    with pytest.raises(ConfigError, match="RKLLM_KV_REUSE"):
+        Config.from_env({"RKLLM_KV_REUSE": word})
+    with pytest.raises(ModelfileError, match="ENABLE_THINKING"):
+        parse_modelfile(f"ENABLE_THINKING={word}\n")
+    # The start-up hook never fails an interpreter: it stays on, and says the value was ignored.
+    assert _autoload.enabled({"EXO_RKLLM_AUTOLOAD": word}) is True
+    assert "EXO_RKLLM_AUTOLOAD is ignored" in capsys.readouterr().err
+
+
+def test_a_blank_boolean_means_what_each_reader_always_took_it_to_mean():
+    from exo_rkllm import _autoload
+
+    with pytest.raises(ValueError):
+        parse_bool("  ")
+    assert parse_bool("", empty=True) is True and parse_bool(" ", empty=False) is False
+    assert Config.from_env({"RKLLM_KV_REUSE": ""}).kv_reuse is False  # a blank setting is off
+    assert _autoload.enabled({"EXO_RKLLM_AUTOLOAD": ""}) is True  # a blank switch leaves the hook on
+    assert _autoload.enabled({}) is True
+
+
+def test_lib_path_help_names_every_folder_the_native_backend_searches(monkeypatch):
+    from exo_rkllm.runtime.native.library import default_search_dirs
+
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    text = next(s.help for s in SETTINGS if s.env == "RKLLM_LIB_PATH")
+    home = Path.home()
+    for folder in default_search_dirs():
+        shown = f"~/{folder.relative_to(home)}" if folder.is_relative_to(home) else str(folder)
+        assert shown in text, f"RKLLM_LIB_PATH's help does not name {shown}"
+    assert "LD_LIBRARY_PATH" in text
