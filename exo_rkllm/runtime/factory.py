@@ -4,13 +4,20 @@
 without an rkllama server gets an error that says what to install or set.
 Backends are imported lazily so a board without aiohttp-only or ctypes-only
 pieces pays nothing for the ones it does not use.
+
+`choose_backend` is the one decision: `create_runtime` builds what it picks, and
+exo's start-up (plugin.make_engine, through `check_backend`) runs the same probe,
+so a start-up that passes is one whose requests find their runtime.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+from typing import Any
 
 from ..config import Config
-from ..errors import RuntimeUnavailable
+from ..errors import RKLLMError, RuntimeUnavailable
 from .base import Runtime
 
 log = logging.getLogger("exo_rkllm.runtime")
@@ -47,30 +54,75 @@ async def build_rkllama(config: Config) -> Runtime:
     return await create_rkllama(config)
 
 
-async def create_runtime(config: Config) -> Runtime:
-    if config.backend == "sim":
-        log.warning("using the SIMULATED RKLLM runtime (RKLLM_BACKEND=sim): answers are synthetic, no NPU is used")
-        return build_sim(config)
-    if config.backend == "native":
-        return build_native(config)
-    if config.backend == "rkllama":
-        return await build_rkllama(config)
-    # auto: the real device first, then a local server.
+async def probe_rkllama(config: Config) -> str | None:
+    """None when the configured URL is an rkllama server (either API generation), else why not:
+    nothing answers, or what answers is not rkllama (any other HTTP server on the port). The
+    same detection the rkllama backend runs, bounded to a few seconds."""
+    try:
+        from .rkllama import RkllamaClient
+        from .rkllama.client import PROBE_TIMEOUT_S
+    except ImportError as exc:
+        return f"rkllama backend not built ({exc})"
+    client = RkllamaClient.from_config(config, quick=True)
+    try:
+        await asyncio.wait_for(client.info(), PROBE_TIMEOUT_S * 2)
+        return None
+    except RKLLMError as exc:
+        return str(exc)
+    except (asyncio.TimeoutError, OSError) as exc:
+        return f"no rkllama server answered at {config.rkllama_url} ({exc.__class__.__name__})"
+    finally:
+        await client.close()
+
+
+async def choose_backend(config: Config) -> str:
+    """The backend `create_runtime` builds for `config`: the one it names, or for `auto` the
+    native runtime if librkllmrt.so is found, else an rkllama server if one really answers.
+    Raises RuntimeUnavailable, with what to install or set and each reason, when `auto` finds
+    neither."""
+    if config.backend != "auto":
+        return config.backend
     reasons: list[str] = []
     try:
         from .native import find_library
 
         if find_library(config) is not None:
-            return build_native(config)
+            return "native"
         reasons.append("librkllmrt.so not found")
     except ImportError:
         reasons.append("native backend not built")
-    try:
-        from .rkllama import probe
-
-        if await probe(config):
-            return await build_rkllama(config)
-        reasons.append(f"no rkllama server at {config.rkllama_url}")
-    except ImportError:
-        reasons.append("rkllama backend not built")
+    why_not = await probe_rkllama(config)
+    if why_not is None:
+        return "rkllama"
+    reasons.append(why_not)
     raise RuntimeUnavailable(f"{NO_RUNTIME_HELP} ({'; '.join(reasons)})")
+
+
+def check_backend(config: Config) -> str:
+    """`choose_backend` from synchronous code (exo builds its engine before its event loop runs,
+    and a caller may already be inside one): run on a thread of its own, with a loop of its own,
+    so the caller's loop and event-loop policy are left as they were."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["backend"] = asyncio.run(choose_backend(config))
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="exo-rkllm-backend-check", daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return str(outcome["backend"])
+
+
+async def create_runtime(config: Config) -> Runtime:
+    backend = await choose_backend(config)
+    if backend == "sim":
+        log.warning("using the SIMULATED RKLLM runtime (RKLLM_BACKEND=sim): answers are synthetic, no NPU is used")
+        return build_sim(config)
+    if backend == "native":
+        return build_native(config)
+    return await build_rkllama(config)
