@@ -16,21 +16,12 @@ import os
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
-from . import __version__
-from .config import Config
+from . import ENGINE_NAME, __version__
+from .config import BACKENDS, Config
 from .errors import RKLLMError
-
-
-def legacy_exo_location() -> Path | None:
-    """Where legacy exo is installed, or None (the unrelated PyPI 'exo' does not count)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("exo")
-    if spec is None or not spec.origin:
-        return None
-    root = Path(spec.origin).parent
-    return root if (root / "orchestration" / "node.py").exists() else None
+from .exo_env import hook_active, legacy_exo_location
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -95,8 +86,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"[!!] no servable model in {config.models_dir}: see README 'Model layout' or run `exo-rkllm demo`")
     legacy = legacy_exo_location()
     if legacy:
-        hook = sys.modules.get("exo_rkllm._autoload")  # imported at start-up only by exo_rkllm.pth
-        hooked = bool(hook and hook.active())
+        hooked = hook_active()  # by exo_rkllm.pth at start-up: this command never installs it itself
         print(f"[{'ok' if hooked else '!!'}] legacy exo found at {legacy}" +
               ("" if hooked else "; the exo_rkllm.pth hook is not active: reinstall exo-rkllm with pip"))
         problems += 0 if hooked else 1
@@ -107,6 +97,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+SERVE_USAGE = f"""\
+usage: exo-rkllm [--models-dir DIR] [--backend {{{','.join(BACKENDS)}}}] serve [exo's arguments]
+
+Start legacy exo in this process with the {ENGINE_NAME} inference engine: the same as
+`python -m exo.main --inference-engine {ENGINE_NAME}` (`--inference-engine {ENGINE_NAME}` is added
+unless given). Every argument after `serve` goes to exo. The engine's settings are environment
+variables (README, Configuration); --models-dir and --backend before `serve` set two of them.
+"""
+# exo's own help lists only the engines exo ships; `serve --help` shows this one instead.
+ENGINE_HELP = (f"Inference engine to use (mlx, tinygrad, dummy, or {ENGINE_NAME}; `exo-rkllm serve` uses "
+               f"{ENGINE_NAME} unless told otherwise)")
+HELP_FLAGS = ("-h", "--help")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run exo's own main module with our engine selected, in this process."""
     from . import plugin
@@ -115,18 +119,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["RKLLM_BACKEND"] = args.backend
     if args.models_dir:
         os.environ["RKLLM_MODELS_DIR"] = str(Path(args.models_dir).expanduser())
+    exo_args = list(args.exo_args)
+    if exo_args[:1] == ["--"]:
+        exo_args = exo_args[1:]
+    wants_help = any(a in HELP_FLAGS for a in exo_args)
+    if wants_help:
+        print(SERVE_USAGE, flush=True)
     if legacy_exo_location() is None:
         print("exo-rkllm: legacy exo is not installed in this Python (the PyPI package named 'exo' is another "
               "project): see the README's 'Install and run'", file=sys.stderr)
         return 2
     plugin.install()
-    exo_args = list(args.exo_args)
-    if exo_args[:1] == ["--"]:
-        exo_args = exo_args[1:]
+    if wants_help:
+        print("exo's options:", flush=True)
+        return _print_exo_help()
     if "--inference-engine" not in exo_args:
-        exo_args = ["--inference-engine", "rkllm", *exo_args]
+        exo_args = ["--inference-engine", ENGINE_NAME, *exo_args]
     sys.argv = ["exo", *exo_args]
     runpy.run_module("exo.main", run_name="__main__")
+    return 0
+
+
+def _print_exo_help() -> int:
+    """exo's --help, with its --inference-engine line naming this engine too.
+
+    exo builds its argument parser when exo.main is imported, and prints the help while parsing,
+    so the help text of that one option is replaced as the parser is built (a rewrite of the
+    printed text would depend on how argparse wraps it)."""
+    original = argparse.ArgumentParser.add_argument
+
+    def add_argument(self: argparse.ArgumentParser, *names: Any, **kwargs: Any) -> Any:
+        if "--inference-engine" in names:
+            kwargs["help"] = ENGINE_HELP
+        return original(self, *names, **kwargs)
+
+    argparse.ArgumentParser.add_argument = add_argument  # type: ignore[method-assign]
+    sys.argv = ["exo-rkllm serve", "--help"]
+    try:
+        runpy.run_module("exo.main", run_name="__main__")
+    except SystemExit as exc:  # argparse exits once the help is printed
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    finally:
+        argparse.ArgumentParser.add_argument = original  # type: ignore[method-assign]
     return 0
 
 
@@ -144,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"exo-rkllm {__version__}")
     parser.add_argument("--models-dir", help="models folder (RKLLM_MODELS_DIR)")
-    parser.add_argument("--backend", choices=["auto", "native", "rkllama", "sim"], help="runtime (RKLLM_BACKEND)")
+    parser.add_argument("--backend", choices=BACKENDS, help="runtime (RKLLM_BACKEND)")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="write the simulator's demo model")
     demo.add_argument("--force", action="store_true", help="rewrite it even if present")

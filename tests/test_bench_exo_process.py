@@ -23,7 +23,7 @@ from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable, owns_port
 FAKE_EXO = textwrap.dedent('''\
     #!{python}
     import http.server, json, sys, time
-    if sys.argv[1] == "-c" and "find_spec" in sys.argv[2]:  # the bench's probe
+    if sys.argv[1] == "-c" and sys.argv[-1].endswith("exo_env.py"):  # the bench's probe
         print(json.dumps({{"exo": True, "hooked": True, "python": "3"}}))
         sys.exit(0)
     port = int(sys.argv[sys.argv.index("--chatgpt-api-port") + 1])
@@ -146,7 +146,7 @@ def test_owns_port_reads_proc():
 FAKE_EXO_WITHOUT_PLUGIN = textwrap.dedent('''\
     #!{python}
     import http.server, json, os, sys
-    if sys.argv[1] == "-c" and "find_spec" in sys.argv[2]:  # the bench's probe: exo, but no exo-rkllm hook
+    if sys.argv[1] == "-c" and sys.argv[-1].endswith("exo_env.py"):  # the bench's probe: exo, but no exo-rkllm hook
         print(json.dumps({{"exo": True, "hooked": False, "python": "3"}}))
         sys.exit(0)
     import exo_rkllm  # what the boot line would import: from PYTHONPATH, since nothing is installed here

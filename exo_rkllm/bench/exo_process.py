@@ -30,16 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import exo_rkllm
-
-_PROBE = r"""
-import importlib.util as u, json, os, sys
-out = {"exo": False, "hooked": False, "python": sys.version.split()[0]}
-spec = u.find_spec("exo")
-if spec is not None and spec.submodule_search_locations:  # legacy exo, not the unrelated PyPI 'exo'
-    out["exo"] = any(os.path.isfile(os.path.join(p, "orchestration", "node.py")) for p in spec.submodule_search_locations)
-out["hooked"] = any(type(f).__name__ == "_ExoHook" for f in sys.meta_path)  # exo_rkllm.pth is active
-print(json.dumps(out))
-"""
+from exo_rkllm.exo_env import probe_command
 
 # Used when the chosen interpreter has exo but not exo-rkllm installed (a development
 # checkout): put this checkout on the path and install the same import hook the
@@ -72,7 +63,7 @@ class ExoProbe:
 def probe_python(python: str, timeout_s: float = 60.0) -> ExoProbe:
     """Ask `python` whether it can import exo (and exo-rkllm), without importing exo.main (which would run it)."""
     try:
-        out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s)
+        out = subprocess.run(probe_command(python), capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ExoUnavailable(f"cannot run {python}: {exc}") from None
     if out.returncode != 0:
