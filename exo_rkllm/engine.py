@@ -42,7 +42,7 @@ from .lifecycle import Lifecycle, ModelStatus, model_status
 from .model_cache import ModelCache
 from .runtime.base import Capabilities, ChatMessage, EmbeddingInput, ModelSpec, Runtime
 from .runtime.factory import create_runtime
-from .scheduler import Priority, Scheduler
+from .scheduler import ANSWER_COMPLETE, FINISHED_BY_EXO, Priority, RequestEnd, Scheduler
 from .streams import FinishReason, RequestStream, RunOptions
 from .tokenizer import load_tokenizer, release_freed_memory, release_tokenizer, stop_token_ids, token_bytes
 
@@ -53,9 +53,6 @@ log = logging.getLogger("exo_rkllm.engine")
 
 EndListener = Callable[[str, "RequestEnding"], None]
 MAX_CONTEXTS = 256
-# Reasons a request ends whole: the engine handed exo its last token, or exo ended it itself.
-ANSWER_COMPLETE = "answer complete"
-FINISHED_BY_EXO = "finished by exo"
 CONTEXT_WAIT_S = 2.0  # how long a messages-only backend waits for a request's messages from the API node
 
 
@@ -205,10 +202,10 @@ class RKLLMInferenceEngine:
         stream = scheduler.get(request_id)
         if stream is None:
             if request_id in scheduler.ended:  # exo is still stepping a request that has ended
-                reason = scheduler.ended[request_id]
-                if reason not in (ANSWER_COMPLETE, FINISHED_BY_EXO):  # cut short: not an answer
+                end = scheduler.ended[request_id]
+                if not end.whole:  # cut short: not an answer
                     error = (scheduler.shutdown_error() if scheduler.closed
-                             else RequestCancelled(f"request {request_id} was cancelled: {reason}"))
+                             else RequestCancelled(f"request {request_id} was cancelled: {end}"))
                     self._notify_end(request_id, RequestEnding("error", error))
                 return self._eos(model), inference_state
             if not scheduler.runtime.capabilities.token_input and request_id not in self._contexts:
@@ -257,19 +254,24 @@ class RKLLMInferenceEngine:
         if waiter is not None:
             waiter.set()
 
-    def finish_request(self, request_id: str, reason: str = FINISHED_BY_EXO) -> None:
-        """exo has ended the request (EOS, max tokens): stop the NPU work if any is left. A model
-        that has no request left may now be one too many to keep (RKLLM_MODEL_CACHE)."""
+    def finish_request(self, request_id: str) -> None:
+        """exo has ended the request (EOS, max tokens): stop the NPU work if any is left."""
+        self._release(request_id, FINISHED_BY_EXO)
+
+    def cancel_request(self, request_id: str, reason: str) -> None:
+        """The request was abandoned (client gone, timeout): abort it, free the NPU at once. `reason`
+        is what a later reader of the request is told."""
+        self._release(request_id, RequestEnd.cancelled(reason))
+
+    def _release(self, request_id: str, end: RequestEnd) -> None:
+        """Forget the request and let the scheduler stop its NPU work. A model that has no request left
+        may now be one too many to keep (RKLLM_MODEL_CACHE)."""
         self._contexts.pop(request_id, None)
         if self._scheduler is not None:
-            self._scheduler.cancel(request_id, reason)
+            self._scheduler.cancel(request_id, end)
         dropped = self._models.trim()
         if dropped:
             self._forget(dropped, in_background=True)
-
-    def cancel_request(self, request_id: str, reason: str) -> None:
-        """The request was abandoned (client gone, timeout): abort it, free the NPU at once."""
-        self.finish_request(request_id, reason)
 
     def add_end_listener(self, listener: EndListener) -> None:
         """Called with (request_id, RequestEnding) when a request ends otherwise than by the model's

@@ -37,14 +37,76 @@ from .config import Config
 from .errors import (ContextOverflow, EmbeddingUnsupported, GenerationError, QueueFull, RequestCancelled, RKLLMError,
                      ShuttingDown)
 from .lifecycle import LoadState, LoadStatus
-from .runtime.base import (ChatMessage, EmbeddingInput, EmbeddingOutput, FinishEvent, GenerationInput, ModelSpec,
-                           Runtime, SamplingParams, TokenEvent, split_prompt)
+from .runtime.base import (ChatMessage, EmbeddingInput, EmbeddingOutput, FinishEvent, FinishKind, GenerationInput,
+                           ModelSpec, Runtime, SamplingParams, TokenEvent, split_prompt)
 from .streams import FinishReason, RequestStream, RunOptions, StreamState
 
 log = logging.getLogger("exo_rkllm.scheduler")
 
+# Finished runs kept for `GET /v1/rkllm/status` and benchmarks: a few minutes of a busy node, a few KiB.
+HISTORY_SIZE = 256
+# Ended request ids remembered: exo may step a request a few more times after it ended (its fed-back token
+# must not be taken for a new prompt). Far more than the requests exo can have in flight, each a few bytes.
+ENDED_SIZE = 1024
+
 
 Realign = Callable[[Sequence[int]], "tuple[int, ...] | None"]
+
+
+class EndKind(enum.Enum):
+    """Why a request left the scheduler (Scheduler.ended): whole, or cut short."""
+
+    ANSWER_COMPLETE = "answer complete"  # the engine handed exo the answer's last token
+    FINISHED_BY_EXO = "finished by exo"  # exo ended it itself (its own end of answer or token limit)
+    CANCELLED = "cancelled"  # abandoned: a client gone, a peer's cancel, the idle sweep, shutdown
+
+
+@dataclass(frozen=True)
+class RequestEnd:
+    """How one request ended, as `Scheduler.cancel` was told; `reason` says why a cancellation happened."""
+
+    kind: EndKind
+    reason: str = ""
+
+    @classmethod
+    def cancelled(cls, reason: str) -> "RequestEnd":
+        return cls(EndKind.CANCELLED, reason)
+
+    @property
+    def whole(self) -> bool:
+        """Nothing cut the answer short: whoever reads it may take it as complete."""
+        return self.kind is not EndKind.CANCELLED
+
+    def __str__(self) -> str:
+        """The stream's close reason, as logs and error messages show it."""
+        return self.reason or self.kind.value
+
+
+ANSWER_COMPLETE = RequestEnd(EndKind.ANSWER_COMPLETE)
+FINISHED_BY_EXO = RequestEnd(EndKind.FINISHED_BY_EXO)
+SHUTDOWN = RequestEnd.cancelled("shutdown")
+IDLE_TIMEOUT = RequestEnd.cancelled("idle timeout")
+
+
+class RunOutcome(str, enum.Enum):
+    """How a request's (or an embedding batch's) time on the scheduler ended: RunSummary.outcome and the
+    log line. A str enum, so the status route's JSON keeps the plain values ("done", "cancelled"...)."""
+
+    DONE = "done"  # ran to its end (the model's, or a token limit)
+    ABORTED = "aborted"  # the runtime stopped it before its end, not at our asking: no answer
+    FAILED = "failed"  # the runtime (or loading the model) failed
+    CANCELLED = "cancelled"  # whoever wanted it let go first
+    PAUSED = "paused"  # an embedding batch gave way to a request that outranks it (it resumes later)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the next run of a job uses the KV cache (Scheduler._plan)."""
+
+    prompt: tuple[int, ...]  # the whole prompt as this run has it (a resumed job: with what it produced)
+    feed: tuple[int, ...]  # what the runtime must prefill now
+    keep_history: bool  # append to the cache rather than start from an empty one
+    clear_first: bool  # clear the cache before the run (it holds something else)
 
 
 class Priority(enum.Enum):
@@ -130,10 +192,16 @@ class RunSummary:
     queued_s: float
     ttft_s: float | None
     total_s: float
-    outcome: str
+    outcome: RunOutcome
     priority: str = Priority.INTERACTIVE.value
     preemptions: int = 0
     decode_s: float | None = None  # first token to the end of the last run
+    detail: str = ""  # what was cancelled by (the close reason) or what failed ("model load")
+
+    @property
+    def described(self) -> str:
+        """The outcome as the log line says it: `cancelled (idle timeout)`."""
+        return f"{self.outcome.value} ({self.detail})" if self.detail else self.outcome.value
 
 
 class Scheduler:
@@ -141,10 +209,10 @@ class Scheduler:
         self.runtime = runtime
         self.config = config
         self.streams: dict[str, RequestStream] = {}
-        self.history: collections.deque[RunSummary] = collections.deque(maxlen=256)
+        self.history: collections.deque[RunSummary] = collections.deque(maxlen=HISTORY_SIZE)
         # Recently ended request ids (bounded): exo may still step a request after we ended it,
         # and its fed-back token must not be mistaken for a new prompt.
-        self.ended: collections.OrderedDict[str, str] = collections.OrderedDict()  # request id -> why it ended
+        self.ended: collections.OrderedDict[str, RequestEnd] = collections.OrderedDict()  # request id -> how
         self._queue: list[_Work] = []  # arrival order; `_pop_next` picks by priority
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
@@ -222,14 +290,15 @@ class Scheduler:
     def get(self, request_id: str) -> RequestStream | None:
         return self.streams.get(request_id)
 
-    def cancel(self, request_id: str, reason: str) -> bool:
-        """Abandon a request (abort it if it is on the NPU) and forget it. True if it was known."""
+    def cancel(self, request_id: str, end: RequestEnd) -> bool:
+        """Let go of a request (abort it if it is on the NPU) and forget it, remembering how it ended.
+        True if it was known."""
         stream = self.streams.pop(request_id, None)
         if stream is None:
             return False
-        stream.close(reason)
-        self.ended[request_id] = reason
-        while len(self.ended) > 1024:
+        stream.close(str(end))
+        self.ended[request_id] = end
+        while len(self.ended) > ENDED_SIZE:
             self.ended.popitem(last=False)
         return True
 
@@ -321,25 +390,25 @@ class Scheduler:
         its KV cache, so what the cache holds is unknown from the first one on."""
         self._embedding, started = job, time.monotonic()
         self._kv = None
-        outcome = "done"
+        outcome, detail = RunOutcome.DONE, ""
         try:
             while len(job.outputs) < len(job.inputs):
                 if not job.open:
-                    outcome = "cancelled"
+                    outcome = RunOutcome.CANCELLED
                     return
                 if job.outputs and self._outranked(job):
                     job.pauses += 1
                     self._queue.append(job)  # keeps its arrival rank and what it has done
-                    outcome = "paused"
+                    outcome = RunOutcome.PAUSED
                     return
                 job.outputs.append(await self.runtime.embed(job.inputs[len(job.outputs)]))
         except RKLLMError as exc:
-            outcome = f"failed ({exc})"
+            outcome, detail = RunOutcome.FAILED, str(exc)
             if not job.result.done():
                 job.result.set_exception(exc)
         except Exception as exc:  # a backend bug fails this job, not the worker
             log.exception("runtime failure embedding %s", job.label)
-            outcome = "failed"
+            outcome = RunOutcome.FAILED
             if not job.result.done():
                 job.result.set_exception(GenerationError(f"the runtime failed to embed: {exc!r}"))
         else:
@@ -347,8 +416,9 @@ class Scheduler:
                 job.result.set_result(list(job.outputs))
         finally:
             self._embedding = None
-            log.log(logging.DEBUG if outcome == "paused" else logging.INFO, "embedding %s %s: model %s, %s, %d/%d input(s), %d tokens, queued %.2f s, ran %.2f s%s",
-                     job.label, outcome, job.spec.model_id, job.priority.value, len(job.outputs), len(job.inputs),
+            log.log(logging.DEBUG if outcome is RunOutcome.PAUSED else logging.INFO,
+                    "embedding %s %s: model %s, %s, %d/%d input(s), %d tokens, queued %.2f s, ran %.2f s%s",
+                     job.label, f"{outcome.value} ({detail})" if detail else outcome.value, job.spec.model_id, job.priority.value, len(job.outputs), len(job.inputs),
                      sum(len(i.token_ids) for i in job.inputs), started - job.created_at,
                      time.monotonic() - started, f", paused {job.pauses}x" if job.pauses else "")
 
@@ -457,7 +527,7 @@ class Scheduler:
                     continue
                 if not job.open:  # cancelled while its model loaded
                     if isinstance(job, _Job):
-                        self._record(job, f"cancelled ({job.stream.close_reason})")
+                        self._record(job, RunOutcome.CANCELLED, job.stream.close_reason or "")
                 elif self._outranked(job):
                     self._queue.append(job)  # keeps its arrival rank
                 elif isinstance(job, _EmbedJob):
@@ -471,10 +541,10 @@ class Scheduler:
                 job.result.set_exception(exc)
             return
         job.stream.fail(exc)
-        self._record(job, "failed (model load)")
+        self._record(job, RunOutcome.FAILED, "model load")
 
-    def _plan(self, job: _Job) -> tuple[tuple[int, ...], tuple[int, ...], bool, bool]:
-        """(prompt as run, tokens to feed, keep_history, clear the cache first).
+    def _plan(self, job: _Job) -> _Plan:
+        """What the job's next run prefills and how it uses the KV cache.
 
         A resumed job runs its first prompt plus the tokens it already produced: greedy decoding
         continues from there as if it had never stopped."""
@@ -482,22 +552,23 @@ class Scheduler:
         prompt = job.prompt_run + tuple(job.done) if job.prompt_run is not None else job.stream.prompt_tokens
         caps = self.runtime.capabilities
         if not caps.token_input or not caps.keep_history:
-            return prompt, prompt, False, False
+            return _Plan(prompt, prompt, keep_history=False, clear_first=False)
         if self.config.kv_reuse and self._kv:
             reused = split_prompt(prompt, self._kv)
             if 0 < reused < len(prompt):
-                return prompt, prompt[reused:], True, False
+                return _Plan(prompt, prompt[reused:], keep_history=True, clear_first=False)
             aligned = job.realign(self._kv) if job.realign is not None and not resumed else None
             if aligned and 0 < split_prompt(aligned, self._kv) < len(aligned) < job.spec.max_context_len:
-                return aligned, aligned[len(self._kv):], True, False
+                return _Plan(aligned, aligned[len(self._kv):], keep_history=True, clear_first=False)
         if not caps.clear_kv_cache:
-            return prompt, prompt, False, False
-        return prompt, prompt, True, self._kv != []
+            return _Plan(prompt, prompt, keep_history=False, clear_first=False)
+        return _Plan(prompt, prompt, keep_history=True, clear_first=self._kv != [])
 
     async def _run(self, job: _Job) -> None:
-        stream, spec = job.stream, job.spec
-        prompt, feed, keep, clear = self._plan(job)
-        if clear:
+        stream = job.stream
+        plan = self._plan(job)
+        prompt, feed, keep = plan.prompt, plan.feed, plan.keep_history
+        if plan.clear_first:
             await self.runtime.clear_kv_cache()
             self._kv = []
         resumed = job.prompt_run is not None
@@ -515,7 +586,7 @@ class Scheduler:
         self._kv = None  # unknown until the run ends cleanly
         emitted: list[int] = []
         finish: FinishEvent | None = None
-        outcome = "done"
+        outcome = RunOutcome.DONE
         limit, over = self._limit(job, prompt), False
         try:
             async for event in self.runtime.generate(inp):
@@ -530,37 +601,62 @@ class Scheduler:
                 else:
                     finish = event
         except RKLLMError as exc:
-            outcome = "failed"
+            outcome = RunOutcome.FAILED
             stream.fail(exc)
         except Exception as exc:
-            outcome = "failed"
+            outcome = RunOutcome.FAILED
             log.exception("runtime failure in request %s", stream.request_id)
             stream.fail(GenerationError(f"the runtime failed: {exc!r}"))
         else:
-            if job.preempt and stream.open and (finish is None or finish.aborted):
-                self._pause(job, prompt, emitted, keep)
-                return
-            if finish is None or finish.aborted:
-                outcome = "aborted"
+            kind = self._finish_kind(job, finish, emitted, over)
+            if kind is FinishKind.ABORTED:
+                if job.preempt and stream.open:
+                    self._pause(job, prompt, emitted, keep)
+                    return
+                outcome = RunOutcome.ABORTED
                 if finish is not None and keep:
                     self._kv = self._kv_after_abort(prompt, emitted)
-                reason = self._finish_reason(job, prompt, emitted)
-                if finish is not None and reason is FinishReason.LENGTH:
-                    stream.finish(finish.stats, reason)  # the backend stopped the run at its token limit
-                else:  # no-op when the stream was closed (the abort was ours); otherwise it is no answer
-                    stream.fail(GenerationError("the runtime stopped the generation before it finished "
-                                                f"({len(emitted)} tokens generated)"))
+                # no-op when the stream was closed (the abort was ours); otherwise it is no answer
+                stream.fail(GenerationError("the runtime stopped the generation before it finished "
+                                            f"({len(emitted)} tokens generated)"))
             else:
-                stream.finish(finish.stats, self._finish_reason(job, prompt, emitted))
-                if keep:  # past the cap the runtime fed tokens nobody saw: only a reported length tells
-                    self._kv = self._kv_after_abort(prompt, emitted) if over else self._kv_after(job, prompt, emitted)
+                reason = FinishReason.LENGTH if kind is FinishKind.LENGTH else FinishReason.STOP
+                stream.finish(finish.stats if finish is not None else None, reason)
+                if keep and finish is not None:
+                    self._kv = (self._kv_after_abort(prompt, emitted) if self._stopped_by_abort(inp, emitted, over)
+                                else self._kv_after(job, prompt, emitted, kind))
         finally:
             self._running = None
             job.preempt = False
+        detail = ""
         if stream.state is StreamState.CLOSED:
-            outcome = f"cancelled ({stream.close_reason})"
+            outcome, detail = RunOutcome.CANCELLED, stream.close_reason or ""
         job.done.extend(emitted)
-        self._record(job, outcome)
+        self._record(job, outcome, detail)
+
+    @staticmethod
+    def _finish_kind(job: _Job, finish: FinishEvent | None, emitted: list[int], over: bool) -> FinishKind:
+        """How the run ended: as its backend reports it, but a length stop when the scheduler itself
+        stopped it at the request's cap (the runtime then reports an abort), and the model's own end
+        when its last token is an end-of-answer token (a runtime that reports that token may count
+        it towards a limit it reached at the same moment). No FinishEvent at all is an abort."""
+        if over:
+            return FinishKind.LENGTH
+        kind = finish.kind if finish is not None else FinishKind.ABORTED
+        if kind is FinishKind.LENGTH and emitted and emitted[-1] in job.stop_ids:
+            return FinishKind.STOP
+        return kind
+
+    def _stopped_by_abort(self, inp: GenerationInput, emitted: list[int], over: bool) -> bool:
+        """A length stop that was an abort underneath: ours (`over`), or the backend's own on a runtime
+        that cannot be told a run's token limit (`per_run_max_new_tokens` False), which it stops with
+        rkllm_abort once the run has its tokens. The runtime may then have fed tokens nobody saw, so the
+        cache is known only as far as it reports its length."""
+        if over:
+            return True
+        caps = self.runtime.capabilities
+        return (not caps.per_run_max_new_tokens and inp.max_new_tokens > 0
+                and len(emitted) >= inp.max_new_tokens)
 
     def _run_cap(self, job: _Job) -> int:
         """max_new_tokens for this run: the request's own (0: the model's), less what earlier runs made."""
@@ -585,14 +681,13 @@ class Scheduler:
 
         The cache is filled in order (the prompt, then each token fed back), so a reported length
         n names its content exactly: the first n tokens of prompt + emitted. Anything else is unknown."""
-        reported = getattr(self.runtime, "kv_cache_len", None)
-        n = reported() if callable(reported) else None
+        n = self.runtime.kv_cache_len()
         ran = list(prompt_run) + list(emitted)
         if n is None or not 0 <= n <= len(ran):
             return None
         return ran[:n]
 
-    def _record(self, job: _Job, outcome: str) -> None:
+    def _record(self, job: _Job, outcome: RunOutcome, detail: str = "") -> None:
         """One line per request at its real end (a preempted one counts once, over all its runs)."""
         stream, now = job.stream, time.monotonic()
         started, first = stream.started_at, stream.first_token_at
@@ -601,12 +696,12 @@ class Scheduler:
         summary = RunSummary(
             stream.request_id, job.spec.model_id, prompt_tokens, stream.prefilled, len(job.done),
             (started or now) - stream.created_at, (first - started) if first and started else None,
-            now - stream.created_at, outcome, job.priority.value, job.preemptions, decode_s)
+            now - stream.created_at, outcome, job.priority.value, job.preemptions, decode_s, detail)
         self.history.append(summary)
         rate = f"{(len(job.done) - 1) / decode_s:.1f}" if decode_s and len(job.done) > 1 else "-"
         ttft = f"{first - stream.created_at:.2f} s" if first is not None else "-"
         log.info("request %s %s: model %s, %s, prompt %d tokens (%d prefilled), %d generated, queued %.2f s, "
-                 "first token %s after arrival, %s tokens/s%s", stream.request_id, outcome, job.spec.model_id,
+                 "first token %s after arrival, %s tokens/s%s", stream.request_id, summary.described, job.spec.model_id,
                  job.priority.value, prompt_tokens, stream.prefilled, len(job.done), summary.queued_s, ttft, rate,
                  f", paused {job.preemptions}x" if job.preemptions else "")
 
@@ -617,32 +712,23 @@ class Scheduler:
         cap = job.max_new_tokens or job.spec.max_new_tokens or 1 << 30
         return min(cap - len(job.done), job.spec.max_context_len - len(prompt_run))
 
-    def _finish_reason(self, job: _Job, prompt_run: Sequence[int], emitted: list[int]) -> FinishReason:
-        """`length` when the run stopped because it ran out of tokens, not because the model ended it."""
-        if emitted and emitted[-1] in job.stop_ids:
-            return FinishReason.STOP
-        return FinishReason.LENGTH if len(emitted) >= self._limit(job, prompt_run) else FinishReason.STOP
-
-    def _kv_after(self, job: _Job, prompt_run: tuple[int, ...], emitted: list[int]) -> list[int] | None:
+    def _kv_after(self, job: _Job, prompt_run: tuple[int, ...], emitted: list[int],
+                  kind: FinishKind) -> list[int] | None:
         """What the cache holds after a clean run: the prompt and every token fed back.
 
         A token ending the answer (EOS) is sampled but never fed; on a length stop the last
         emitted token was not fed either. If the backend can report the cache length, trust
         nothing that disagrees with it."""
-        prompt = list(prompt_run)
         content = list(emitted)
-        ended_on_stop = bool(content) and content[-1] in job.stop_ids
         while content and content[-1] in job.stop_ids:
             content.pop()
-        if not ended_on_stop and len(emitted) >= self._limit(job, prompt) and content:
+        if kind is FinishKind.LENGTH and content:
             content.pop()
-        belief = prompt + content
-        reported = getattr(self.runtime, "kv_cache_len", None)
-        if callable(reported):
-            n = reported()
-            if n is not None and n != len(belief):
-                log.debug("KV cache holds %s tokens, expected %d: will clear before the next run", n, len(belief))
-                return None
+        belief = list(prompt_run) + content
+        n = self.runtime.kv_cache_len()
+        if n is not None and n != len(belief):
+            log.debug("KV cache holds %s tokens, expected %d: will clear before the next run", n, len(belief))
+            return None
         return belief
 
     def _on_stream_closed(self, stream: RequestStream) -> None:
@@ -652,7 +738,7 @@ class Scheduler:
             return
         for job in [j for j in self._queue if isinstance(j, _Job) and j.stream is stream]:  # waiting or paused
             self._queue.remove(job)
-            self._record(job, f"cancelled ({stream.close_reason})")
+            self._record(job, RunOutcome.CANCELLED, stream.close_reason or "")
 
     async def _abort(self, job: _Job | None = None) -> None:
         """Abort the run on the NPU; with `job`, only if that job's run still holds it. The abort
@@ -676,7 +762,7 @@ class Scheduler:
                     if stream.open:
                         log.warning("request %s: nobody read it for %.1f s, aborting it (RKLLM_IDLE_TIMEOUT)",
                                     request_id, self.config.idle_timeout)
-                    self.cancel(request_id, "idle timeout")
+                    self.cancel(request_id, IDLE_TIMEOUT)
 
     @property
     def closed(self) -> bool:
@@ -695,7 +781,7 @@ class Scheduler:
         for request_id, stream in list(self.streams.items()):
             # Whoever still waits for these must see an error, never an answer that looks complete.
             stream.fail(self.shutdown_error())
-            self.cancel(request_id, "shutdown")
+            self.cancel(request_id, SHUTDOWN)
         embedding = [j for j in self._queue if isinstance(j, _EmbedJob)] + [j for j in (self._embedding,) if j]
         for job in embedding:
             if not job.result.done():

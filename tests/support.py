@@ -50,6 +50,9 @@ class RecordingRuntime:
         self.aborts += 1
         await self.inner.abort()
 
+    def kv_cache_len(self) -> int | None:
+        return self.inner.kv_cache_len()
+
 
 def make_engine(models_dir: Path, timing: SimTiming | None = None, **config: Any) -> tuple[RKLLMInferenceEngine, RecordingRuntime]:
     cfg = Config(backend="sim", models_dir=models_dir, **config)

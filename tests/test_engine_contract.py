@@ -144,7 +144,9 @@ async def test_no_per_request_state_after_200_requests(demo_models_dir):
     assert engine._contexts == {}
     assert engine._scheduler.streams == {}
     assert engine._scheduler.queued == 0 and engine._scheduler.running_request is None
-    assert len(engine._scheduler.ended) <= 1024 and len(engine._scheduler.history) <= 256
+    from exo_rkllm.scheduler import ENDED_SIZE, HISTORY_SIZE
+
+    assert len(engine._scheduler.ended) <= ENDED_SIZE and len(engine._scheduler.history) <= HISTORY_SIZE
 
 
 async def test_error_mid_answer_ends_the_request_and_reports_it(demo_models_dir):

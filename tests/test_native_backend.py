@@ -10,7 +10,7 @@ import pytest
 
 from exo_rkllm.config import Config
 from exo_rkllm.errors import GenerationError, ModelLoadError
-from exo_rkllm.runtime.base import CallState, GenerationInput, Runtime, TokenEvent
+from exo_rkllm.runtime.base import CallState, FinishKind, GenerationInput, Runtime, TokenEvent
 from exo_rkllm.runtime.native import create
 from exo_rkllm.runtime.native.backend import NativeRuntime, Utf8Joiner
 from fake_rkllm.fixtures import *  # noqa: F401,F403
@@ -28,7 +28,6 @@ async def test_capabilities_follow_the_release(fake_lib, version) -> None:
     caps = native(fake_lib, version).capabilities
     assert caps.backend == "native" and caps.version == version and caps.token_input
     assert caps.keep_history == caps.clear_kv_cache == (version != "1.1.4")
-    assert caps.reports_perf == (version in ("1.2.3", "1.3.0"))
     assert caps.per_run_sampling == caps.per_run_max_new_tokens == (version == "1.3.0")
 
 
@@ -44,7 +43,7 @@ async def test_streams_the_runtime_tokens_byte_exact_with_waiting(fake_lib, tmp_
     assert demo_tokenizer.decode([t.token_id for t in tokens]) == MULTIBYTE
     assert CallState.WAITING in [t.state for t in tokens]
     assert all(t.text == "" for t in tokens if t.state is CallState.WAITING)
-    assert not finish.aborted and finish.stats.decode_tokens == len(tokens)
+    assert finish.kind is FinishKind.STOP and finish.stats.decode_tokens == len(tokens)  # the model's own end
     assert finish.stats.prefill_tokens == len(ids)
     lines = trace(tmp_path)
     assert lines[0].startswith(f"init version={version}")
@@ -98,10 +97,11 @@ async def test_kv_cache_follows_the_runtime_rules(fake_lib, tmp_path, demo_token
     assert rt.kv_cache_len() == 0
     limited, finish = await run(rt, ids, keep_history=True, max_new_tokens=3)
     assert len(limited) == 3
-    if version == "1.3.0":  # the runtime takes a per-run limit: a clean length stop, last token not fed
-        assert not finish.aborted and rt.kv_cache_len() == len(ids) + 2
-    else:  # we had to stop it ourselves
-        assert finish.aborted
+    # a length stop either way, never an abort: on 1.3.0 the runtime's own (last token not fed), before
+    # it the backend stopped the runtime itself at the limit
+    assert finish.kind is FinishKind.LENGTH and not finish.aborted
+    if version == "1.3.0":
+        assert rt.kv_cache_len() == len(ids) + 2
     fresh, _ = await run(rt, ids, keep_history=False)
     assert rt.kv_cache_len() == len(ids) + len(fresh)
     await rt.close()
@@ -190,7 +190,7 @@ async def test_is_running_is_read_as_each_release_documents_it(fake_lib, tmp_pat
     assert rt.session.runtime_is_running() is False
     async for event in rt.generate(GenerationInput("r", tuple(prompt_ids(demo_tokenizer, "go")))):
         if isinstance(event, TokenEvent):
-            raw = rt.session.fn["rkllm_is_running"](rt.session._handle)
+            raw = rt.session.library.rkllm_is_running(rt.session._handle)
             assert raw == (1 if version == "1.3.0" else 0)  # 1.3.0 flipped the documented meaning
             assert rt.session.runtime_is_running() is True
             await rt.abort()
@@ -316,3 +316,23 @@ async def test_unload_destroys_the_handle(fake_lib, tmp_path, demo_tokenizer, de
     await rt.close()
     with pytest.raises(GenerationError, match="closed"):
         await run(rt, [1])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_run_the_context_cuts_is_a_length_stop_and_async_with_closes(fake_lib, tmp_path, demo_tokenizer,
+                                                                             demo_model_dir, version) -> None:
+    from exo_rkllm.runtime.base import FinishKind
+
+    ids = prompt_ids(demo_tokenizer, "fill it")
+    room = 3
+    assert len(demo_tokenizer.encode(MULTIBYTE)) > room
+    async with native(fake_lib, version) as rt:
+        await rt.load(spec_for(fake_model(tmp_path, demo_tokenizer, version), demo_model_dir,
+                               max_context_len=len(ids) + room))
+        tokens, finish = await run(rt, ids)
+        assert len(tokens) == room and finish.kind is FinishKind.LENGTH  # the context ran out: cut short
+        assert rt.kv_cache_len() == (len(ids) + room - 1 if version in ("1.2.3", "1.3.0") else None)
+        session = rt.session
+        assert not session.closed
+    assert session.closed and rt.loaded is None
+    assert any(line.startswith("destroy") for line in trace(tmp_path))

@@ -185,3 +185,19 @@ def test_exit_descriptions() -> None:
     assert describe_exit(-11) == "was killed by SIGSEGV (segmentation fault)"
     assert "out-of-memory" in describe_exit(-9)
     assert describe_exit(3) == "exited with status 3"
+
+
+@pytest.mark.parametrize("version", ["1.2.0", "1.3.0"])
+async def test_the_finish_kind_crosses_the_worker_and_async_with_closes_it(fake_lib, tmp_path, demo_tokenizer,
+                                                                           demo_model_dir, version) -> None:
+    from exo_rkllm.runtime.base import FinishKind
+
+    async with isolated(fake_lib, version) as rt:
+        await rt.load(spec_for(fake_model(tmp_path, demo_tokenizer, version), demo_model_dir))
+        pid = rt.worker_pid
+        ids = prompt_ids(demo_tokenizer, "hello")
+        _, whole = await run(rt, ids)
+        _, cut = await run(rt, ids, max_new_tokens=3)  # 1.3.0 stops itself there; 1.2.0 is stopped by the worker
+        assert whole.kind is FinishKind.STOP and cut.kind is FinishKind.LENGTH and not cut.aborted
+    await wait_for(lambda: not alive(pid))
+    assert trace(tmp_path)[-1] == "destroy"

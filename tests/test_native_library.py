@@ -115,3 +115,64 @@ def test_cpu_mask_parsing() -> None:
     for bad in ("8", "big", "0x100"):
         with pytest.raises(ConfigError):
             parse_cpu_mask(bad)
+
+
+# -- the typed library --------------------------------------------------------------------------------------
+def _declarations_in_abi() -> dict[str, dict[str, str]]:
+    """layout -> C function -> the declaration quoted above its PROTOTYPES entry in abi.py."""
+    import inspect
+    import re
+
+    from exo_rkllm.runtime.native import abi
+
+    found: dict[str, dict[str, str]] = {}
+    for name, layout in abi.LAYOUTS.items():
+        lines = inspect.getsource(layout).splitlines()
+        quoted: dict[str, str] = {}
+        for above, line in zip(lines, lines[1:]):
+            m = re.match(r'\s*\("(rkllm_\w+)"', line)
+            if m:
+                c = re.match(r"\s*# ((?:int|RKLLMParam) (rkllm_\w+)\(.*\);)$", above)
+                assert c and c.group(2) == m.group(1), f"{name}: {m.group(1)} has no C declaration above it"
+                quoted[m.group(1)] = c.group(1)
+        assert set(quoted) == {p[0] for p in layout.PROTOTYPES}
+        found[name] = quoted
+    return found
+
+
+def test_every_prototype_quotes_its_c_declaration_and_has_a_typed_method() -> None:
+    import inspect
+
+    from exo_rkllm.runtime.native.library import RKLLMLibrary
+
+    for layout, quoted in _declarations_in_abi().items():
+        for function, declaration in quoted.items():
+            method = getattr(RKLLMLibrary, function, None)
+            assert callable(method), f"RKLLMLibrary has no method for {function}"
+            doc = " ".join((inspect.getdoc(method) or "").split())
+            assert " ".join(declaration.split()) in doc, f"{function}'s docstring lacks {layout}'s {declaration}"
+            returns = inspect.signature(method).return_annotation  # a string: the module has postponed annotations
+            assert returns == ("Any" if function == "rkllm_createDefaultParam" else "int"), (function, returns)
+
+
+@pytest.mark.parametrize("version", ["1.1.4", "1.2.0", "1.2.3", "1.3.0"])
+def test_the_typed_methods_call_the_release_prototypes(fake_lib, version: str) -> None:
+    import ctypes
+
+    from exo_rkllm.runtime.native.library import RKLLMLibrary
+
+    lib = RKLLMLibrary(identify(Config(lib_path=fake_lib(version))))
+    assert not hasattr(lib, "fn")  # no string-keyed table to call through
+    param = lib.rkllm_createDefaultParam()
+    assert isinstance(param, lib.layout.RKLLMParam)  # the release's struct, by value
+    assert lib.rkllm_is_running(None) in (0, 1, -1)
+    for function, present in (("rkllm_clear_kv_cache", version != "1.1.4"),
+                              ("rkllm_get_kv_cache_size", version in ("1.2.3", "1.3.0"))):
+        assert lib.has(function) == present
+        if not present:  # never called without this release's prototype
+            with pytest.raises(RuntimeVersionError, match=function):
+                getattr(lib, function)(None, *((0,) if function == "rkllm_clear_kv_cache" else
+                                               ((ctypes.c_int * 8)(),)))
+    if version == "1.2.0":  # its rkllm_clear_kv_cache takes no range
+        with pytest.raises(RuntimeVersionError, match="no range"):
+            lib.rkllm_clear_kv_cache(None, 0, (ctypes.c_int * 1)(), (ctypes.c_int * 1)())

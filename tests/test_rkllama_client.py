@@ -11,8 +11,7 @@ from aiohttp import web
 
 from exo_rkllm.errors import GenerationError, ModelLoadError, RuntimeUnavailable
 from exo_rkllm.runtime.base import ChatMessage
-from exo_rkllm.runtime.rkllama import (API_EARLY, API_OLLAMA, RkllamaClient, list_remote_models, match_remote_name,
-                                       probe, remote_model_name, wire_messages)
+from exo_rkllm.runtime.rkllama import API_EARLY, API_OLLAMA, RkllamaClient, match_remote_name, probe, wire_messages
 from exo_rkllm.runtime.rkllama.client import LineParser, parse_chunk, render_tool_calls
 from fake_rkllama.fixtures import *  # noqa: F401,F403
 from fake_rkllama.fixtures import DEMO_FOLDER_NAME, rkllama_config
@@ -32,6 +31,8 @@ async def test_detects_each_api_generation(server, api):
         assert info.workers == (api == "ollama")
         assert info.version == {"early": None, "ollama-single": "0.5.1", "ollama": "0.0.74"}[api]
         paths = [r.path for r in server.received]
+        asked = [path for _, path in server.state.requested]
+        assert asked and "/v1/models" not in asked  # detection asks only what it uses
         await client.info()  # cached: asked once per server
         assert [r.path for r in server.received] == paths
         assert await client.list_models() == [DEMO_FOLDER_NAME]
@@ -70,9 +71,14 @@ async def test_server_down_is_a_clear_error_within_two_seconds():
 async def test_probe_and_listing(server):
     cfg = rkllama_config(server.url)
     assert await probe(cfg)
-    assert await list_remote_models(cfg) == [DEMO_FOLDER_NAME]
-    assert await remote_model_name(cfg, "qwen2.5-1.5b-instruct-demo") == DEMO_FOLDER_NAME
-    assert await remote_model_name(cfg, "llama-3") is None
+    async with RkllamaClient(server.url) as client:
+        names = await client.list_models()
+        assert names == [DEMO_FOLDER_NAME]
+        assert match_remote_name(names, "qwen2.5-1.5b-instruct-demo") == DEMO_FOLDER_NAME
+        assert match_remote_name(names, "llama-3") is None
+        session = client._session
+        assert session is not None and not session.closed
+    assert session.closed and client._session is None  # `async with` closed the HTTP session
 
 
 async def test_probe_refuses_an_http_server_that_is_not_rkllama(unused_tcp_port):

@@ -6,6 +6,8 @@ request carried, what it merged them into, and what the simulated run applied.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import aiohttp
@@ -14,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from exo_rkllm.errors import EmbeddingUnsupported, GenerationError, RuntimeUnavailable
-from exo_rkllm.runtime.base import EmbeddingInput, SamplingParams
+from exo_rkllm.runtime.base import EmbeddingInput, FinishKind, SamplingParams
 from exo_rkllm.runtime.rkllama import RkllamaClient, create
 from exo_rkllm.runtime.sim import DEFAULT_HIDDEN_SIZE, embedding_rows
 from fake_rkllama.fixtures import *  # noqa: F401,F403
@@ -129,7 +131,8 @@ async def test_a_server_that_cannot_be_told_is_stopped_at_the_limit(make_server,
     full = await collect(runtime, chat("[[sim:tokens=12]] count"))
     limited = await collect(runtime, chat("[[sim:tokens=12]] count", max_new_tokens=3))
     assert limited.ids == full.ids[:3] and limited.text == "".join(full.texts[:3])
-    assert limited.finish is not None and limited.finish.aborted  # as the native backend stops an old runtime
+    # a length stop, as the native backend stops an old runtime: cut short, not aborted
+    assert limited.finish is not None and limited.finish.kind is FinishKind.LENGTH
     # the rest of the answer is the server's business: the next answer is exactly its own
     again = await collect(runtime, chat("[[sim:text=next one]]"))
     assert again.text == "next one" and server.generations()[-1].text == "next one"
@@ -150,7 +153,8 @@ async def test_a_server_that_was_told_still_gets_no_more_than_the_limit_through(
     full = await collect(runtime, chat("[[sim:tokens=12]] count"))
     limited = await collect(runtime, chat("[[sim:tokens=12]] count", max_new_tokens=3))
     assert server.generations()[-1].text == full.text  # the server sent it all
-    assert limited.ids == full.ids[:3] and limited.finish is not None and not limited.finish.aborted
+    assert limited.ids == full.ids[:3] and limited.finish is not None and limited.finish.kind is FinishKind.LENGTH
+    assert full.finish is not None and full.finish.kind is FinishKind.STOP
     assert runtime.cleanups == 0
 
 
@@ -158,7 +162,33 @@ async def test_a_limit_far_off_changes_nothing(make_server, make_runtime, rk_spe
     server = await make_server("early")
     runtime = await loaded(make_runtime, server, rk_spec)
     out = await collect(runtime, chat("[[sim:text=short answer]]", max_new_tokens=100))
-    assert out.text == "short answer" and out.finish is not None and not out.finish.aborted
+    assert out.text == "short answer" and out.finish is not None and out.finish.kind is FinishKind.STOP
+
+
+@pytest.mark.parametrize("api", ["early", "ollama"])
+async def test_an_answer_the_server_ends_at_the_models_limit_is_a_length_stop(make_server, make_runtime, rk_spec,
+                                                                             api):
+    """The server stops at the model's max_new_tokens (its own setting) with no sign of it but the count."""
+    server = await make_server(api)
+    full = await collect(await loaded(make_runtime, server, rk_spec), chat("[[sim:tokens=12]] count"))
+    runtime = await loaded(make_runtime, server, dataclasses.replace(rk_spec, max_new_tokens=len(full.ids)))
+    out = await collect(runtime, chat("[[sim:tokens=12]] count"))
+    assert out.ids == full.ids and out.finish is not None and out.finish.kind is FinishKind.LENGTH
+    roomy = await loaded(make_runtime, server, dataclasses.replace(rk_spec, max_new_tokens=len(full.ids) + 1))
+    again = await collect(roomy, chat("[[sim:tokens=12]] count"))
+    assert again.ids == full.ids and again.finish is not None and again.finish.kind is FinishKind.STOP
+
+
+async def test_the_runtime_reports_no_cache_length_and_closes_with_async_with(make_server, rk_spec):
+    from exo_rkllm.runtime.rkllama import RkllamaRuntime
+
+    server = await make_server("ollama")
+    async with RkllamaRuntime(rkllama_config(server.url)) as runtime:
+        await runtime.load(rk_spec)
+        assert runtime.kv_cache_len() is None  # rkllama does not say what its cache holds
+        out = await collect(runtime, chat("[[sim:text=hi]]"))
+        assert out.text == "hi" and not runtime.closed
+    assert runtime.closed and runtime.client._session is None
 
 
 # -- embeddings --------------------------------------------------------------------------------------------------

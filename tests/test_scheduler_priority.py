@@ -17,7 +17,7 @@ import pytest
 from exo_rkllm.engine import RequestContext
 from exo_rkllm.api.priority import classify_request
 from exo_rkllm.runtime.sim import SimTiming
-from exo_rkllm.scheduler import Priority
+from exo_rkllm.scheduler import Priority, RequestEnd, RunOutcome
 from exo_driver import Answer, ExoRing
 from support import DEMO_ID, DEMO_LAYERS, RecordingRuntime, make_engine, user
 
@@ -122,7 +122,8 @@ async def test_a_preempted_background_answer_equals_the_uninterrupted_one(demo_m
     assert len(fg.tokens) == 13 and fg.finish_reason == "stop"
     summary = {s.request_id: s for s in engine._scheduler.history}
     assert [s.request_id for s in engine._scheduler.history] == ["fg", "bg"], "a paused request ends once"
-    assert summary["bg"].preemptions == 1 and summary["bg"].generated == 48 and summary["bg"].outcome == "done"
+    assert summary["bg"].preemptions == 1 and summary["bg"].generated == 48
+    assert summary["bg"].outcome is RunOutcome.DONE
     await engine.shutdown()
 
 
@@ -135,7 +136,7 @@ def cancel_on_arrival(engine: Any, rid: str) -> None:
     def submit_then_cancel(request_id: str, *args: Any, **kw: Any) -> Any:
         stream = submit(request_id, *args, **kw)
         if request_id == rid:
-            scheduler.cancel(request_id, "client disconnected")
+            scheduler.cancel(request_id, RequestEnd.cancelled("client disconnected"))
         return stream
     scheduler.submit = submit_then_cancel
 

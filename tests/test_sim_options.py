@@ -11,7 +11,7 @@ import pytest
 
 from exo_rkllm.config import Config
 from exo_rkllm.errors import ContextOverflow, EmbeddingUnsupported, GenerationError
-from exo_rkllm.runtime.base import (EmbeddingInput, FinishEvent, GenerationInput, Runtime, SamplingParams,
+from exo_rkllm.runtime.base import (EmbeddingInput, FinishEvent, FinishKind, GenerationInput, Runtime, SamplingParams,
                                     TokenEvent)
 from exo_rkllm.runtime.sim import DEFAULT_HIDDEN_SIZE, SIM_RELEASES, SimRuntime, SimTiming
 from exo_rkllm.scheduler import Scheduler
@@ -98,7 +98,7 @@ async def test_130_stops_itself_cleanly_at_the_runs_limit(demo_spec, demo_tokeni
     rt = await loaded(demo_spec, "1.3.0")
     ids = prompt_ids(demo_tokenizer, "[[sim:tokens=10]]")
     tokens, finish = await run(rt, ids, keep_history=True, max_new_tokens=4)
-    assert len(tokens) == 4 and isinstance(finish, FinishEvent) and not finish.aborted
+    assert len(tokens) == 4 and isinstance(finish, FinishEvent) and finish.kind is FinishKind.LENGTH
     assert not rt.runs[-1].stopped_at_limit and rt.runs[-1].max_new_tokens == 4
     assert rt.kv_cache_len() == len(ids) + 3  # the last token was sampled, never fed
 
@@ -110,21 +110,21 @@ async def test_121_is_stopped_at_the_runs_limit_like_the_native_backend_does(dem
     await rt.clear_kv_cache()
     tokens, finish = await run(rt, ids, keep_history=True, max_new_tokens=4)
     assert [t.token_id for t in tokens] == [t.token_id for t in full][:4]
-    assert isinstance(finish, FinishEvent) and finish.aborted and finish.stats.decode_tokens == 4
+    assert isinstance(finish, FinishEvent) and finish.kind is FinishKind.LENGTH and finish.stats.decode_tokens == 4
     assert rt.runs[-1].stopped_at_limit and not rt.runs[-1].aborted
     assert rt.kv_tokens == ids + tuple(t.token_id for t in tokens[:3])
     assert rt.kv_cache_len() == len(ids) + 3
     # a limit the answer never reaches changes nothing: it ends on its EOS, cleanly
     whole, finish = await run(rt, ids, max_new_tokens=50)
-    assert [t.token_id for t in whole] == [t.token_id for t in full] and not finish.aborted
+    assert [t.token_id for t in whole] == [t.token_id for t in full] and finish.kind is FinishKind.STOP
 
 
 async def test_121_keeps_the_load_time_limit(demo_spec, demo_tokenizer):
     rt = await loaded(dataclasses.replace(demo_spec, max_new_tokens=5), "1.2.1")
     tokens, finish = await run(rt, prompt_ids(demo_tokenizer, "[[sim:tokens=10]]"))
-    assert len(tokens) == 5 and not finish.aborted  # the runtime's own stop
+    assert len(tokens) == 5 and finish.kind is FinishKind.LENGTH  # the runtime's own stop at its limit
     tokens, finish = await run(rt, prompt_ids(demo_tokenizer, "[[sim:tokens=10]]"), max_new_tokens=8)
-    assert len(tokens) == 5 and not finish.aborted  # rkllm_init's limit comes first
+    assert len(tokens) == 5 and finish.kind is FinishKind.LENGTH  # rkllm_init's limit comes first
 
 
 @pytest.mark.parametrize("release", ["1.2.1", "1.3.0"])

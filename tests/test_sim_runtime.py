@@ -259,3 +259,60 @@ async def test_a_generated_answer_continues_itself_too(demo_spec, demo_tokenizer
     other, _ = await run(rt, prompt + demo_tokenizer.encode("Sure"))
     assert [t.token_id for t in other] != answer[4:]
     assert [t.token_id for t in other] == reference_answer(demo_tokenizer, prompt + demo_tokenizer.encode("Sure"))[:-1]
+
+
+# -- the Runtime protocol is the whole contract ------------------------------------------------------------
+def test_the_protocol_names_every_method_the_scheduler_calls():
+    """kv_cache_len and `async with` are part of the protocol: a backend without them is no Runtime."""
+    import dataclasses
+
+    from exo_rkllm.runtime.base import Capabilities, Runtime
+
+    rt = SimRuntime(SimTiming.instant())
+    assert isinstance(rt, Runtime)
+
+    class NoCacheLength:  # every other method of the protocol
+        capabilities = rt.capabilities
+        loaded = None
+        load = unload = generate = abort = embed = clear_kv_cache = close = staticmethod(lambda *a: None)
+        __aenter__ = __aexit__ = staticmethod(lambda *a: None)
+
+    assert not isinstance(NoCacheLength(), Runtime)
+    NoCacheLength.kv_cache_len = staticmethod(lambda: None)
+    assert isinstance(NoCacheLength(), Runtime)
+    # a flag nothing read is gone; the per-run ones are read by the scheduler
+    assert "reports_perf" not in {f.name for f in dataclasses.fields(Capabilities)}
+
+
+async def test_async_with_closes_the_runtime(demo_spec, demo_tokenizer):
+    async with SimRuntime(SimTiming.instant()) as rt:
+        await rt.load(demo_spec)
+        tokens, _ = await run(rt, prompt_ids(demo_tokenizer, "hi [[sim:tokens=2]]"))
+        assert len(tokens) == 2 and not rt.closed
+    assert rt.closed and rt.loaded is None and rt.kv_cache_len() is None
+
+
+async def test_every_run_says_how_it_ended(demo_spec, demo_tokenizer):
+    """STOP on the model's end of answer, LENGTH when the context (or a limit) cut it, ABORTED after abort()."""
+    import dataclasses
+
+    from exo_rkllm.runtime.base import FinishKind
+
+    rt = SimRuntime(SimTiming.instant())
+    await rt.load(demo_spec)
+    _, finish = await run(rt, prompt_ids(demo_tokenizer, "short [[sim:tokens=3]]"))
+    assert finish.kind is FinishKind.STOP and not finish.aborted
+    ids = prompt_ids(demo_tokenizer, "fill it [[sim:tokens=500]]")
+    await rt.load(dataclasses.replace(demo_spec, max_context_len=len(ids) + 5))
+    tokens, finish = await run(rt, ids)
+    assert len(tokens) == 5 and finish.kind is FinishKind.LENGTH and not finish.aborted
+    await rt.load(demo_spec)
+    paced = SimRuntime(SimTiming(0, 0, 0, decode_ms_per_token=20))
+    await paced.load(demo_spec)
+    kinds = []
+    async for event in paced.generate(GenerationInput("r", tuple(prompt_ids(demo_tokenizer, "x [[sim:tokens=300]]")))):
+        if isinstance(event, TokenEvent):
+            await paced.abort()
+        else:
+            kinds.append(event.kind)
+    assert kinds == [FinishKind.ABORTED]

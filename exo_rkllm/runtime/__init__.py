@@ -1,8 +1,8 @@
 """Runtime backends behind one protocol (see base.py); `create_runtime` picks one from the config."""
-from .base import (CallState, Capabilities, ChatMessage, EventBridge, FinishEvent, GenerationInput,
-                   GenerationStats, ModelSpec, Runtime, RuntimeEvent, SamplingParams, TokenEvent)
+from .base import (CallState, Capabilities, ChatMessage, EventBridge, FinishEvent, FinishKind, GenerationInput,
+                   GenerationStats, ModelSpec, Runtime, RuntimeBase, RuntimeEvent, SamplingParams, TokenEvent)
 
 __all__ = [
-    "CallState", "Capabilities", "ChatMessage", "EventBridge", "FinishEvent", "GenerationInput",
-    "GenerationStats", "ModelSpec", "Runtime", "RuntimeEvent", "SamplingParams", "TokenEvent",
+    "CallState", "Capabilities", "ChatMessage", "EventBridge", "FinishEvent", "FinishKind", "GenerationInput",
+    "GenerationStats", "ModelSpec", "Runtime", "RuntimeBase", "RuntimeEvent", "SamplingParams", "TokenEvent",
 ]

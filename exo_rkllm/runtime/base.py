@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence, Union, runtime_checkable
+from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence, TypeVar, Union, runtime_checkable
 
 
 class CallState(enum.IntEnum):
@@ -112,13 +112,27 @@ class GenerationStats:
     memory_mb: float = 0.0
 
 
+class FinishKind(enum.Enum):
+    """How a generation ended, as the backend that ran it knows it. The scheduler reads this rather
+    than guessing from token counts: only the backend knows whether it stopped the runtime itself."""
+
+    STOP = "stop"  # the runtime ended the answer on its own (the model's end-of-answer token)
+    LENGTH = "length"  # a token limit (the run's or the model's) or the context ran out: cut short
+    ABORTED = "aborted"  # abort() (or the consumer leaving) stopped it before either
+
+
 @dataclass(frozen=True)
 class FinishEvent:
     """The last event of every generation, including an aborted one."""
 
     stats: GenerationStats = GenerationStats()
-    aborted: bool = False
+    kind: FinishKind = FinishKind.STOP
     at: float = field(default_factory=time.monotonic)
+
+    @property
+    def aborted(self) -> bool:
+        """Stopped before its end by an abort; a length stop is not an abort."""
+        return self.kind is FinishKind.ABORTED
 
 
 RuntimeEvent = Union[TokenEvent, FinishEvent]
@@ -133,13 +147,16 @@ class Capabilities:
     token_input: bool = True  # takes token ids (False: takes chat messages, templates itself)
     keep_history: bool = True
     clear_kv_cache: bool = True
+    # GenerationInput.sampling (and seed) reach the runtime per run; otherwise the load's values apply
     per_run_sampling: bool = False
+    # the runtime itself stops a run at GenerationInput.max_new_tokens; otherwise the backend aborts it
+    # there, so what its KV cache holds afterwards is known only as far as kv_cache_len() reports it
     per_run_max_new_tokens: bool = False
-    reports_perf: bool = False
     embeddings: bool = False  # embed() works (last-hidden-layer mode, or a server's embeddings route)
 
 
 ProgressFn = Callable[[str, float], None]  # (what is happening, fraction done 0..1)
+_R = TypeVar("_R", bound="RuntimeBase")
 
 
 @runtime_checkable
@@ -161,7 +178,7 @@ class Runtime(Protocol):
         FinishEvent. Raises GenerationError if the runtime reports ERROR."""
 
     async def abort(self) -> None:
-        """Stop the running generation at once; its iterator then ends with FinishEvent(aborted=True)."""
+        """Stop the running generation at once; its iterator then ends with a FinishEvent of kind ABORTED."""
 
     async def embed(self, inp: EmbeddingInput) -> EmbeddingOutput:
         """The loaded model's last hidden layer for one input (not while a generation runs: the
@@ -170,8 +187,31 @@ class Runtime(Protocol):
 
     async def clear_kv_cache(self) -> None: ...
 
+    def kv_cache_len(self) -> int | None:
+        """Tokens the KV cache holds now, as the runtime reports them; None where it cannot tell (no
+        model, a release without rkllm_get_kv_cache_size, a server). The scheduler trusts its own
+        bookkeeping only as far as this agrees with it."""
+
     async def close(self) -> None:
         """Release everything (rkllm_destroy); the runtime is unusable afterwards."""
+
+    async def __aenter__(self) -> "Runtime": ...
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """`async with runtime:` closes it on the way out (RuntimeBase gives every backend this)."""
+
+
+class RuntimeBase:
+    """What every backend shares beyond the protocol's own methods: `async with` closes it."""
+
+    async def close(self) -> None:  # pragma: no cover - every backend defines its own
+        raise NotImplementedError
+
+    async def __aenter__(self: "_R") -> "_R":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
 
 class EventBridge:

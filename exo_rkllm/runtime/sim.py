@@ -31,8 +31,11 @@ Runtime releases. `SimRuntime(release=...)` imitates one RKLLM release line
   model's sampling whatever the request asks, and the runtime stops only at the model's
   limit. A request's smaller `max_new_tokens` is enforced the way the native backend enforces
   it on these releases: it stops the runtime itself after that many tokens, so the run ends
-  with `FinishEvent(aborted=True)` (the scheduler reads that as a length stop) and
-  `kv_cache_len()` tells exactly what the cache holds (the last token was not fed back).
+  with a FinishEvent of kind LENGTH and `kv_cache_len()` tells exactly what the cache holds (the
+  last token was not fed back).
+
+Every run ends with the FinishKind the runtime would give: STOP when the answer ended on its
+end-of-answer token, LENGTH when a token limit or the context cut it, ABORTED after abort().
 
 Every run records the sampling it applied (`runs[i].sampling`), what the request asked
 (`runs[i].requested_sampling`) and its seed (`runs[i].seed`), so tests can check that a
@@ -66,9 +69,9 @@ import numpy as np
 
 from ..errors import ContextOverflow, EmbeddingUnsupported, GenerationError, ModelLoadError
 from ..tokenizer import load_tokenizer, special_ids, stop_token_ids, token_bytes
-from .base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent,
-                   GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeEvent, SamplingParams, TokenEvent,
-                   stream_from_thread, utf8_complete_prefix)
+from .base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent, FinishKind,
+                   GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeBase, RuntimeEvent, SamplingParams,
+                   TokenEvent, stream_from_thread, utf8_complete_prefix)
 
 log = logging.getLogger("exo_rkllm.sim")
 
@@ -218,7 +221,7 @@ def read_sim_model(path: Path) -> dict[str, Any]:
     return meta
 
 
-class SimRuntime:
+class SimRuntime(RuntimeBase):
     """The `sim` backend. One instance is one model context, like one RKLLM handle."""
 
     def __init__(self, timing: SimTiming | None = None, *, emit_eos: bool = False,
@@ -236,7 +239,7 @@ class SimRuntime:
                                          keep_history=True, clear_kv_cache=True,
                                          per_run_sampling=self.release.per_run_sampling,
                                          per_run_max_new_tokens=self.release.per_run_max_new_tokens,
-                                         reports_perf=True, embeddings=embeddings)
+                                         embeddings=embeddings)
         self._width = DEFAULT_HIDDEN_SIZE
         self._model: ModelSpec | None = None
         self._tok: Any = None
@@ -431,6 +434,7 @@ class SimRuntime:
             if token_id in self._stops:  # sampled the end of the answer: it is never fed back
                 if self.emit_eos:
                     bridge.push(TokenEvent(token_id, token_bytes(tok, token_id).decode("utf-8"), CallState.NORMAL))
+                ended = FinishKind.STOP
                 break
             generated.append(token_id)
             pending += token_bytes(tok, token_id)
@@ -445,20 +449,23 @@ class SimRuntime:
                 end = time.monotonic()
                 bridge.push(FinishEvent(GenerationStats(len(inp.token_ids), (prefill_done - started) * 1000,
                                                         len(generated), (end - prefill_done) * 1000,
-                                                        1.0 + len(self._kv) / 1024), aborted=True))
+                                                        1.0 + len(self._kv) / 1024), FinishKind.LENGTH))
                 return
+        else:  # the answer was cut (token limit or context) before its end-of-answer token
+            ended = FinishKind.LENGTH
         # Ended on EOS: every emitted token was fed. Ended on the length limit: the last
         # emitted token was sampled but never fed, so the cache is one shorter.
         end = time.monotonic()
         bridge.push(FinishEvent(GenerationStats(len(inp.token_ids), (prefill_done - started) * 1000,
-                                                len(generated), (end - prefill_done) * 1000, 1.0 + len(self._kv) / 1024)))
+                                                len(generated), (end - prefill_done) * 1000, 1.0 + len(self._kv) / 1024),
+                                ended))
 
     def _finish_aborted(self, bridge: EventBridge, record: SimRunRecord, generated: list[int],
                         started: float, prefill_done: float) -> None:
         record.aborted = True
         end = time.monotonic()
         bridge.push(FinishEvent(GenerationStats(len(record.prefilled), (prefill_done - started) * 1000,
-                                                len(generated), (end - prefill_done) * 1000), aborted=True))
+                                                len(generated), (end - prefill_done) * 1000), FinishKind.ABORTED))
 
     def _should_fail(self, inp: GenerationInput, index: int, directives: SimDirectives) -> bool:
         if self.fail_on is not None and self.fail_on(inp, index):

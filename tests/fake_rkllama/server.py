@@ -238,6 +238,7 @@ class FakeRkllama:
         self.early_system = early_system
         self.faults = Faults()
         self.received: list[Received] = []
+        self.requested: list[tuple[str, str]] = []  # (method, path) of every request, bodies or not
         self.loads: list[str] = []
         self.unloads: list[str] = []
         self.transports: set[Any] = set()  # connections of requests in progress (a crash drops them)
@@ -886,6 +887,7 @@ def create_app(state: FakeRkllama) -> web.Application:
 
     @web.middleware
     async def track(request: web.Request, handler: Any) -> web.StreamResponse:
+        state.requested.append((request.method, request.path))
         transport = request.transport
         if transport is not None:
             state.transports.add(transport)

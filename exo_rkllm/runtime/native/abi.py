@@ -7,6 +7,9 @@ the header of that release (and is checked, size and offset, by
 tests/test_native_abi.py against the figures in shared/rkllm-abi.md). There is
 no logic here beyond "this release has this field"; the backend decides what
 to do with a missing feature through the `HAS_*` flags each layout declares.
+Each entry of a layout's PROTOTYPES table has the C declaration of its
+release's rkllm.h quoted above it; library.RKLLMLibrary binds the table and
+gives every function a typed method, which is what the backend calls.
 
 Layouts (a release maps to the layout of the header it shipped):
   1.1.4  releases 1.1.0 - 1.1.4 (their rkllm.h is byte-identical)
@@ -201,15 +204,25 @@ class V1_1_4:
     LLMResultCallback = CFUNCTYPE(None, POINTER(RKLLMResult), c_void_p, LLMCallState)
 
     PROTOTYPES: list[tuple[str, Any, list[Any]]] = [
+        # RKLLMParam rkllm_createDefaultParam();
         ("rkllm_createDefaultParam", RKLLMParam, []),
+        # int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);
         ("rkllm_init", c_int, [POINTER(LLMHandle), POINTER(RKLLMParam), LLMResultCallback]),
+        # int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter* lora_adapter);
         ("rkllm_load_lora", c_int, [LLMHandle, POINTER(RKLLMLoraAdapter)]),
+        # int rkllm_load_prompt_cache(LLMHandle handle, const char* prompt_cache_path);
         ("rkllm_load_prompt_cache", c_int, [LLMHandle, c_char_p]),
+        # int rkllm_release_prompt_cache(LLMHandle handle);
         ("rkllm_release_prompt_cache", c_int, [LLMHandle]),
+        # int rkllm_destroy(LLMHandle handle);
         ("rkllm_destroy", c_int, [LLMHandle]),
+        # int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
         ("rkllm_run", c_int, [LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p]),
+        # int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
         ("rkllm_run_async", c_int, [LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p]),
+        # int rkllm_abort(LLMHandle handle);
         ("rkllm_abort", c_int, [LLMHandle]),
+        # int rkllm_is_running(LLMHandle handle);
         ("rkllm_is_running", c_int, [LLMHandle]),
     ]
 
@@ -332,17 +345,29 @@ class V1_2_0:
     LLMResultCallback = CFUNCTYPE(None, POINTER(RKLLMResult), c_void_p, LLMCallState)
 
     PROTOTYPES: list[tuple[str, Any, list[Any]]] = [
+        # RKLLMParam rkllm_createDefaultParam();
         ("rkllm_createDefaultParam", RKLLMParam, []),
+        # int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);
         ("rkllm_init", c_int, [POINTER(LLMHandle), POINTER(RKLLMParam), LLMResultCallback]),
+        # int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter* lora_adapter);
         ("rkllm_load_lora", c_int, [LLMHandle, POINTER(RKLLMLoraAdapter)]),
+        # int rkllm_load_prompt_cache(LLMHandle handle, const char* prompt_cache_path);
         ("rkllm_load_prompt_cache", c_int, [LLMHandle, c_char_p]),
+        # int rkllm_release_prompt_cache(LLMHandle handle);
         ("rkllm_release_prompt_cache", c_int, [LLMHandle]),
+        # int rkllm_destroy(LLMHandle handle);
         ("rkllm_destroy", c_int, [LLMHandle]),
+        # int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
         ("rkllm_run", c_int, [LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p]),
+        # int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
         ("rkllm_run_async", c_int, [LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p]),
+        # int rkllm_abort(LLMHandle handle);
         ("rkllm_abort", c_int, [LLMHandle]),
+        # int rkllm_is_running(LLMHandle handle);
         ("rkllm_is_running", c_int, [LLMHandle]),
+        # int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt);
         ("rkllm_clear_kv_cache", c_int, [LLMHandle, c_int]),
+        # int rkllm_set_chat_template(LLMHandle handle, const char* system_prompt, const char* prompt_prefix, const char* prompt_postfix);
         ("rkllm_set_chat_template", c_int, [LLMHandle, c_char_p, c_char_p, c_char_p]),
     ]
 
@@ -490,20 +515,35 @@ class V1_2_1:
     LLMResultCallback = CFUNCTYPE(c_int, POINTER(RKLLMResult), c_void_p, LLMCallState)
 
     PROTOTYPES: list[tuple[str, Any, list[Any]]] = [
+        # RKLLMParam rkllm_createDefaultParam();
         ("rkllm_createDefaultParam", RKLLMParam, []),
+        # int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);
         ("rkllm_init", c_int, [POINTER(LLMHandle), POINTER(RKLLMParam), LLMResultCallback]),
+        # int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter* lora_adapter);
         ("rkllm_load_lora", c_int, [LLMHandle, POINTER(RKLLMLoraAdapter)]),
+        # int rkllm_load_prompt_cache(LLMHandle handle, const char* prompt_cache_path);
         ("rkllm_load_prompt_cache", c_int, [LLMHandle, c_char_p]),
+        # int rkllm_release_prompt_cache(LLMHandle handle);
         ("rkllm_release_prompt_cache", c_int, [LLMHandle]),
+        # int rkllm_destroy(LLMHandle handle);
         ("rkllm_destroy", c_int, [LLMHandle]),
+        # int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
         ("rkllm_run", c_int, [LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p]),
+        # int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
         ("rkllm_run_async", c_int, [LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p]),
+        # int rkllm_abort(LLMHandle handle);
         ("rkllm_abort", c_int, [LLMHandle]),
+        # int rkllm_is_running(LLMHandle handle);
         ("rkllm_is_running", c_int, [LLMHandle]),
+        # int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int* start_pos, int* end_pos);
         ("rkllm_clear_kv_cache", c_int, [LLMHandle, c_int, POINTER(c_int), POINTER(c_int)]),
+        # int rkllm_get_kv_cache_size(LLMHandle handle, int* cache_sizes);
         ("rkllm_get_kv_cache_size", c_int, [LLMHandle, POINTER(c_int)]),
+        # int rkllm_set_chat_template(LLMHandle handle, const char* system_prompt, const char* prompt_prefix, const char* prompt_postfix);
         ("rkllm_set_chat_template", c_int, [LLMHandle, c_char_p, c_char_p, c_char_p]),
+        # int rkllm_set_function_tools(LLMHandle handle, const char* system_prompt, const char* tools, const char* tool_response_str);
         ("rkllm_set_function_tools", c_int, [LLMHandle, c_char_p, c_char_p, c_char_p]),
+        # int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam* cross_attn_params);
         ("rkllm_set_cross_attn_params", c_int, [LLMHandle, POINTER(RKLLMCrossAttnParam)]),
     ]
 
@@ -687,20 +727,35 @@ class V1_3_0:
     ]
 
     PROTOTYPES: list[tuple[str, Any, list[Any]]] = [
+        # RKLLMParam rkllm_createDefaultParam();
         ("rkllm_createDefaultParam", RKLLMParam, []),
+        # int rkllm_init(LLMHandle* handle, RKLLMParam* param, RKLLMCallback* callback);
         ("rkllm_init", c_int, [POINTER(LLMHandle), POINTER(RKLLMParam), POINTER(RKLLMCallback)]),
+        # int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter* lora_adapter);
         ("rkllm_load_lora", c_int, [LLMHandle, POINTER(RKLLMLoraAdapter)]),
+        # int rkllm_load_prompt_cache(LLMHandle handle, const char* prompt_cache_path);
         ("rkllm_load_prompt_cache", c_int, [LLMHandle, c_char_p]),
+        # int rkllm_release_prompt_cache(LLMHandle handle);
         ("rkllm_release_prompt_cache", c_int, [LLMHandle]),
+        # int rkllm_destroy(LLMHandle handle);
         ("rkllm_destroy", c_int, [LLMHandle]),
+        # int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
         ("rkllm_run", c_int, [LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p]),
+        # int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
         ("rkllm_run_async", c_int, [LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p]),
+        # int rkllm_abort(LLMHandle handle);
         ("rkllm_abort", c_int, [LLMHandle]),
+        # int rkllm_is_running(LLMHandle handle);
         ("rkllm_is_running", c_int, [LLMHandle]),
+        # int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int* start_pos, int* end_pos);
         ("rkllm_clear_kv_cache", c_int, [LLMHandle, c_int, POINTER(c_int), POINTER(c_int)]),
+        # int rkllm_get_kv_cache_size(LLMHandle handle, int* cache_sizes);
         ("rkllm_get_kv_cache_size", c_int, [LLMHandle, POINTER(c_int)]),
+        # int rkllm_set_chat_template(LLMHandle handle, const char* system_prompt, const char* prompt_prefix, const char* prompt_postfix);
         ("rkllm_set_chat_template", c_int, [LLMHandle, c_char_p, c_char_p, c_char_p]),
+        # int rkllm_set_function_tools(LLMHandle handle, const char* system_prompt, const char* tools, const char* tool_response_str);
         ("rkllm_set_function_tools", c_int, [LLMHandle, c_char_p, c_char_p, c_char_p]),
+        # int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam* cross_attn_params);
         ("rkllm_set_cross_attn_params", c_int, [LLMHandle, POINTER(RKLLMCrossAttnParam)]),
     ]
 
@@ -711,7 +766,8 @@ LAYOUTS: dict[str, Layout] = {"1.1.4": V1_1_4, "1.2.0": V1_2_0, "1.2.1": V1_2_1,
 
 
 def bind(lib: ctypes.CDLL, layout: Layout) -> dict[str, Any]:
-    """Give every function of `layout` its prototype; returns name -> foreign function.
+    """Give every function of `layout` its prototype; returns name -> foreign function (for
+    RKLLMLibrary, whose typed methods are what callers use, and for benchmarks that time the bare C calls).
 
     Raises AttributeError naming the first symbol the library lacks: a library that lacks a
     function its release declares is not the release we were told it is."""

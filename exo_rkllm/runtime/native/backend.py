@@ -24,6 +24,8 @@ Per-run options, by release (see abi.py's HAS_* flags):
   sampling is ignored there (`capabilities.per_run_sampling` says so).
 - seed (`GenerationInput.seed`): no release of rkllm.h has a seed anywhere, so it is never applied.
 - max_new_tokens: 1.3.0 takes it per run; older releases are stopped by us after that many tokens.
+  Either way the run ends with FinishKind.LENGTH, as it does when the load's limit or the context
+  cuts it; STOP means the runtime ended it before any limit, ABORTED that abort() came first.
 - embeddings (`embed`): every release has RKLLM_INFER_GET_LAST_HIDDEN_LAYER. The run prefills the
   tokens with no history and reports the last layer's hidden states through the callback (1.1.x in
   its own state 4, RKLLM_RUN_GET_LAST_HIDDEN_LAYER; later releases in NORMAL; a FINISH carrying them
@@ -48,9 +50,9 @@ from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 from ...config import Config
 from ...errors import ConfigError, EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError
-from ..base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent,
-                    GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeEvent, SamplingParams, TokenEvent,
-                    stream_from_thread, utf8_complete_prefix)
+from ..base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent, FinishKind,
+                    GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeBase, RuntimeEvent, SamplingParams,
+                    TokenEvent, stream_from_thread, utf8_complete_prefix)
 from . import abi
 from .library import RKLLMLibrary, RuntimeIdentity
 
@@ -122,7 +124,7 @@ def capabilities_for(identity: RuntimeIdentity) -> Capabilities:
     return Capabilities(backend="native", version=identity.version, token_input=True,
                         keep_history=layout.HAS_KEEP_HISTORY, clear_kv_cache=layout.HAS_CLEAR_KV_CACHE,
                         per_run_sampling=layout.HAS_PER_RUN_SAMPLING,
-                        per_run_max_new_tokens=layout.HAS_PER_RUN_MAX_NEW_TOKENS, reports_perf=layout.HAS_PERF,
+                        per_run_max_new_tokens=layout.HAS_PER_RUN_MAX_NEW_TOKENS,
                         embeddings=layout.HAS_LAST_HIDDEN_LAYER)
 
 
@@ -239,6 +241,8 @@ class _Run:
 
     emit: EmitFn
     limit: int  # tokens to pass on before stopping the runtime ourselves (0: no limit)
+    cap: int = 0  # the limit the runtime applies itself (the run's on 1.3.0, else the load's; 0: none)
+    room: int | None = None  # tokens the context has left for this run (None: unknown)
     joiner: Utf8Joiner = field(default_factory=Utf8Joiner)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -275,7 +279,6 @@ class NativeSession:
     def __init__(self, library: RKLLMLibrary, settings: NativeSettings | None = None) -> None:
         self.library = library
         self.layout = library.layout
-        self.fn = library.fn
         self.settings = settings or NativeSettings()
         self.capabilities = capabilities_for(library.identity)
         self._handle = abi.LLMHandle()
@@ -286,6 +289,7 @@ class NativeSession:
         self._state_lock = threading.Lock()
         self.spec: ModelSpec | None = None
         self._mirostat: tuple[int, float, float] = (0, 5.0, 0.1)  # the load's values, restated per run
+        self._max_new_tokens = 0  # the load's RKLLMParam.max_new_tokens: the runtime's own limit per run
         self.closed = False
 
     # -- model -----------------------------------------------------------------------------------------
@@ -304,7 +308,7 @@ class NativeSession:
         if path.stat().st_size == 0:
             raise ModelLoadError(f"model file is empty (corrupt or still downloading?): {path}")
         layout, options = self.layout, spec.options
-        param = self.fn["rkllm_createDefaultParam"]()
+        param = self.library.rkllm_createDefaultParam()
         model_path = os.fsencode(str(path))
         param.model_path = model_path
         param.max_context_len = int(spec.max_context_len)
@@ -359,9 +363,9 @@ class NativeSession:
                 callbacks = layout.RKLLMCallback()
                 callbacks.result_callback = self._callback
                 keep.append(callbacks)
-                rc = self.fn["rkllm_init"](ctypes.byref(handle), ctypes.byref(param), ctypes.byref(callbacks))
+                rc = self.library.rkllm_init(ctypes.byref(handle), ctypes.byref(param), ctypes.byref(callbacks))
             else:
-                rc = self.fn["rkllm_init"](ctypes.byref(handle), ctypes.byref(param), self._callback)
+                rc = self.library.rkllm_init(ctypes.byref(handle), ctypes.byref(param), self._callback)
         if rc != 0 or not handle.value:
             raise self._load_error(path, rc, captured.text)
         with self._state_lock:
@@ -369,6 +373,7 @@ class NativeSession:
             self._keepalive = keep
             self.spec = spec
             self._mirostat = (int(param.mirostat), float(param.mirostat_tau), float(param.mirostat_eta))
+            self._max_new_tokens = int(param.max_new_tokens)
         log.debug("rkllm_init ok: %s (runtime %s)", path, self.library.version)
 
     def _load_error(self, path: Path, rc: int, output: str) -> ModelLoadError:
@@ -396,7 +401,7 @@ class NativeSession:
             with self._state_lock:
                 handle, self._handle = self._handle, abi.LLMHandle()
                 self.spec = None
-            rc = self.fn["rkllm_destroy"](handle)
+            rc = self.library.rkllm_destroy(handle)
             if rc != 0:
                 log.warning("rkllm_destroy returned %d", rc)
             self._keepalive = []
@@ -430,17 +435,21 @@ class NativeSession:
             infer.mode = abi.RKLLM_INFER_GENERATE
             if layout.HAS_KEEP_HISTORY:
                 infer.keep_history = 1 if inp.keep_history else 0
-            limit = 0
+            limit, cap = 0, max(0, self._max_new_tokens)
             if inp.max_new_tokens > 0:
                 if layout.HAS_PER_RUN_MAX_NEW_TOKENS:
-                    infer.max_new_tokens = int(inp.max_new_tokens)
+                    infer.max_new_tokens = cap = int(inp.max_new_tokens)
                 else:
                     limit = int(inp.max_new_tokens)  # this release cannot be told: stop it ourselves
+            # What the context holds before this run, to tell a run the context cut short (LENGTH) from
+            # one the model ended: nothing without history, else what the runtime reports (if it can).
+            held = self.kv_cache_len() if layout.HAS_KEEP_HISTORY and inp.keep_history else 0
             sampling = None  # older releases: the load's values apply, whatever the request asked for
             if inp.sampling is not None and layout.HAS_PER_RUN_SAMPLING:
                 sampling = self._sampling_param(inp.sampling)
                 infer.sampling_params = ctypes.pointer(sampling)
-            run = _Run(emit, limit)
+            room = self.spec.max_context_len - held - len(inp.token_ids) if held is not None else None
+            run = _Run(emit, limit, cap, room)
             with self._state_lock:
                 self._run = run
                 if cancelled is not None and cancelled.is_set():
@@ -448,7 +457,7 @@ class NativeSession:
             try:
                 if run.aborted:  # aborted before the runtime even started
                     return self._finish(run, 0, len(inp.token_ids))
-                rc = self.fn["rkllm_run"](self._handle, ctypes.byref(rin), ctypes.byref(infer), None)
+                rc = self.library.rkllm_run(self._handle, ctypes.byref(rin), ctypes.byref(infer), None)
             finally:
                 with self._state_lock:
                     self._run = None
@@ -504,7 +513,7 @@ class NativeSession:
             with self._state_lock:
                 self._run = run
             try:
-                rc = self.fn["rkllm_run"](self._handle, ctypes.byref(rin), ctypes.byref(infer), None)
+                rc = self.library.rkllm_run(self._handle, ctypes.byref(rin), ctypes.byref(infer), None)
             finally:
                 with self._state_lock:
                     self._run = None
@@ -570,7 +579,19 @@ class NativeSession:
         else:
             first = run.first_token_at or end
             stats = GenerationStats(prefilled, (first - run.started) * 1000, run.tokens, (end - first) * 1000)
-        return FinishEvent(stats, aborted=run.aborted or run.limit_reached)
+        return FinishEvent(stats, self._finish_kind(run))
+
+    @staticmethod
+    def _finish_kind(run: _Run) -> FinishKind:
+        """LENGTH when a token limit (ours or the runtime's) or the context ended the run, ABORTED when
+        abort() did first, STOP when the runtime ended it by itself before any limit: the model's end."""
+        if run.limit_reached:
+            return FinishKind.LENGTH
+        if run.aborted:
+            return FinishKind.ABORTED
+        if (run.cap and run.tokens >= run.cap) or (run.room is not None and run.tokens >= run.room):
+            return FinishKind.LENGTH
+        return FinishKind.STOP
 
     def abort(self) -> None:
         """Stop the running generation (any thread). No-op when idle."""
@@ -580,7 +601,7 @@ class NativeSession:
                 return
             run.aborted = True
             run.abort_sent = True
-        self.fn["rkllm_abort"](handle)
+        self.library.rkllm_abort(handle)
         # An abort that lands just before rkllm_run has marked itself running is lost by the runtime:
         # say it once more shortly after (harmless if the run has ended by then).
         timer = threading.Timer(0.05, self._abort_again, args=(run,))
@@ -592,7 +613,7 @@ class NativeSession:
             if self._run is not run or not self._handle.value:
                 return
             handle = self._handle
-        self.fn["rkllm_abort"](handle)
+        self.library.rkllm_abort(handle)
 
     def runtime_is_running(self) -> bool | None:
         """rkllm_is_running, read the way this release documents it (the meaning flipped in 1.3.0);
@@ -600,7 +621,7 @@ class NativeSession:
         handle = self._handle
         if not handle.value:
             return None
-        return self.fn["rkllm_is_running"](handle) == self.layout.IS_RUNNING_MEANS_RUNNING
+        return self.library.rkllm_is_running(handle) == self.layout.IS_RUNNING_MEANS_RUNNING
 
     def _abort_from_callback(self, run: _Run) -> None:
         """rkllm_abort from inside the callback could wait on the very thread it runs on: ask from
@@ -609,7 +630,7 @@ class NativeSession:
             return
         run.abort_sent = True
         handle = self._handle
-        threading.Thread(target=lambda: self.fn["rkllm_abort"](handle), name="rkllm-abort", daemon=True).start()
+        threading.Thread(target=lambda: self.library.rkllm_abort(handle), name="rkllm-abort", daemon=True).start()
 
     def _make_callback(self) -> Any:
         layout = self.layout
@@ -688,10 +709,7 @@ class NativeSession:
         """rkllm_clear_kv_cache, all of it; the caller knows no run is in flight."""
         if not self.layout.HAS_CLEAR_KV_CACHE or not self._handle.value:
             return
-        if self.layout.CLEAR_KV_CACHE_TAKES_RANGE:
-            rc = self.fn["rkllm_clear_kv_cache"](self._handle, 0, None, None)
-        else:
-            rc = self.fn["rkllm_clear_kv_cache"](self._handle, 0)
+        rc = self.library.rkllm_clear_kv_cache(self._handle, 0)  # no range, no system prompt kept: all of it
         if rc != 0:
             raise GenerationError(f"rkllm_clear_kv_cache failed with code {rc}")
 
@@ -700,13 +718,13 @@ class NativeSession:
         if not self.layout.HAS_KV_CACHE_SIZE or not self._handle.value or self.running:
             return None
         sizes = (ctypes.c_int * 8)()  # one int per batch slot; we run one batch
-        if self.fn["rkllm_get_kv_cache_size"](self._handle, sizes) != 0:
+        if self.library.rkllm_get_kv_cache_size(self._handle, sizes) != 0:
             return None
         return int(sizes[0])
 
 
 # -- the async, in-process Runtime ---------------------------------------------------------------------------
-class NativeRuntime:
+class NativeRuntime(RuntimeBase):
     """The `native` backend inside exo's process (RKLLM_NATIVE_ISOLATION=0)."""
 
     def __init__(self, library: RKLLMLibrary, settings: NativeSettings | None = None) -> None:

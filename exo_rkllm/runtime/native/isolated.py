@@ -30,7 +30,8 @@ from typing import Any, AsyncIterator
 from multiprocessing.connection import Connection
 
 from ...errors import EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError, RuntimeUnavailable
-from ..base import EmbeddingInput, EmbeddingOutput, FinishEvent, GenerationInput, ModelSpec, ProgressFn, RuntimeEvent
+from ..base import (EmbeddingInput, EmbeddingOutput, FinishEvent, GenerationInput, ModelSpec, ProgressFn, RuntimeBase,
+                    RuntimeEvent)
 from .backend import NativeSettings, capabilities_for
 from .ipc import Abort, Call, Configure, Failed, Finished, Generate, Hello, Reply, Token
 from .library import RuntimeIdentity
@@ -38,6 +39,11 @@ from .library import RuntimeIdentity
 log = logging.getLogger("exo_rkllm.native")
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # the folder holding exo_rkllm/
+
+# Seconds to wait for a worker that has been killed (or has exited) to be reaped, and for the last
+# events of a generation whose worker was killed: SIGKILL takes effect within milliseconds, so this only
+# bounds a pathological kernel delay; it keeps exo's shutdown and the next request from hanging on it.
+REAP_TIMEOUT_S = 5.0
 
 _SIGNAL_MEANING = {
     signal.SIGSEGV: "segmentation fault",
@@ -134,7 +140,7 @@ def _settle(fut: asyncio.Future[Any], msg: Reply) -> None:
         fut.set_result(msg.value)
 
 
-class IsolatedRuntime:
+class IsolatedRuntime(RuntimeBase):
     """The `native` backend with librkllmrt.so in a worker process (RKLLM_NATIVE_ISOLATION=1, the default)."""
 
     START_TIMEOUT = 60.0  # seconds for a worker to load the library and say hello
@@ -297,7 +303,7 @@ class IsolatedRuntime:
         except asyncio.TimeoutError:
             self._abort_overdue(gen)
             with contextlib.suppress(asyncio.TimeoutError):  # until its death is handled and a restart under way
-                await asyncio.wait_for(drain(), 5.0)
+                await asyncio.wait_for(drain(), REAP_TIMEOUT_S)
 
     # -- the worker ----------------------------------------------------------------------------------------
     async def _ensure_worker(self) -> _Worker:
@@ -369,7 +375,7 @@ class IsolatedRuntime:
             raise
         if not isinstance(hello, Hello) or hello.error is not None:
             worker.close()
-            worker.wait(5)
+            worker.wait(REAP_TIMEOUT_S)
             if isinstance(hello, Hello) and hello.error is not None:
                 raise hello.error.exception()
             raise RuntimeUnavailable(f"the RKLLM runtime worker answered {hello!r}")
@@ -431,7 +437,7 @@ class IsolatedRuntime:
 
     async def _reap(self, worker: _Worker) -> None:
         try:
-            worker.exit_code = await asyncio.to_thread(worker.wait, 5.0)
+            worker.exit_code = await asyncio.to_thread(worker.wait, REAP_TIMEOUT_S)
         finally:
             with contextlib.suppress(OSError):
                 worker.conn.close()

@@ -150,8 +150,19 @@ def identify(config: Config, path: Path | None = None) -> RuntimeIdentity:
     return RuntimeIdentity(lib, version, SUPPORTED[version], detected)
 
 
+# What the typed methods below take where rkllm.h has a pointer: ctypes.byref(...), ctypes.pointer(...),
+# an array, or None for NULL. The struct types themselves are per release (abi.LAYOUTS).
+CPointer = Any
+Handle = Any  # LLMHandle (c_void_p) or, for rkllm_init, a pointer to one
+
+
 class RKLLMLibrary:
-    """The loaded library with every prototype of its release bound (`lib.fn["rkllm_run"]`)."""
+    """The loaded library, one typed method per function of rkllm.h.
+
+    Each method quotes the C declaration it calls (every release's, where they differ) and calls the
+    foreign function whose argtypes and restype were set from this release's PROTOTYPES table (abi.py),
+    so ctypes checks every call against the header of the release in hand. A function the release
+    does not have raises RuntimeVersionError rather than being called without a prototype."""
 
     def __init__(self, identity: RuntimeIdentity) -> None:
         self.identity = identity
@@ -163,7 +174,7 @@ class RKLLMLibrary:
                     if "ELF" in str(exc) or "wrong" in str(exc) else "")
             raise RuntimeUnavailable(f"cannot load {identity.path}: {exc}{hint}") from exc
         try:
-            self.fn = abi.bind(self.cdll, self.layout)
+            self._bound = abi.bind(self.cdll, self.layout)
         except AttributeError as exc:
             raise RuntimeVersionError(
                 f"{identity.path} lacks a function that runtime {identity.version} has ({exc}); it is probably "
@@ -172,3 +183,99 @@ class RKLLMLibrary:
     @property
     def version(self) -> str:
         return self.identity.version
+
+    def has(self, name: str) -> bool:
+        """Whether this release's rkllm.h declares the C function `name`."""
+        return name in self._bound
+
+    def _c(self, name: str) -> Any:
+        try:
+            return self._bound[name]
+        except KeyError:
+            raise RuntimeVersionError(f"{name} is not in the rkllm.h of runtime {self.version}") from None
+
+    # -- every release ----------------------------------------------------------------------------------
+    def rkllm_createDefaultParam(self) -> Any:
+        """`RKLLMParam rkllm_createDefaultParam();`: the release's RKLLMParam struct, by value."""
+        return self._c("rkllm_createDefaultParam")()
+
+    def rkllm_init(self, handle: CPointer, param: CPointer, callback: Any) -> int:
+        """1.1.x-1.2.x: `int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);`
+        1.3.0: `int rkllm_init(LLMHandle* handle, RKLLMParam* param, RKLLMCallback* callback);`
+
+        `callback` is the LLMResultCallback itself, or a pointer to an RKLLMCallback on 1.3.0
+        (layout.INIT_TAKES_CALLBACK_STRUCT)."""
+        return self._c("rkllm_init")(handle, param, callback)
+
+    def rkllm_load_lora(self, handle: Handle, lora_adapter: CPointer) -> int:
+        """`int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter* lora_adapter);`"""
+        return self._c("rkllm_load_lora")(handle, lora_adapter)
+
+    def rkllm_load_prompt_cache(self, handle: Handle, prompt_cache_path: bytes) -> int:
+        """`int rkllm_load_prompt_cache(LLMHandle handle, const char* prompt_cache_path);`"""
+        return self._c("rkllm_load_prompt_cache")(handle, prompt_cache_path)
+
+    def rkllm_release_prompt_cache(self, handle: Handle) -> int:
+        """`int rkllm_release_prompt_cache(LLMHandle handle);`"""
+        return self._c("rkllm_release_prompt_cache")(handle)
+
+    def rkllm_destroy(self, handle: Handle) -> int:
+        """`int rkllm_destroy(LLMHandle handle);`"""
+        return self._c("rkllm_destroy")(handle)
+
+    def rkllm_run(self, handle: Handle, rkllm_input: CPointer, rkllm_infer_params: CPointer,
+                  userdata: CPointer = None) -> int:
+        """`int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params,
+        void* userdata);`: blocks until the run ends; the callback reports its results meanwhile."""
+        return self._c("rkllm_run")(handle, rkllm_input, rkllm_infer_params, userdata)
+
+    def rkllm_run_async(self, handle: Handle, rkllm_input: CPointer, rkllm_infer_params: CPointer,
+                        userdata: CPointer = None) -> int:
+        """`int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params,
+        void* userdata);`: returns at once."""
+        return self._c("rkllm_run_async")(handle, rkllm_input, rkllm_infer_params, userdata)
+
+    def rkllm_abort(self, handle: Handle) -> int:
+        """`int rkllm_abort(LLMHandle handle);`"""
+        return self._c("rkllm_abort")(handle)
+
+    def rkllm_is_running(self, handle: Handle) -> int:
+        """`int rkllm_is_running(LLMHandle handle);`: documented "0 if a task is running" up to 1.2.3 and
+        "1 if a task is running" in 1.3.0 (layout.IS_RUNNING_MEANS_RUNNING); the raw value is returned."""
+        return self._c("rkllm_is_running")(handle)
+
+    # -- 1.2.0 on -------------------------------------------------------------------------------------------
+    def rkllm_clear_kv_cache(self, handle: Handle, keep_system_prompt: int, start_pos: CPointer = None,
+                             end_pos: CPointer = None) -> int:
+        """1.2.0: `int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt);`
+        1.2.1 on: `int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int* start_pos,
+        int* end_pos);` (both NULL: the whole cache).
+
+        On 1.2.0 a range cannot be given: `start_pos` and `end_pos` must stay None."""
+        fn = self._c("rkllm_clear_kv_cache")
+        if self.layout.CLEAR_KV_CACHE_TAKES_RANGE:
+            return fn(handle, keep_system_prompt, start_pos, end_pos)
+        if start_pos is not None or end_pos is not None:
+            raise RuntimeVersionError(f"rkllm_clear_kv_cache of runtime {self.version} clears no range")
+        return fn(handle, keep_system_prompt)
+
+    def rkllm_set_chat_template(self, handle: Handle, system_prompt: bytes, prompt_prefix: bytes,
+                                prompt_postfix: bytes) -> int:
+        """`int rkllm_set_chat_template(LLMHandle handle, const char* system_prompt, const char* prompt_prefix,
+        const char* prompt_postfix);`"""
+        return self._c("rkllm_set_chat_template")(handle, system_prompt, prompt_prefix, prompt_postfix)
+
+    # -- 1.2.1 on -------------------------------------------------------------------------------------------
+    def rkllm_get_kv_cache_size(self, handle: Handle, cache_sizes: CPointer) -> int:
+        """`int rkllm_get_kv_cache_size(LLMHandle handle, int* cache_sizes);`: one int per batch slot."""
+        return self._c("rkllm_get_kv_cache_size")(handle, cache_sizes)
+
+    def rkllm_set_function_tools(self, handle: Handle, system_prompt: bytes, tools: bytes,
+                                 tool_response_str: bytes) -> int:
+        """`int rkllm_set_function_tools(LLMHandle handle, const char* system_prompt, const char* tools,
+        const char* tool_response_str);`"""
+        return self._c("rkllm_set_function_tools")(handle, system_prompt, tools, tool_response_str)
+
+    def rkllm_set_cross_attn_params(self, handle: Handle, cross_attn_params: CPointer) -> int:
+        """`int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam* cross_attn_params);`"""
+        return self._c("rkllm_set_cross_attn_params")(handle, cross_attn_params)

@@ -31,6 +31,14 @@ from .library import RKLLMLibrary
 
 log = logging.getLogger("exo_rkllm.native.worker")
 
+# Seconds the previous generation's thread may take to exit before a new Generate is refused as busy: exo
+# sends the next one only after that thread's Finished/Failed, its last act, so it is already returning.
+PREVIOUS_RUN_EXIT_S = 1.0
+# Seconds, on the way out, for rkllm_run to return after the abort, then for rkllm_destroy: bounded so a
+# hung vendor library cannot keep the worker alive (exo's side kills it after IsolatedRuntime.CLOSE_TIMEOUT).
+SHUTDOWN_RUN_EXIT_S = 5.0
+SHUTDOWN_DESTROY_S = 10.0
+
 
 class Worker:
     def __init__(self, conn: Connection, session: NativeSession) -> None:
@@ -99,7 +107,7 @@ class Worker:
         if self._gen_thread is not None:
             # exo sends a new generation only after the previous one's Finished/Failed, which the
             # run thread sends as its last act: give it the moment it needs to exit.
-            self._gen_thread.join(timeout=1.0)
+            self._gen_thread.join(timeout=PREVIOUS_RUN_EXIT_S)
         if self._gen_thread is not None and self._gen_thread.is_alive():
             self.send(Failed(msg.seq, RemoteError("GenerationError", "the runtime is busy: one generation at a "
                                                                      "time per context"), None))
@@ -130,10 +138,10 @@ class Worker:
         """Stop the NPU and release the runtime; never hang on the way out."""
         self.session.abort()
         if self._gen_thread is not None:
-            self._gen_thread.join(timeout=5)
+            self._gen_thread.join(timeout=SHUTDOWN_RUN_EXIT_S)
         closer = threading.Thread(target=self.session.close, name="rkllm-close", daemon=True)
         closer.start()
-        closer.join(timeout=10)
+        closer.join(timeout=SHUTDOWN_DESTROY_S)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,7 @@
 
 `create(config)` builds the runtime (it does not fail when the server is down: the
 server may come up later, and each request then reports a clear error);
-`probe(config)` is the quick reachability check `RKLLM_BACKEND=auto` uses;
-`list_remote_models` / `remote_model_name` let the catalog offer the server's models.
+`probe(config)` is the quick reachability check `RKLLM_BACKEND=auto` uses.
 """
 from __future__ import annotations
 
@@ -19,8 +18,7 @@ from .text_tokens import TextToTokens
 log = logging.getLogger("exo_rkllm.rkllama")
 
 __all__ = ["API_EARLY", "API_OLLAMA", "RkllamaClient", "RkllamaRuntime", "ServerInfo", "TextToTokens",
-           "capabilities_for", "create", "list_remote_models", "match_remote_name", "probe", "remote_model_name",
-           "wire_messages", "wire_options"]
+           "capabilities_for", "create", "match_remote_name", "probe", "wire_messages", "wire_options"]
 
 
 def _client(config: Config, *, quick: bool = False) -> RkllamaClient:
@@ -40,25 +38,10 @@ async def create(config: Config) -> RkllamaRuntime:
 
 async def probe(config: Config) -> bool:
     """True if an rkllama server (either API generation) answers at the configured URL, within ~2 s."""
-    client = _client(config, quick=True)
-    try:
-        await asyncio.wait_for(client.info(), PROBE_TIMEOUT_S * 2)
-        return True
-    except (RKLLMError, asyncio.TimeoutError, OSError):
-        return False
-    finally:
-        await client.close()
+    async with _client(config, quick=True) as client:
+        try:
+            await asyncio.wait_for(client.info(), PROBE_TIMEOUT_S * 2)
+            return True
+        except (RKLLMError, asyncio.TimeoutError, OSError):
+            return False
 
-
-async def list_remote_models(config: Config) -> list[str]:
-    """The model names the rkllama server offers (raises RuntimeUnavailable if it is down)."""
-    client = _client(config)
-    try:
-        return await client.list_models()
-    finally:
-        await client.close()
-
-
-async def remote_model_name(config: Config, model_id: str, remote_name: str | None = None) -> str | None:
-    """The server's name for exo's `model_id` (or the catalog's `remote_name`), or None."""
-    return match_remote_name(await list_remote_models(config), remote_name, model_id)

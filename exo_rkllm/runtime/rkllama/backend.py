@@ -35,8 +35,10 @@ everyone's, and the early API takes none. rkllama reads no seed; it is sent as O
 clients send it. A token limit is kept on every server: where the server cannot be told
 (or counts its tokens differently from the text's re-tokenization), the backend passes on
 no more than `max_new_tokens` tokens. On a server that was told, it drops the rest until
-the server's own end; on one that was not, it stops there (FinishEvent aborted, as the
-native backend stops an older runtime) and frees the server as for an abandoned answer.
+the server's own end; on one that was not, it stops there (a FinishEvent of kind LENGTH, as
+the native backend stops an older runtime) and frees the server as for an abandoned answer.
+An answer the server ends itself is LENGTH when it reached the run's limit (or the model's
+max_new_tokens) or the server says `done_reason: "length"`, STOP otherwise.
 
 Embeddings (`embed`): through the server's `/api/embed` (0.0.43 on), one row, `pooled`:
 rkllama returns the last token's hidden state. Older servers raise EmbeddingUnsupported.
@@ -52,8 +54,8 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 from ...config import Config
 from ...errors import EmbeddingUnsupported, GenerationError, ModelLoadError, ModelNotFound, RKLLMError
 from ...tokenizer import load_tokenizer
-from ..base import (Capabilities, ChatMessage, EmbeddingInput, EmbeddingOutput, FinishEvent, GenerationInput,
-                    GenerationStats, ModelSpec, ProgressFn, RuntimeEvent, TokenEvent)
+from ..base import (Capabilities, ChatMessage, EmbeddingInput, EmbeddingOutput, FinishEvent, FinishKind,
+                    GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeBase, RuntimeEvent, TokenEvent)
 from .client import (API_EARLY, EMBEDDINGS_HINT, ChatStream, RkllamaClient, ServerChanged, ServerInfo,
                      ServerNotLoaded, StreamBroken, match_remote_name, parse_chunk, render_tool_calls)
 from .text_tokens import TextToTokens, VocabFacts
@@ -165,7 +167,7 @@ def wire_options(inp: GenerationInput, info: ServerInfo) -> dict[str, Any] | Non
     return options or None
 
 
-class RkllamaRuntime:
+class RkllamaRuntime(RuntimeBase):
     """The `rkllama` backend: one rkllama server, one model of it at a time."""
 
     abandon_drain_s = 3.0  # worker servers: how long to let an abandoned answer finish before unloading
@@ -236,6 +238,10 @@ class RkllamaRuntime:
     async def clear_kv_cache(self) -> None:
         """Nothing to do: rkllama manages its own cache and this backend never keeps history."""
 
+    def kv_cache_len(self) -> int | None:
+        """Unknown: rkllama does not say what its cache holds (and no run here continues it)."""
+        return None
+
     async def close(self) -> None:
         """Stop our generation and let go of the server. The model stays loaded there: the
         server may serve other clients, and it is theirs to unload."""
@@ -259,6 +265,7 @@ class RkllamaRuntime:
             raise GenerationError("no model is loaded")
         if self._running:
             raise GenerationError("the rkllama backend is busy: one generation at a time")
+        model_cap = max(0, self._model.max_new_tokens)
         self._running = True
         loop = asyncio.get_running_loop()
         abort_fut: asyncio.Future[None] = loop.create_future()
@@ -285,7 +292,7 @@ class RkllamaRuntime:
                     raise
             except _Aborted:
                 finished = True
-                yield FinishEvent(GenerationStats(), aborted=True)
+                yield FinishEvent(GenerationStats(), FinishKind.ABORTED)
                 return
             conv = TextToTokens(self._tok, self._facts)  # nothing heavy here: the first piece is on its way
             first_at: float | None = None
@@ -295,6 +302,9 @@ class RkllamaRuntime:
             limit = max(0, inp.max_new_tokens)
             told = info is not None and info.per_run_options  # it got num_predict and ends the answer itself
             capped = False  # `limit` tokens passed on: the rest is dropped
+            done_reason: str | None = None  # the server's, on its last line
+            # The run's limit, or the model's (its Modelfile's), which a server ending the answer there reached.
+            ceiling = limit or model_cap
             while True:
                 if first_at is None:
                     timeout, error = max(0.0, deadline - time.monotonic()), self._first_token_error()
@@ -306,7 +316,8 @@ class RkllamaRuntime:
                     data = await self._race(stream.read(), abort_fut, timeout, error)
                 except _Aborted:
                     finished = True
-                    yield FinishEvent(self._stats(prompt_tokens, started, first_at, last_at, emitted), aborted=True)
+                    yield FinishEvent(self._stats(prompt_tokens, started, first_at, last_at, emitted),
+                                      FinishKind.ABORTED)
                     return
                 done = False
                 for line in stream.parser.lines(data):
@@ -318,7 +329,7 @@ class RkllamaRuntime:
                     if chunk.done:
                         pieces += conv.flush()
                         prompt_tokens = int(chunk.counters.get("prompt_eval_count") or 0)
-                        done = True
+                        done, done_reason = True, chunk.done_reason
                     now = time.monotonic()
                     for piece in pieces:
                         if capped:
@@ -336,7 +347,8 @@ class RkllamaRuntime:
                     # older runtime; the answer is freed at the server like an abandoned one.
                     finished = True
                     why = f"stopped at its {limit}-token limit"
-                    yield FinishEvent(self._stats(prompt_tokens, started, first_at, last_at, emitted), aborted=True)
+                    yield FinishEvent(self._stats(prompt_tokens, started, first_at, last_at, emitted),
+                                      FinishKind.LENGTH)
                     return
                 if not done and stream.eof:
                     if stream.api != API_EARLY:
@@ -353,7 +365,9 @@ class RkllamaRuntime:
                     finished = True
                     stream.release()
                     stream = None
-                    yield FinishEvent(self._stats(prompt_tokens, started, first_at, last_at, emitted))
+                    cut = capped or done_reason == "length" or (ceiling > 0 and emitted >= ceiling)
+                    yield FinishEvent(self._stats(prompt_tokens, started, first_at, last_at, emitted),
+                                      FinishKind.LENGTH if cut else FinishKind.STOP)
                     return
         finally:
             self._running = False

@@ -87,7 +87,6 @@ class ServerInfo:
     api: str  # API_EARLY | API_OLLAMA
     version: str | None = None
     workers: bool = False  # models run in worker processes: /api/ps, /unload_model {"model_name"}
-    openai: bool = False  # /v1/models answers (informational)
 
     @property
     def release(self) -> tuple[int, ...] | None:
@@ -318,6 +317,13 @@ class RkllamaClient:
             await self._session.close()
         self._session = None
 
+    async def __aenter__(self) -> "RkllamaClient":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """`async with RkllamaClient(url) as client:` closes its HTTP session on the way out."""
+        await self.close()
+
     def forget(self) -> None:
         """Forget what detection found (the server went away; it may come back different)."""
         self._info = None
@@ -383,9 +389,7 @@ class RkllamaClient:
         status, body = await self.request("GET", "/api/version", timeout=quick)
         if status == 200 and isinstance(body, dict) and "version" in body:
             ps_status, _ = await self.request("GET", "/api/ps", timeout=quick)
-            v1_status, _ = await self.request("GET", "/v1/models", timeout=quick)
-            return ServerInfo(self.url, API_OLLAMA, str(body.get("version")), workers=ps_status == 200,
-                              openai=v1_status == 200)
+            return ServerInfo(self.url, API_OLLAMA, str(body.get("version")), workers=ps_status == 200)
         root_status, root = await self.request("GET", "/", timeout=quick)
         if root_status == 200 and isinstance(root, dict):
             return ServerInfo(self.url, API_EARLY, None)
