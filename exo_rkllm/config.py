@@ -132,9 +132,6 @@ SETTINGS: tuple[Setting, ...] = (
             "(0 runs it inside exo's process, for debugging)."),
     Setting("cpu_mask", "RKLLM_CPU_MASK", str,
             "Native backend: CPU cores the runtime may use, e.g. `4-7` or `0xf0`; default: the big cores of the SoC."),
-    Setting("npu_cores", "RKLLM_NPU_CORES", int,
-            "Native backend: reserved; no runtime release up to 1.3.0 takes an NPU core count at load time "
-            "(it is fixed when the model is converted), so a non-zero value is logged and ignored."),
     Setting("server_url", "RKLLM_SERVER_URL", str,
             "rkllama server URL; default built from RKLLM_SERVER_HOST and RKLLM_SERVER_PORT."),
     Setting("server_host", "RKLLM_SERVER_HOST", str, "rkllama server host."),
@@ -191,7 +188,6 @@ class Config:
     runtime_version: str = ""
     native_isolation: bool = True
     cpu_mask: str = ""
-    npu_cores: int = 0
     server_url: str = ""
     server_host: str = "localhost"
     server_port: int = 8080

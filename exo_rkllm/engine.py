@@ -27,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import inspect
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -51,7 +52,10 @@ __all__ = ["EmbeddingResult", "RKLLMInferenceEngine", "RequestContext", "Request
 
 log = logging.getLogger("exo_rkllm.engine")
 
-EndListener = Callable[[str, "RequestEnding"], None]
+# Called with (request_id, RequestEnding); it may return an awaitable (a message to other nodes) that
+# the engine awaits, up to END_NOTICE_WAIT_S, before it hands exo the request's last token.
+EndListener = Callable[[str, "RequestEnding"], Optional[Awaitable[Any]]]
+END_NOTICE_WAIT_S = 2.0
 MAX_CONTEXTS = 256
 CONTEXT_WAIT_S = 2.0  # how long a messages-only backend waits for a request's messages from the API node
 
@@ -206,14 +210,14 @@ class RKLLMInferenceEngine:
                 if not end.whole:  # cut short: not an answer
                     error = (scheduler.shutdown_error() if scheduler.closed
                              else RequestCancelled(f"request {request_id} was cancelled: {end}"))
-                    self._notify_end(request_id, RequestEnding("error", error))
+                    await self._notify_end(request_id, RequestEnding("error", error))
                 return self._eos(model), inference_state
             if not scheduler.runtime.capabilities.token_input and request_id not in self._contexts:
                 await self._wait_for_context(request_id)
             try:
                 stream = self._start(scheduler, request_id, model, input_data, prompt_text)
             except RKLLMError as exc:  # queue full, prompt longer than the context...
-                self._notify_end(request_id, RequestEnding("error", exc))
+                await self._notify_end(request_id, RequestEnding("error", exc))
                 raise
         return await self._next(scheduler, stream, model, first=stream.delivered == 0), inference_state
 
@@ -560,19 +564,19 @@ class RKLLMInferenceEngine:
             # exo may still step a request that was abandoned: end its loop cleanly. Whoever may
             # still read the answer (a peer's cancel, the idle sweep) must not take it as complete.
             self._end(scheduler, request_id)
-            self._notify_end(request_id, RequestEnding("error", exc))
+            await self._notify_end(request_id, RequestEnding("error", exc))
             return self._eos(model)
         except RKLLMError as exc:
             self._end(scheduler, request_id)
             self._note_refusal(model, exc)
-            self._notify_end(request_id, RequestEnding("error", exc))
+            await self._notify_end(request_id, RequestEnding("error", exc))
             if first:
                 raise  # exo's API answers the request with this error
             log.error("request %s failed mid-answer: %s", request_id, exc)
             return self._eos(model)  # end exo's loop cleanly; the plugin reports the error
         if token is None or token in model.stop_ids:
             if token is None and stream.finish_reason is FinishReason.LENGTH:
-                self._notify_end(request_id, RequestEnding("length"))
+                await self._notify_end(request_id, RequestEnding("length"))
             self._end(scheduler, request_id)
             return self._eos(model)
         return np.array([[token]], dtype=np.int64)
@@ -589,12 +593,28 @@ class RKLLMInferenceEngine:
         finally:
             self._context_waiters.pop(request_id, None)
 
-    def _notify_end(self, request_id: str, ending: RequestEnding) -> None:
+    async def _notify_end(self, request_id: str, ending: RequestEnding) -> None:
+        """Tell the end listeners, and wait (briefly) for what they send on: in a ring the node
+        serving the HTTP request learns the ending by a status message, which must reach it before
+        the eos this engine is about to hand exo, or that node would take the eos for `stop`."""
+        pending = []
         for listener in self._end_listeners:
             try:
-                listener(request_id, ending)
+                sent = listener(request_id, ending)
             except Exception:
-                log.exception("failure listener raised")
+                log.exception("an end listener raised")
+                continue
+            if inspect.isawaitable(sent):
+                pending.append(asyncio.ensure_future(sent))
+        if pending:
+            done, late = await asyncio.wait(pending, timeout=END_NOTICE_WAIT_S)
+            for task in late:
+                log.warning("request %s: the other nodes were not told how it ended within %g s", request_id,
+                            END_NOTICE_WAIT_S)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning("request %s: telling the other nodes how it ended failed: %r", request_id,
+                                task.exception())
 
     def _end(self, scheduler: Scheduler, request_id: str) -> None:
         scheduler.cancel(request_id, ANSWER_COMPLETE)

@@ -187,22 +187,25 @@ def _setup_logging(config: Config) -> None:
         logger.propagate = False
 
 
-def on_engine_end(request_id: str, ending: RequestEnding) -> None:
+def on_engine_end(request_id: str, ending: RequestEnding) -> "asyncio.Future[Any] | None":
     """The engine ended a request otherwise than by the model's end of answer: tell its feed on this
-    node, and the other nodes (the HTTP request may be on another one)."""
+    node, and the other nodes (the HTTP request may be on another one). The engine awaits the
+    message before it hands exo the last token, so it reaches the API node first."""
     _feeds.hint(request_id, ending)
-    _broadcast(request_id, {"type": ENDED_STATUS, "request_id": request_id, "finish_reason": ending.finish_reason,
-                            "message": str(ending.error) if ending.error else None})
+    return _broadcast(request_id, {"type": ENDED_STATUS, "request_id": request_id,
+                                   "finish_reason": ending.finish_reason,
+                                   "message": str(ending.error) if ending.error else None})
 
 
-def _broadcast(request_id: str, payload: dict[str, Any]) -> None:
+def _broadcast(request_id: str, payload: dict[str, Any]) -> "asyncio.Future[Any] | None":
+    """Send an exo status message to every node (this one included); the task, to await if needed."""
     node = _node
-    if node is None:
-        return
+    if node is None or not getattr(node, "peers", None):
+        return None
     try:
-        asyncio.get_running_loop().create_task(node.broadcast_opaque_status(request_id, json.dumps(payload)))
+        return asyncio.get_running_loop().create_task(node.broadcast_opaque_status(request_id, json.dumps(payload)))
     except RuntimeError:
-        pass
+        return None
 
 
 _node: Any = None

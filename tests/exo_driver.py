@@ -1,6 +1,6 @@
 """An exo-contract driver: runs engines the way legacy exo's Node does, without exo.
 
-It follows DESIGN.md §2 step by step: the node holding layer 0 calls
+It follows legacy exo's Node (exo/orchestration/node.py at 5f18faec1) step by step: the node holding layer 0 calls
 `infer_prompt`; `process_inference_result` on the node holding the last layer
 calls `sample(result, temp=...)`, appends `token.item()`, decides
 `is_finished` (eos of `engine.tokenizer`, or max_generate_tokens), fires

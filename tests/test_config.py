@@ -1,6 +1,8 @@
 """Settings come from one table; bad values are refused with the variable's name."""
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,9 @@ def test_lib_path_help_names_every_folder_the_native_backend_searches(monkeypatc
         shown = f"~/{folder.relative_to(home)}" if folder.is_relative_to(home) else str(folder)
         assert shown in text, f"RKLLM_LIB_PATH's help does not name {shown}"
     assert "LD_LIBRARY_PATH" in text
+
+
+def test_the_readme_table_lists_no_setting_the_code_lacks():
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(RKLLM_[A-Z_]+)` \|", readme, flags=re.M))
+    assert listed <= {s.env for s in SETTINGS}, f"README lists settings that do not exist: {listed - {s.env for s in SETTINGS}}"

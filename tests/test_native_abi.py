@@ -1,5 +1,5 @@
 """Struct sizes and every field offset of the ctypes binding, for every supported runtime layout,
-against the figures of the real rkllm.h headers (shared/rkllm-abi.md: computed by a C++ compiler
+against the figures of the real rkllm.h headers (the table below: computed by a C++ compiler
 on LP64 Linux from airockchip/rknn-llm at each release tag). The fake runtime library is held to
 the same table: a fake with a wrong layout would prove nothing about the binding."""
 from __future__ import annotations

@@ -21,10 +21,6 @@ TEXT = " Hé 世界 🤖👩‍💻 ring of nodes 🇫🇷"
 # (an exo_rkllm_ended status) races its last token back; when the token wins, an answer cut by
 # max_tokens ends "stop" instead of "length", and one that failed mid-answer ends "stop" instead of with
 # the error chunk. A race: seen on every 2-node run, not on every 3-node run, hence not strict.
-ENDING_RACE = ("product bug: on a node that does not run the model, a length or a failure ends as 'stop' "
-               "when the runner's ENDED status arrives after the last token")
-
-
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}-nodes")
 def ring(request, tmp_path_factory, demo_models_dir) -> list[ExoProcess]:
     n_nodes = request.param
@@ -104,7 +100,6 @@ def test_every_node_honours_the_requests_max_tokens(ring):
     asyncio.run(run())
 
 
-@pytest.mark.xfail(strict=False, reason=ENDING_RACE)
 def test_every_node_says_length_and_reports_a_failure_mid_answer(ring):
     """How the answer ended reaches the node that serves it: `length` for a cut answer, the error
     chunk (never a finish_reason) for one that failed, from every node's API."""

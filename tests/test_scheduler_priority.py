@@ -1,7 +1,7 @@
 """Priorities and preemption, driven the way exo drives the engine (tests/exo_driver.py), on the simulator.
 
 The simulator is greedy and continues an answer from "prompt + its first k tokens" exactly as from the
-prompt alone (DESIGN.md §11), so a preempted and resumed answer can be compared with an uninterrupted
+prompt alone (the simulator's greedy-determinism guarantee), so a preempted and resumed answer can be compared with an uninterrupted
 one byte for byte. No assertion depends on how fast the machine is: the only waits are for events
 (a token count reached, an answer finished), bounded by generous ceilings against hangs.
 """

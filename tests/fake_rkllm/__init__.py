@@ -10,7 +10,7 @@ Developers without a board can use it to run exo end to end:
     python -m tests.fake_rkllm setup --dir /tmp/rkllm-fake --version 1.2.3
 
 builds the library, writes a model folder (Qwen2.5 vocabulary) and prints the
-environment to start exo with (see docs/native-backend.md).
+environment to start exo with (see docs/developing.md, the doubles).
 """
 from __future__ import annotations
 

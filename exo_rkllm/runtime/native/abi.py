@@ -4,7 +4,8 @@ This module is deliberately literal: each layout class below restates the
 enums, structs, callback type and function prototypes of one `rkllm.h`, field
 by field and in header order, so that it can be checked line by line against
 the header of that release (and is checked, size and offset, by
-tests/test_native_abi.py against the figures in shared/rkllm-abi.md). There is
+tests/test_native_abi.py against the struct sizes and field offsets of each release's
+rkllm.h, computed by a C++ compiler on LP64 Linux and tabled in that test). There is
 no logic here beyond "this release has this field"; the backend decides what
 to do with a missing feature through the `HAS_*` flags each layout declares.
 Each entry of a layout's PROTOTYPES table has the C declaration of its

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
-from ...config import Config
+from ...config import Config, parse_bool
 from ...errors import ConfigError, EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError
 from ..base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent, FinishKind,
                     GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeBase, RuntimeEvent, SamplingParams,
@@ -105,7 +105,6 @@ class NativeSettings:
     """The config rows the native backend uses, resolved once (they travel to the worker process)."""
 
     cpu_mask: int | None = None  # None: leave the runtime's default
-    npu_cores: int = 0
     pin_process: bool = False  # restrict the whole process to cpu_mask where the release has no mask field
 
     @classmethod
@@ -113,9 +112,7 @@ class NativeSettings:
         mask = parse_cpu_mask(config.cpu_mask)
         if mask is None:
             mask = default_cpu_mask(soc_name())
-        if config.npu_cores < 0:
-            raise ConfigError("RKLLM_NPU_CORES must not be negative")
-        return cls(cpu_mask=mask, npu_cores=config.npu_cores, pin_process=pin_process)
+        return cls(cpu_mask=mask, pin_process=pin_process)
 
 
 def capabilities_for(identity: RuntimeIdentity) -> Capabilities:
@@ -129,14 +126,10 @@ def capabilities_for(identity: RuntimeIdentity) -> Capabilities:
 
 
 def _option_bool(options: Mapping[str, str], key: str, default: bool) -> bool:
-    raw = str(options.get(key, "")).strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ModelLoadError(f"Modelfile {key}={options[key]!r} is not a boolean")
+    try:
+        return parse_bool(options.get(key, ""), empty=default)
+    except ValueError:
+        raise ModelLoadError(f"Modelfile {key}={options[key]!r} is not a boolean") from None
 
 
 def _option_number(options: Mapping[str, str], key: str, kind: type) -> Any:
@@ -351,11 +344,6 @@ class NativeSession:
                 os.sched_setaffinity(0, cpus)
             except OSError as exc:
                 log.warning("cannot pin the runtime worker to CPUs %s: %s", sorted(cpus), exc)
-        if self.settings.npu_cores:
-            log.warning("RKLLM_NPU_CORES=%d is ignored: no RKLLM runtime release (up to 1.3.0) takes an NPU core "
-                        "count at load time; it is fixed when the model is converted (rkllm-toolkit)",
-                        self.settings.npu_cores)
-
         handle = abi.LLMHandle()
         keep: list[Any] = [param, model_path, self._callback]
         with capture_native_output() as captured:
