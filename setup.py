@@ -2,7 +2,7 @@
 
 The .pth file is what lets an unmodified `python -m exo.main` find the `rkllm`
 engine: Python executes its one import line at start-up, which installs a
-lazy import hook (see exo_rkllm/_autoload.py). setuptools has no declarative
+lazy import hook (see exo_rkllm/exo_glue/autoload.py). setuptools has no declarative
 way to place a file at the root of site-packages, so the regular build copies
 it next to the package, and an editable build (pip install -e, PEP 660) gets
 it added to its wheel. The name sorts after setuptools' `__editable__*.pth`,

@@ -1,6 +1,6 @@
 """The OpenAI chat handlers' overhead, old against new, through real exo nodes on the simulator.
 
-The project replaced exo's own chat handler (patched by exo_rkllm/plugin.py up to the
+The project replaced exo's own chat handler (patched by exo_rkllm/exo_glue/plugin.py up to the
 baseline revision, 6a33347 by default) with its own handlers (exo_rkllm/api). This shows
 whether that costs anything, on this machine, in one run:
 
@@ -54,12 +54,12 @@ import aiohttp  # noqa: E402
 
 from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable  # noqa: E402
 from exo_rkllm.bench.metrics import fmt_median_range  # noqa: E402
-from exo_rkllm.catalog import Catalog  # noqa: E402
+from exo_rkllm.models.catalog import Catalog  # noqa: E402
 from exo_rkllm.config import Config  # noqa: E402
-from exo_rkllm.demo import write_demo_model  # noqa: E402
+from exo_rkllm.models.demo import write_demo_model  # noqa: E402
 from exo_rkllm.runtime.base import GenerationInput, ModelSpec, TokenEvent  # noqa: E402
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming  # noqa: E402
-from exo_rkllm.tokenizer import load_tokenizer  # noqa: E402
+from exo_rkllm.models.tokenizer import load_tokenizer  # noqa: E402
 
 MODEL = "qwen2.5-1.5b-instruct-demo"
 TTFT_TARGET_MS = 10.0

@@ -25,11 +25,11 @@ import aiohttp
 from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable
 from exo_rkllm.bench.report import fmt_percent_change
 from exo_rkllm.config import Config
-from exo_rkllm.demo import write_demo_model
+from exo_rkllm.models.demo import write_demo_model
 from exo_rkllm.runtime.base import GenerationInput, ModelSpec, TokenEvent
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming
-from exo_rkllm.catalog import Catalog
-from exo_rkllm.tokenizer import load_tokenizer
+from exo_rkllm.models.catalog import Catalog
+from exo_rkllm.models.tokenizer import load_tokenizer
 
 MODEL = "qwen2.5-1.5b-instruct-demo"
 

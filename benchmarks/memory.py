@@ -8,7 +8,7 @@ not what an import costs.
 Rows:
   baseline         python + transformers (+ exo_rkllm) imported, nothing loaded
   tokenizer, old   transformers' AutoTokenizer on the demo folder (what load_tokenizer did)
-  tokenizer, new   exo_rkllm.tokenizer.load_tokenizer (LightTokenizer, freed heap returned)
+  tokenizer, new   exo_rkllm.models.tokenizer.load_tokenizer (LightTokenizer, freed heap returned)
   engine, old      the engine loading the demo model on the simulator (engine + scheduler +
                    tokenizer), with the old tokenizer path
   engine, new      the same with the new path
@@ -56,14 +56,14 @@ def child(mode: str, models_dir: Path) -> dict[str, float | str]:
 
     from transformers import AutoProcessor, AutoTokenizer  # noqa: F401  (what exo imports)
 
-    from exo_rkllm import tokenizer as tokmod
+    from exo_rkllm.models import tokenizer as tokmod
 
     if mode.startswith("engine"):
         sys.path.insert(0, str(ROOT / "tests"))
         # imported before the baseline: their import is not what a model load adds
         import exo_driver  # noqa: F401
 
-        import exo_rkllm.engine  # noqa: F401
+        import exo_rkllm.engine.inference_engine  # noqa: F401
         import exo_rkllm.runtime.sim  # noqa: F401
     if mode.endswith("-old"):  # the path before: transformers for every folder, heap left as it is
         tokmod._load_light = lambda folder: None  # type: ignore[assignment]
@@ -88,7 +88,7 @@ async def _engine(models_dir: Path, base: float, answer: bool) -> dict[str, floa
     from exo_driver import ExoRing, Shard
 
     from exo_rkllm.config import Config
-    from exo_rkllm.engine import RKLLMInferenceEngine
+    from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
     from exo_rkllm.runtime.sim import SimRuntime, SimTiming
 
     engine = RKLLMInferenceEngine(config=Config(backend="sim", models_dir=models_dir),
@@ -168,7 +168,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models_dir = args.models_dir
         if models_dir is None:
-            from exo_rkllm.demo import write_demo_model
+            from exo_rkllm.models.demo import write_demo_model
 
             models_dir = Path(tmp)
             write_demo_model(models_dir)

@@ -45,7 +45,7 @@ FAST_SIM = {"RKLLM_SIM_LOAD_MS": "50", "RKLLM_SIM_DECODE_MS": "5", "RKLLM_SIM_PR
 
 def write_models(root: Path, n: int) -> list[str]:
     """`n` copies of the demo model, each in its own folder (files hard-linked: same bytes, own folder)."""
-    from exo_rkllm.demo import write_demo_model
+    from exo_rkllm.models.demo import write_demo_model
 
     source = root / "_demo"
     write_demo_model(source)

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from exo_rkllm.config import Config  # noqa: E402
-from exo_rkllm.demo import write_demo_model  # noqa: E402
+from exo_rkllm.models.demo import write_demo_model  # noqa: E402
 from exo_rkllm.runtime.base import GenerationInput, ModelSpec, TokenEvent  # noqa: E402
 from exo_rkllm.runtime.native import create, identify  # noqa: E402
 from exo_rkllm.runtime.native import abi  # noqa: E402
-from exo_rkllm.tokenizer import load_tokenizer  # noqa: E402
+from exo_rkllm.models.tokenizer import load_tokenizer  # noqa: E402
 from fake_rkllm import build_fake_library, write_fake_model, write_fake_model_folder  # noqa: E402
 
 TEXT = "Hé 世界 🤖👩‍💻 ¿qué? 日本語  \t café 🇫🇷 "
@@ -130,8 +130,8 @@ async def abort_latency(runtime: Any, spec: ModelSpec, prompt: list[int], trials
 async def engine_abort_latency(models: Path, lib: Path, tokenizer_dir: Path, trials: int) -> list[float]:
     """ms from exo abandoning a request (client gone) until the NPU is idle, through the engine."""
     from exo_driver import ExoRing
-    from exo_rkllm.catalog import Catalog
-    from exo_rkllm.engine import RKLLMInferenceEngine
+    from exo_rkllm.models.catalog import Catalog
+    from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
 
     cfg = Config(backend="native", models_dir=models, lib_path=lib, tokenizer_dir=tokenizer_dir)
     runtime = create(cfg)

@@ -35,10 +35,10 @@ import aiohttp
 
 from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable
 from exo_rkllm.bench.metrics import fmt_median_range
-from exo_rkllm.catalog import Catalog
+from exo_rkllm.models.catalog import Catalog
 from exo_rkllm.config import Config
-from exo_rkllm.demo import write_demo_model
-from exo_rkllm.tokenizer import load_tokenizer
+from exo_rkllm.models.demo import write_demo_model
+from exo_rkllm.models.tokenizer import load_tokenizer
 
 MODEL = "qwen2.5-1.5b-instruct-demo"
 CHAT_TOKENS = 24

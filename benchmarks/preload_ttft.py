@@ -27,7 +27,7 @@ import aiohttp
 
 from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable, default_python
 from exo_rkllm.config import Config
-from exo_rkllm.demo import write_demo_model
+from exo_rkllm.models.demo import write_demo_model
 
 MODEL = "qwen2.5-1.5b-instruct-demo"
 MESSAGES = [{"role": "user", "content": "[[sim:tokens=16]] What does the NPU do?"}]

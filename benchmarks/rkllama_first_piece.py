@@ -34,7 +34,7 @@ sys.path.append(str(ROOT))  # exo_rkllm: this checkout unless PYTHONPATH names a
 
 import exo_rkllm  # noqa: E402
 from exo_rkllm.config import Config  # noqa: E402
-from exo_rkllm.demo import DEMO_FILE, write_demo_model  # noqa: E402
+from exo_rkllm.models.demo import DEMO_FILE, write_demo_model  # noqa: E402
 from exo_rkllm.runtime.base import ChatMessage, GenerationInput, ModelSpec, TokenEvent  # noqa: E402
 from exo_rkllm.runtime.rkllama import RkllamaRuntime  # noqa: E402
 from exo_rkllm.runtime.rkllama import client as client_mod  # noqa: E402

@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from exo_rkllm.bench.metrics import fmt_median_range  # noqa: E402
-from exo_rkllm.demo import DEMO_FILE, write_demo_model  # noqa: E402
+from exo_rkllm.models.demo import DEMO_FILE, write_demo_model  # noqa: E402
 from exo_rkllm.runtime.base import FinishEvent, GenerationInput, ModelSpec, TokenEvent  # noqa: E402
-from exo_rkllm.tokenizer import load_tokenizer  # noqa: E402
+from exo_rkllm.models.tokenizer import load_tokenizer  # noqa: E402
 
 FILLER = "Rockchip boards run small language models on their NPU; exo splits a model across devices. "
 

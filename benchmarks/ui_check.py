@@ -49,7 +49,7 @@ import aiohttp
 from aiohttp import web
 
 from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable, free_port
-from exo_rkllm.demo import write_demo_model
+from exo_rkllm.models.demo import write_demo_model
 
 DEFAULT_EXO_PYTHON = str(Path.home() / ".cache/exo-rkllm/legacy-exo/bin/python")
 ANSWER_TEXT = "Hello from the simulated NPU, streamed word by word."

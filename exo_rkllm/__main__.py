@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from exo_rkllm.cli import main
 
 sys.exit(main())

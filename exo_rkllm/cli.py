@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import ENGINE_NAME, __version__
-from .config import BACKENDS, Config
-from .errors import RKLLMError
-from .exo_env import hook_active, legacy_exo_location
+from exo_rkllm import ENGINE_NAME, __version__
+from exo_rkllm.config import BACKENDS, Config
+from exo_rkllm.errors import RKLLMError
+from exo_rkllm.exo_glue.exo_env import hook_active, legacy_exo_location
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -30,7 +30,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import write_demo_model
+    from exo_rkllm.models.demo import write_demo_model
 
     config = _config(args)
     print(f"writing the demo model into {config.models_dir} (Qwen2.5 tokenizer, simulator model file)...",
@@ -42,7 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .catalog import Catalog
+    from exo_rkllm.models.catalog import Catalog
 
     config = _config(args)
     entries = Catalog(config).refresh()
@@ -62,8 +62,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .catalog import Catalog
-    from .runtime.factory import create_runtime
+    from exo_rkllm.models.catalog import Catalog
+    from exo_rkllm.runtime.factory import create_runtime
 
     config = _config(args)
     problems = 0
@@ -113,7 +113,7 @@ HELP_FLAGS = ("-h", "--help")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run exo's own main module with our engine selected, in this process."""
-    from . import plugin
+    from exo_rkllm.exo_glue import plugin
 
     if args.backend:
         os.environ["RKLLM_BACKEND"] = args.backend
@@ -166,7 +166,7 @@ def _print_exo_help() -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
-        from .bench.cli import main as bench_main
+        from exo_rkllm.bench.cli import main as bench_main
     except ImportError as exc:
         print(f"exo-rkllm: the benchmark suite is not available: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import ConfigError
+from exo_rkllm.errors import ConfigError
 
 
 TRUE_WORDS = ("1", "true", "yes", "on")

@@ -15,9 +15,9 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from exo_rkllm import plugin
+from exo_rkllm.exo_glue import plugin
 from exo_rkllm.api.handlers import OpenAIServer
-from exo_rkllm.engine import RKLLMInferenceEngine
+from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming
 
 from exo_driver import DriverPort, ExoRing

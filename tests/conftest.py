@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from exo_rkllm.demo import DEMO_FILE, write_demo_model
+from exo_rkllm.models.demo import DEMO_FILE, write_demo_model
 from exo_rkllm.runtime.base import ModelSpec
-from exo_rkllm.tokenizer import load_tokenizer
+from exo_rkllm.models.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="session")

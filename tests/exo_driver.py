@@ -7,7 +7,7 @@ calls `sample(result, temp=...)`, appends `token.item()`, decides
 on_token on every node, and unless finished forwards the token (shape (1, 1))
 to the next partition, whose `infer_tensor` gets it. Layers are split over a
 ring of nodes; each node has its own engine. The on_token hook the real plugin
-installs (exo_rkllm.plugin.on_token) is installed here too, so this driver
+installs (exo_rkllm.exo_glue.plugin.on_token) is installed here too, so this driver
 exercises the very code that tells the engine a request is over.
 
 The API side comes in two forms. `chat()` mirrors exo's own request flow (the
@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from exo_rkllm import plugin
+from exo_rkllm.exo_glue import plugin
 from exo_rkllm.api.port import Submission, TokenFeed
-from exo_rkllm.detok import IncrementalDetokenizer
+from exo_rkllm.models.detok import IncrementalDetokenizer
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ class ExoRing:
     def _share_messages(self, api_node: int, request_id: str, messages: list[dict[str, Any]]) -> None:
         """What the plugin does with a request's context: keep it on the API node, and send it to
         the other nodes as an exo status message, which arrives a little after the prompt."""
-        from exo_rkllm.engine import RequestContext, messages_from_openai
+        from exo_rkllm.engine.inference_engine import RequestContext, messages_from_openai
 
         context = RequestContext(messages_from_openai(messages))
         self.engines[api_node].set_request_context(request_id, context)

@@ -39,7 +39,7 @@ HOOK_FILE = "exo_rkllm.pth"
 PROBE = ("import importlib.util, pathlib, sys\n"
          "s = importlib.util.find_spec('exo')\n"
          "legacy = bool(s and s.origin and (pathlib.Path(s.origin).parent / 'orchestration' / 'node.py').exists())\n"
-         "a = sys.modules.get('exo_rkllm._autoload')\n"  # imported at start-up only by the .pth hook
+         "a = sys.modules.get('exo_rkllm.exo_glue.autoload')\n"  # imported at start-up only by the .pth hook
          "r = importlib.util.find_spec('exo_rkllm')\n"
          "print(int(legacy), int(bool(a and a.active())), r.origin if r else '-')\n")
 
@@ -111,11 +111,13 @@ def find_exo_python() -> tuple[str | None, str]:
 def overlay(exo_python: str | Path) -> Path:
     """A Python whose site-packages layers this checkout's exo-rkllm (and its hook) over `exo_python`'s.
 
-    Kept in the temp folder, keyed by both paths, and rebuilt when missing; it holds only a
+    Kept in the temp folder, keyed by both paths and the hook's text, and rebuilt when missing; it holds only a
     venv skeleton and three lines of .pth, so it is cheap and nothing of exo is copied."""
     site = subprocess.run([str(exo_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    key = hashlib.sha256(f"{Path(exo_python).resolve()}|{CHECKOUT}".encode()).hexdigest()[:12]
+    # the hook's text is part of the key: a checkout whose hook line changed gets a fresh overlay
+    hook = (CHECKOUT / HOOK_FILE).read_text()
+    key = hashlib.sha256(f"{Path(exo_python).resolve()}|{CHECKOUT}|{hook}".encode()).hexdigest()[:12]
     root = Path(tempfile.gettempdir()) / f"exo-rkllm-overlay-{key}"
     python = _python_of(root)
     if not python.exists():

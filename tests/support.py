@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from exo_rkllm.config import Config
-from exo_rkllm.engine import RKLLMInferenceEngine
+from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
 from exo_rkllm.runtime.base import CallState, FinishEvent, GenerationInput, RuntimeEvent, TokenEvent
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming
 

@@ -11,7 +11,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from exo_rkllm import plugin
+from exo_rkllm.exo_glue import plugin
 from exo_rkllm.runtime.sim import SimTiming
 
 from api_harness import parse_sse, sim_text, start_api, stop_api

@@ -12,7 +12,7 @@ import pytest
 from exo_rkllm.api import prompt as promptmod
 from exo_rkllm.api.errors import APIError
 from exo_rkllm.api.prompt import ZWJ, build_chat_prompt, defang, defang_messages, encode_plain
-from exo_rkllm.tokenizer import load_tokenizer
+from exo_rkllm.models.tokenizer import load_tokenizer
 
 from test_tokenizer import write_sentencepiece_folder
 

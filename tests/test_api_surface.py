@@ -229,7 +229,7 @@ async def test_tinychat_is_served_a_default_it_can_chat_with_and_a_reader_that_s
     stream reader lines the project replaces are replaced (the script here holds just those lines)."""
     from aiohttp import web
 
-    from exo_rkllm import plugin
+    from exo_rkllm.exo_glue import plugin
     from exo_rkllm.api.handlers import OpenAIServer
     from api_harness import ExoLikeServer
 

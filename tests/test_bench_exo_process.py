@@ -237,4 +237,4 @@ async def test_the_started_exo_imports_exo_rkllm_from_source_root(tmp_path, monk
     log = (tmp_path / "exo.log").read_text()
     assert f"exo_rkllm={tree.resolve() / 'exo_rkllm' / '__init__.py'}" in log
     assert f"PYTHONPATH={tree.resolve()}" in log
-    assert "boot=" in log and "exo_rkllm._autoload" in log  # run through the boot line, not `-m exo.main`
+    assert "boot=" in log and "exo_rkllm.exo_glue.autoload" in log  # run through the boot line, not `-m exo.main`

@@ -133,7 +133,7 @@ def test_pacing_is_known_only_for_what_the_bench_started(sim_config):
 def test_local_model_comes_from_the_catalog(tmp_path):
     """The bench serves what the catalog serves: a model the catalog refuses is refused with its reason
     (the bench's own folder scan used to benchmark it anyway), and the context length is the catalog's."""
-    from exo_rkllm.demo import write_demo_model
+    from exo_rkllm.models.demo import write_demo_model
 
     models = tmp_path / "models"
     folder = write_demo_model(models)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_rkllm.catalog import (FAKE_MODEL_MAGIC, MIN_MODEL_BYTES, Catalog, ModelfileError, context_from_name,
+from exo_rkllm.models.catalog import (FAKE_MODEL_MAGIC, MIN_MODEL_BYTES, Catalog, ModelfileError, context_from_name,
                                parse_modelfile, slugify)
 from exo_rkllm.config import Config
 from exo_rkllm.errors import ModelLoadError, ModelNotFound, ModelUnavailable
@@ -231,7 +231,7 @@ def test_plausible_model_files_are_not_judged_by_a_guessed_header(tmp_path, demo
 
 
 def test_unreadable_model_file_is_broken(tmp_path, demo_model_dir, monkeypatch):
-    import exo_rkllm.catalog as catalog_module
+    import exo_rkllm.models.catalog as catalog_module
 
     root = tmp_path / "models"
     demo_copy(root, demo_model_dir, "Locked")
@@ -273,7 +273,7 @@ class RefusingRuntime:
 
 
 def _engine(root: Path, runtime) -> "RKLLMInferenceEngine":
-    from exo_rkllm.engine import RKLLMInferenceEngine
+    from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
 
     return RKLLMInferenceEngine(config=Config(backend="sim", models_dir=root), runtime=runtime)
 
@@ -318,7 +318,7 @@ async def test_an_rkllama_server_refusing_a_model_is_asked_again_next_time(tmp_p
 
 
 def test_a_tokenizer_that_will_not_load_makes_the_entry_broken_until_it_changes(tmp_path, demo_model_dir):
-    from exo_rkllm.engine import RKLLMInferenceEngine
+    from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
 
     root = tmp_path / "models"
     folder = demo_copy(root, demo_model_dir, "BadTok")
@@ -422,7 +422,7 @@ def test_aliases_are_listed_in_the_same_order_in_every_run(tmp_path, demo_model_
 
 
 def test_the_engine_never_serves_a_stale_cache_entry(tmp_path, demo_model_dir):
-    from exo_rkllm.engine import RKLLMInferenceEngine
+    from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
 
     root = tmp_path / "models"
     first = demo_copy(root, demo_model_dir, "Qwen2.5-1.5B-Instruct-Demo")
@@ -470,7 +470,7 @@ def test_tokenizer_in_the_tokenizer_subfolder_is_found_after_the_folder_itself(t
     assert cat.resolve("sub").tokenizer_dir == sub / "tokenizer"
     assert cat.resolve("both").tokenizer_dir == both
     assert cat.resolve("explicit").tokenizer_dir == explicit / "tokenizer"  # the subfolder before TOKENIZER
-    from exo_rkllm.engine import RKLLMInferenceEngine
+    from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
 
     engine = RKLLMInferenceEngine(config=Config(backend="sim", models_dir=root), runtime=SimRuntime())
     assert engine.model_for("sub").tokenizer.eos_token_id is not None

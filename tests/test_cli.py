@@ -14,7 +14,7 @@ import pytest
 from exo_rkllm import cli
 from exo_rkllm.bench.exo_process import ExoProcess
 from exo_rkllm.config import BACKENDS
-from exo_rkllm.exo_env import legacy_exo_location
+from exo_rkllm.exo_glue.exo_env import legacy_exo_location
 from exo_rkllm.runtime.sim import write_sim_model
 from real_exo import EXO_PYTHON, requires_exo
 from support import DEMO_ID

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_rkllm.catalog import ModelfileError, parse_modelfile
+from exo_rkllm.models.catalog import ModelfileError, parse_modelfile
 from exo_rkllm.config import FALSE_WORDS, SETTINGS, TRUE_WORDS, Config, parse_bool
 from exo_rkllm.errors import ConfigError
 
@@ -69,7 +69,7 @@ def test_readme_defaults_match_the_code():
 @pytest.mark.parametrize("word", [*TRUE_WORDS, *FALSE_WORDS])
 def test_every_boolean_reader_accepts_the_same_words(word):
     """A setting, a Modelfile value and EXO_RKLLM_AUTOLOAD read the same words the same way."""
-    from exo_rkllm import _autoload
+    from exo_rkllm.exo_glue import autoload as _autoload
 
     value = word in TRUE_WORDS
     for written in (word, word.upper(), f" {word.title()} "):
@@ -81,7 +81,7 @@ def test_every_boolean_reader_accepts_the_same_words(word):
 
 @pytest.mark.parametrize("word", ["maybe", "2", "enabled", "nope"])
 def test_every_boolean_reader_refuses_the_same_words(word, capsys):
-    from exo_rkllm import _autoload
+    from exo_rkllm.exo_glue import autoload as _autoload
 
     with pytest.raises(ValueError, match="expected a boolean"):
         parse_bool(word)
@@ -95,7 +95,7 @@ def test_every_boolean_reader_refuses_the_same_words(word, capsys):
 
 
 def test_a_blank_boolean_means_what_each_reader_always_took_it_to_mean():
-    from exo_rkllm import _autoload
+    from exo_rkllm.exo_glue import autoload as _autoload
 
     with pytest.raises(ValueError):
         parse_bool("  ")

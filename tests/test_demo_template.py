@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from exo_rkllm.demo import CHATML_TEMPLATE
-from exo_rkllm.light_tokenizer import compile_chat_template
+from exo_rkllm.models.demo import CHATML_TEMPLATE
+from exo_rkllm.models.light_tokenizer import compile_chat_template
 
 # The template as it was before it rendered tools: the reference the new one must reproduce
 # byte for byte whenever a request has no tools and no tool messages.
@@ -57,7 +57,7 @@ def renderers(demo_model_dir):
     """(name, render) for LightTokenizer and transformers on the demo folder."""
     from transformers import PreTrainedTokenizerFast
 
-    from exo_rkllm.tokenizer import load_tokenizer
+    from exo_rkllm.models.tokenizer import load_tokenizer
 
     light = load_tokenizer(demo_model_dir)
     ref = PreTrainedTokenizerFast.from_pretrained(str(demo_model_dir))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from exo_rkllm.detok import IncrementalDetokenizer
+from exo_rkllm.models.detok import IncrementalDetokenizer
 from exo_rkllm.runtime.base import split_prompt, utf8_complete_prefix
 
 TEXTS = ["Hé 世界 🤖👩‍💻 ¿qué? 日本語  \t café 🇫🇷", " leading space and  two", "\n\n```py\nx = 1\n```\n",

@@ -1,4 +1,4 @@
-"""Embeddings: pooling and normalisation (exo_rkllm/embeddings.py), the engine's encoding and checks,
+"""Embeddings: pooling and normalisation (exo_rkllm/engine/embeddings.py), the engine's encoding and checks,
 and the scheduler's embedding jobs (same queue and ranks as generations, KV bookkeeping forgotten).
 
 The simulator's hidden rows are a deterministic function of the token prefix (sim.embedding_rows), so
@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 
 from exo_rkllm.config import Config
-from exo_rkllm.embeddings import (EmbeddingResult, Pooling, embedding_vector, normalize, pool, pooling_method,
+from exo_rkllm.engine.embeddings import (EmbeddingResult, Pooling, embedding_vector, normalize, pool, pooling_method,
                                   text_ids, tokenizer_framing)
-from exo_rkllm.engine import RKLLMInferenceEngine
+from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
 from exo_rkllm.errors import (ContextOverflow, EmbeddingUnsupported, GenerationError, ModelUnavailable, QueueFull,
                               ShuttingDown)
 from exo_rkllm.runtime.base import EmbeddingInput, EmbeddingOutput, GenerationInput, RuntimeEvent
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming, embedding_rows, hidden_size
-from exo_rkllm.scheduler import Priority, Scheduler
-from exo_rkllm.tokenizer import stop_token_ids
+from exo_rkllm.scheduler.scheduler import Priority, Scheduler
+from exo_rkllm.models.tokenizer import stop_token_ids
 from support import DEMO_ID, RecordingRuntime, user
 
 HANG_S = 30.0

@@ -144,7 +144,7 @@ async def test_no_per_request_state_after_200_requests(demo_models_dir):
     assert engine._contexts == {}
     assert engine._scheduler.streams == {}
     assert engine._scheduler.queued == 0 and engine._scheduler.running_request is None
-    from exo_rkllm.scheduler import ENDED_SIZE, HISTORY_SIZE
+    from exo_rkllm.scheduler.scheduler import ENDED_SIZE, HISTORY_SIZE
 
     assert len(engine._scheduler.ended) <= ENDED_SIZE and len(engine._scheduler.history) <= HISTORY_SIZE
 
@@ -267,7 +267,7 @@ async def test_messages_backend_gets_the_original_messages_from_any_api_node(dem
     from exo_rkllm.runtime.sim import SimRuntime
     from support import MessagesRuntime
     from exo_rkllm.config import Config
-    from exo_rkllm.engine import RKLLMInferenceEngine
+    from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
 
     cfg = Config(backend="sim", models_dir=demo_models_dir)
     runtime = MessagesRuntime(SimRuntime(SimTiming.instant()), demo_tokenizer)

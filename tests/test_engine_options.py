@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from exo_rkllm.config import Config
-from exo_rkllm.engine import RKLLMInferenceEngine, RequestContext, RequestEnding, RunOptions, messages_from_openai
+from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine, RequestContext, RequestEnding, RunOptions, messages_from_openai
 from exo_rkllm.runtime.base import ChatMessage, GenerationInput, RuntimeEvent
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming
-from exo_rkllm.scheduler import Priority, Scheduler
-from exo_rkllm.tokenizer import stop_token_ids
+from exo_rkllm.scheduler.scheduler import Priority, Scheduler
+from exo_rkllm.models.tokenizer import stop_token_ids
 from support import DEMO_ID, DEMO_LAYERS, RecordingRuntime, user
 
 PACED = SimTiming(0.0, 0.0, 0.0, decode_ms_per_token=10.0)

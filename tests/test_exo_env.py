@@ -1,5 +1,5 @@
 """One answer to "is legacy exo here, is our hook active", whoever asks: the CLI in this
-interpreter, the benchmark about another one (exo_rkllm/exo_env.py run there by path)."""
+interpreter, the benchmark about another one (exo_rkllm/exo_glue/exo_env.py run there by path)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from exo_rkllm import cli, exo_env
+from exo_rkllm.exo_glue import exo_env
+from exo_rkllm import cli
 from exo_rkllm.bench.exo_process import probe_python
 
 
@@ -72,7 +73,7 @@ def test_the_hook_is_reported_by_the_module_that_owns_it(tmp_path):
     # A sitecustomize does what exo_rkllm.pth does at start-up: import the hook's module.
     boot = tmp_path / "boot"
     boot.mkdir()
-    (boot / "sitecustomize.py").write_text("import exo_rkllm._autoload\n")
+    (boot / "sitecustomize.py").write_text("import exo_rkllm.exo_glue.autoload\n")
     assert run_describe([boot])["hooked"] is True
     assert run_describe([boot], EXO_RKLLM_AUTOLOAD="off")["hooked"] is False
     assert run_describe([tmp_path], EXO_RKLLM_AUTOLOAD="0")["hooked"] is False

@@ -518,7 +518,7 @@ def test_setup_writes_a_model_folder_exo_rkllm_and_both_rkllama_eras_accept(fake
     folder works offline); exo-rkllm's catalog must list the folder as servable."""
     from transformers import AutoTokenizer
 
-    from exo_rkllm.catalog import Catalog
+    from exo_rkllm.models.catalog import Catalog
     from exo_rkllm.config import Config
     from fake_rkllm.__main__ import main
 

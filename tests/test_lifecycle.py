@@ -18,10 +18,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from exo_rkllm import plugin
+from exo_rkllm.exo_glue import plugin
 from exo_rkllm.config import Config
 from exo_rkllm.errors import ConfigError, ModelLoadError
-from exo_rkllm.lifecycle import LoadStatus, ModelStatus, preload_ids
+from exo_rkllm.scheduler.lifecycle import LoadStatus, ModelStatus, preload_ids
 from exo_rkllm.runtime.sim import SimTiming
 from exo_driver import ExoRing
 from support import DEMO_LAYERS, RecordingRuntime, make_engine, user
@@ -344,7 +344,7 @@ async def test_a_slow_load_shows_as_loading_with_its_progress(two_models):
 
 
 def test_a_runtime_that_reports_only_start_and_end_is_not_claimed_to_know_its_progress():
-    from exo_rkllm.lifecycle import LoadState
+    from exo_rkllm.scheduler.lifecycle import LoadState
 
     state = LoadState("m")
     state.report("loading m.rkllm", 0.0)  # what the native backend and rkllama report, then nothing until 1.0

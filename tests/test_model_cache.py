@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from exo_rkllm import plugin
+from exo_rkllm.exo_glue import plugin
 from exo_rkllm.config import Config
 from exo_rkllm.errors import ConfigError
 from exo_rkllm.runtime.sim import SimTiming

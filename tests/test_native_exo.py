@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from exo_rkllm.catalog import Catalog
+from exo_rkllm.models.catalog import Catalog
 from exo_rkllm.config import Config
-from exo_rkllm.engine import RKLLMInferenceEngine
+from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
 from exo_rkllm.errors import GenerationError
 from exo_rkllm.runtime.native import create
 from exo_driver import ExoRing

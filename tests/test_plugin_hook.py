@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_rkllm import plugin
+from exo_rkllm.exo_glue import plugin
 from exo_driver import ExoRing
 from fake_rkllama.fixtures import make_server  # noqa: F401  (a fixture)
 from support import DEMO_ID, DEMO_LAYERS, make_engine, user
@@ -182,7 +182,7 @@ async def test_the_start_up_check_works_inside_a_running_event_loop():
 
 # -- the hook's module list and the plugin's patchers --------------------------------------------------------------
 def test_the_hook_watches_exactly_the_modules_the_plugin_patches():
-    from exo_rkllm import _autoload
+    from exo_rkllm.exo_glue import autoload as _autoload
 
     assert list(plugin._PATCHERS) == list(_autoload.TARGETS)
 
@@ -202,8 +202,8 @@ def test_our_start_up_imports_neither_transformers_nor_protobuf(demo_models_dir)
     needs it (a model folder without tokenizer.json)."""
     code = textwrap.dedent("""
         import sys
-        import exo_rkllm._autoload, exo_rkllm.cli
-        from exo_rkllm import plugin
+        import exo_rkllm.exo_glue.autoload, exo_rkllm.cli
+        from exo_rkllm.exo_glue import plugin
         from exo_rkllm.config import Config
         engine = plugin.make_engine(None, Config.from_env())
         assert engine.catalog.servable(), "the demo model is listed"

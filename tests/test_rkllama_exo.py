@@ -10,7 +10,7 @@ import pytest
 
 from exo_driver import ExoRing
 from exo_rkllm.config import Config
-from exo_rkllm.engine import RKLLMInferenceEngine
+from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
 from exo_rkllm.errors import RKLLMError
 from exo_rkllm.runtime.sim import SimTiming
 from fake_rkllama.fixtures import *  # noqa: F401,F403

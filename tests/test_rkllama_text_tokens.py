@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from exo_rkllm.detok import IncrementalDetokenizer
+from exo_rkllm.models.detok import IncrementalDetokenizer
 from exo_rkllm.runtime.base import CallState
 from exo_rkllm.runtime.rkllama.text_tokens import TextToTokens
 from exo_rkllm.runtime.sim import _FRAGMENTS

@@ -15,10 +15,10 @@ from typing import Any, AsyncIterator
 import numpy as np
 
 from exo_rkllm.config import Config
-from exo_rkllm.engine import RKLLMInferenceEngine, RequestEnding
+from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine, RequestEnding
 from exo_rkllm.runtime.base import FinishEvent, FinishKind, GenerationInput, RuntimeEvent
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming
-from exo_rkllm.scheduler import ENDED_SIZE, HISTORY_SIZE, EndKind, RequestEnd, RunOutcome, _Plan
+from exo_rkllm.scheduler.scheduler import ENDED_SIZE, HISTORY_SIZE, EndKind, RequestEnd, RunOutcome, _Plan
 from support import DEMO_ID, RecordingRuntime, user
 from test_engine_options import SHARD, HANG_S, endings_of, run, templated
 

@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 import pytest
 
-from exo_rkllm.engine import RequestContext
+from exo_rkllm.engine.inference_engine import RequestContext
 from exo_rkllm.api.priority import classify_request
 from exo_rkllm.runtime.sim import SimTiming
-from exo_rkllm.scheduler import Priority, RequestEnd, RunOutcome
+from exo_rkllm.scheduler.scheduler import Priority, RequestEnd, RunOutcome
 from exo_driver import Answer, ExoRing
 from support import DEMO_ID, DEMO_LAYERS, RecordingRuntime, make_engine, user
 
@@ -206,7 +206,7 @@ class UnreportedCache(RecordingRuntime):
 
 async def test_without_a_reported_cache_length_the_resume_prefills_everything(demo_models_dir):
     from exo_rkllm.config import Config
-    from exo_rkllm.engine import RKLLMInferenceEngine
+    from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine
     from exo_rkllm.runtime.sim import SimRuntime
 
     text = "follow-ups [[sim:tokens=40]]"
@@ -262,7 +262,7 @@ async def test_cancelling_a_paused_request_frees_everything(demo_models_dir, cap
     await ring.start("fg", "the question [[sim:tokens=30]]", FG)
     scheduler = engine._scheduler
     await until(lambda: scheduler.get("bg") is not None and scheduler.get("bg").state.value == "paused")
-    with caplog.at_level(logging.INFO, logger="exo_rkllm.scheduler"):
+    with caplog.at_level(logging.INFO, logger="exo_rkllm.scheduler.scheduler"):
         ring.abandon("bg")
         (fg,) = await finished(ring, "fg")
     await ring.drain()
@@ -280,7 +280,7 @@ async def test_cancelling_a_paused_request_frees_everything(demo_models_dir, cap
 async def test_one_info_line_per_finished_request(demo_models_dir, caplog):
     engine, runtime = make_engine(demo_models_dir, PACED)
     ring = PriorityRing([engine])
-    with caplog.at_level(logging.INFO, logger="exo_rkllm.scheduler"):
+    with caplog.at_level(logging.INFO, logger="exo_rkllm.scheduler.scheduler"):
         await ring.start("bg", "tags [[sim:tokens=30]]", BG)
         await until(lambda: len(runtime.tokens["bg"]) >= 5)
         await ring.start("fg", "hi [[sim:tokens=10]]", FG)
@@ -325,7 +325,7 @@ async def test_a_request_cancelled_before_it_ran_is_logged_once(demo_models_dir,
     engine, runtime = make_engine(demo_models_dir, PACED)
     ring = PriorityRing([engine])
     await ring.start("blocker", "hold the NPU [[sim:tokens=30]]", FG)
-    with caplog.at_level(logging.INFO, logger="exo_rkllm.scheduler"):
+    with caplog.at_level(logging.INFO, logger="exo_rkllm.scheduler.scheduler"):
         await ring.start("waiting", "never runs [[sim:tokens=5]]", BG)
         ring.abandon("waiting")
         await finished(ring, "blocker")

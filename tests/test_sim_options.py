@@ -14,8 +14,8 @@ from exo_rkllm.errors import ContextOverflow, EmbeddingUnsupported, GenerationEr
 from exo_rkllm.runtime.base import (EmbeddingInput, FinishEvent, FinishKind, GenerationInput, Runtime, SamplingParams,
                                     TokenEvent)
 from exo_rkllm.runtime.sim import DEFAULT_HIDDEN_SIZE, SIM_RELEASES, SimRuntime, SimTiming
-from exo_rkllm.scheduler import Scheduler
-from exo_rkllm.streams import FinishReason
+from exo_rkllm.scheduler.scheduler import Scheduler
+from exo_rkllm.scheduler.streams import FinishReason
 
 WARM = SamplingParams(top_k=40, top_p=0.95, temperature=0.9, repeat_penalty=1.05, frequency_penalty=0.2,
                       presence_penalty=0.1)

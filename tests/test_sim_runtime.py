@@ -12,7 +12,7 @@ import pytest
 from exo_rkllm.errors import GenerationError, ModelLoadError
 from exo_rkllm.runtime.base import CallState, FinishEvent, GenerationInput, TokenEvent, utf8_complete_prefix
 from exo_rkllm.runtime.sim import _FRAGMENTS, SIM_MAGIC, SimRuntime, SimTiming
-from exo_rkllm.tokenizer import token_bytes
+from exo_rkllm.models.tokenizer import token_bytes
 
 
 async def run(rt, ids, **kw):

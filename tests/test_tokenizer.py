@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from exo_rkllm import plugin
-from exo_rkllm import tokenizer as tokmod
-from exo_rkllm.light_tokenizer import LightTokenizer
-from exo_rkllm.tokenizer import load_tokenizer, stop_token_ids
+from exo_rkllm.exo_glue import plugin
+from exo_rkllm.models import tokenizer as tokmod
+from exo_rkllm.models.light_tokenizer import LightTokenizer
+from exo_rkllm.models.tokenizer import load_tokenizer, stop_token_ids
 from exo_driver import ExoRing
 from support import DEMO_ID, DEMO_LAYERS, make_engine, user
 
@@ -257,11 +257,11 @@ def test_other_tokenizer_classes_go_to_transformers_and_say_so_once(tmp_path, sp
         config["tokenizer_class"] = "LlamaTokenizerFast"  # rewrites the post-processor at load
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
         folders.append(folder)
-    with caplog.at_level(logging.INFO, logger="exo_rkllm.tokenizer"):
+    with caplog.at_level(logging.INFO, logger="exo_rkllm.models.tokenizer"):
         toks = [load_tokenizer(f) for f in folders]
     assert not any(isinstance(t, LightTokenizer) for t in toks)
     assert type(toks[0]).__module__.startswith("transformers")
-    said = [r for r in caplog.records if r.name == "exo_rkllm.tokenizer" and "LlamaTokenizerFast" in r.getMessage()]
+    said = [r for r in caplog.records if r.name == "exo_rkllm.models.tokenizer" and "LlamaTokenizerFast" in r.getMessage()]
     assert len(said) == 1 and "loaded with transformers" in said[0].getMessage()
 
 
@@ -315,7 +315,7 @@ def test_loading_the_demo_tokenizer_adds_at_most_150_mb(demo_model_dir):
 
     probe = ("import gc, json\n"
              "from transformers import AutoTokenizer, AutoProcessor\n"
-             "from exo_rkllm.tokenizer import load_tokenizer\n"
+             "from exo_rkllm.models.tokenizer import load_tokenizer\n"
              "def rss():\n"
              "    return next(int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmRSS'))\n"
              "gc.collect(); base = rss()\n"

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Collection, Sequence
 
-from ..detok import REPLACEMENT, IncrementalDetokenizer
-from .reasoning import ReasoningFormat, ReasoningSplitter
-from .stops import StopMatcher
-from .tools import ToolCall, ToolCallParser, ToolDelta, ToolFamily
+from exo_rkllm.models.detok import REPLACEMENT, IncrementalDetokenizer
+from exo_rkllm.api.reasoning import ReasoningFormat, ReasoningSplitter
+from exo_rkllm.api.stops import StopMatcher
+from exo_rkllm.api.tools import ToolCall, ToolCallParser, ToolDelta, ToolFamily
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:  # aiohttp and the engine's errors are only needed by the functions that use them
     from aiohttp import web
 
-    from ..errors import RKLLMError
+    from exo_rkllm.errors import RKLLMError
 
 # OpenAI's own `type` words. 429: OpenAI answers rate limits with `rate_limit_exceeded` codes
 # and a type that varied over time ("requests", "tokens"); the OpenAI-compatible servers and

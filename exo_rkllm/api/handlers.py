@@ -27,19 +27,19 @@ from typing import Any, Callable, Mapping
 
 from aiohttp import web
 
-from ..config import Config
-from ..engine import RequestContext, RKLLMInferenceEngine, RunOptions, messages_from_openai
-from ..errors import RKLLMError
-from ..scheduler import Priority
-from .answer import AnswerText, Delta
-from .errors import APIError, error_chunk, error_response
-from .port import Ending, NodePort, Submission, TokenFeed, Update
-from .priority import classify_request, priority_named
-from .prompt import Prompt, build_chat_prompt, defang_messages, encode_plain
-from .reasoning import ReasoningFormat, prompt_opens_reasoning
-from .schema import ChatRequest, CompletionRequest, Sampling, parse_chat, parse_completion, parse_embedding
-from .sse import EventStream
-from .tools import ToolFamily, family_for
+from exo_rkllm.config import Config
+from exo_rkllm.engine.inference_engine import RequestContext, RKLLMInferenceEngine, RunOptions, messages_from_openai
+from exo_rkllm.errors import RKLLMError
+from exo_rkllm.scheduler.scheduler import Priority
+from exo_rkllm.api.answer import AnswerText, Delta
+from exo_rkllm.api.errors import APIError, error_chunk, error_response
+from exo_rkllm.api.port import Ending, NodePort, Submission, TokenFeed, Update
+from exo_rkllm.api.priority import classify_request, priority_named
+from exo_rkllm.api.prompt import Prompt, build_chat_prompt, defang_messages, encode_plain
+from exo_rkllm.api.reasoning import ReasoningFormat, prompt_opens_reasoning
+from exo_rkllm.api.schema import ChatRequest, CompletionRequest, Sampling, parse_chat, parse_completion, parse_embedding
+from exo_rkllm.api.sse import EventStream
+from exo_rkllm.api.tools import ToolFamily, family_for
 
 log = logging.getLogger("exo_rkllm.api")
 

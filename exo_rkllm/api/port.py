@@ -2,7 +2,7 @@
 
 The handlers know exo only through this: submit a prompt for a request id, read
 the token ids the node reports for it and how it ended, cancel it. exo's real
-Node implements it in the plugin (exo_rkllm/plugin.py); the tests' exo-contract
+Node implements it in the plugin (exo_rkllm/exo_glue/plugin.py); the tests' exo-contract
 driver implements it too, so every handler behaviour is tested where CI can see
 it, without exo.
 
@@ -18,8 +18,8 @@ import collections
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from ..engine import RequestContext, RequestEnding
-from ..errors import RKLLMError
+from exo_rkllm.engine.inference_engine import RequestContext, RequestEnding
+from exo_rkllm.errors import RKLLMError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..scheduler import Priority
+from exo_rkllm.scheduler.scheduler import Priority
 
 PRIORITY_HEADER = "X-Priority"
 # Open WebUI's task prompts (title, tags, follow-ups, queries, autocomplete, emoji) all open so.

@@ -27,7 +27,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import APIError
+from exo_rkllm.api.errors import APIError
 
 ZWJ = "\u200d"  # what defang() inserts: invisible, and no vocabulary has it inside a special token
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .errors import APIError
+from exo_rkllm.api.errors import APIError
 
 MAX_STOP = 16
 MAX_EMBEDDING_INPUTS = 256

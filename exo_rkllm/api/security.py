@@ -69,8 +69,8 @@ from typing import Any, Awaitable, Callable, Iterable
 from aiohttp import hdrs, web
 from yarl import URL
 
-from ..config import Config
-from .errors import APIError, error_response
+from exo_rkllm.config import Config
+from exo_rkllm.api.errors import APIError, error_response
 
 log = logging.getLogger("exo_rkllm.api.security")
 

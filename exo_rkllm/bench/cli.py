@@ -21,15 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..config import Config
-from ..errors import RKLLMError
-from . import report as report_mod
-from . import results
-from .exo_process import ExoProcess, ExoUnavailable, default_python
-from .prompts import STANDARD_PROMPTS, PromptFileError, load_prompt_file
-from .runner import BenchSettings, Progress, describe_host, now_iso, run_target
-from .targets import (ExoApiTarget, LocalModel, RkllamaTarget, RuntimeTarget, TargetError, TokenCounter,
+from exo_rkllm import __version__
+from exo_rkllm.config import Config
+from exo_rkllm.errors import RKLLMError
+from exo_rkllm.bench import report as report_mod
+from exo_rkllm.bench import results
+from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable, default_python
+from exo_rkllm.bench.prompts import STANDARD_PROMPTS, PromptFileError, load_prompt_file
+from exo_rkllm.bench.runner import BenchSettings, Progress, describe_host, now_iso, run_target
+from exo_rkllm.bench.targets import (ExoApiTarget, LocalModel, RkllamaTarget, RuntimeTarget, TargetError, TokenCounter,
                       resolve_local_model)
 
 DEFAULT_EXO_URL = "http://localhost:52415"
@@ -252,7 +252,7 @@ def _main(args: argparse.Namespace, t0: float) -> int:
     if args.models_dir:
         overrides["models_dir"] = args.models_dir
     if args.sim and not args.model and not args.models_dir:
-        from ..demo import write_demo_model
+        from exo_rkllm.models.demo import write_demo_model
 
         overrides["models_dir"] = _demo_models_dir()
         write_demo_model(overrides["models_dir"])

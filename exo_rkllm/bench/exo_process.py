@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import exo_rkllm
-from exo_rkllm.exo_env import probe_command
+from exo_rkllm.exo_glue.exo_env import probe_command
 
 # Used when the chosen interpreter has exo but not exo-rkllm installed (a development
 # checkout): put this checkout on the path and install the same import hook the
 # package's .pth file installs, then run exo exactly as `python -m exo.main` would.
-_BOOT = ("import runpy, sys; import exo_rkllm._autoload; "
+_BOOT = ("import runpy, sys; import exo_rkllm.exo_glue.autoload; "
          "runpy.run_module('exo.main', run_name='__main__', alter_sys=True)")
 
 

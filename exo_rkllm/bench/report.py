@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .results import integrity_line
+from exo_rkllm.bench.results import integrity_line
 
 NOT_MEASURED = "not measured"
 

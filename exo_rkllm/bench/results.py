@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from . import metrics
+from exo_rkllm.bench import metrics
 
 Sample = dict[str, Any]
 

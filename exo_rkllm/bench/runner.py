@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from . import results
-from .prompts import MULTI_TURN_SCRIPT, STANDARD_PROMPTS, BenchPrompt
-from .targets import ChatResult, Target, TargetError, TokenCounter
+from exo_rkllm.bench import results
+from exo_rkllm.bench.prompts import MULTI_TURN_SCRIPT, STANDARD_PROMPTS, BenchPrompt
+from exo_rkllm.bench.targets import ChatResult, Target, TargetError, TokenCounter
 
 
 @dataclass

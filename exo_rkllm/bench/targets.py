@@ -24,13 +24,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
-from ..catalog import Catalog
-from ..config import Config
-from ..errors import RKLLMError
-from ..runtime.base import FinishEvent, GenerationInput, ModelSpec, TokenEvent, split_prompt
-from ..runtime.rkllama.client import (API_EARLY, API_OLLAMA, Chunk, RkllamaClient, match_remote_name,
+from exo_rkllm.models.catalog import Catalog
+from exo_rkllm.config import Config
+from exo_rkllm.errors import RKLLMError
+from exo_rkllm.runtime.base import FinishEvent, GenerationInput, ModelSpec, TokenEvent, split_prompt
+from exo_rkllm.runtime.rkllama.client import (API_EARLY, API_OLLAMA, Chunk, RkllamaClient, match_remote_name,
                                       parse_chunk)
-from ..tokenizer import load_tokenizer, stop_token_ids
+from exo_rkllm.models.tokenizer import load_tokenizer, stop_token_ids
 
 Messages = Sequence[Mapping[str, Any]]
 
@@ -205,7 +205,7 @@ class RuntimeTarget:
         self.load_s: float | None = None
 
     async def open(self) -> None:
-        from ..runtime.factory import create_runtime
+        from exo_rkllm.runtime.factory import create_runtime
 
         if self.runtime is None:
             try:

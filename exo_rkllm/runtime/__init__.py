@@ -1,5 +1,5 @@
 """Runtime backends behind one protocol (see base.py); `create_runtime` picks one from the config."""
-from .base import (CallState, Capabilities, ChatMessage, EventBridge, FinishEvent, FinishKind, GenerationInput,
+from exo_rkllm.runtime.base import (CallState, Capabilities, ChatMessage, EventBridge, FinishEvent, FinishKind, GenerationInput,
                    GenerationStats, ModelSpec, Runtime, RuntimeBase, RuntimeEvent, SamplingParams, TokenEvent)
 
 __all__ = [

@@ -16,9 +16,9 @@ import logging
 import threading
 from typing import Any
 
-from ..config import Config
-from ..errors import RKLLMError, RuntimeUnavailable
-from .base import Runtime
+from exo_rkllm.config import Config
+from exo_rkllm.errors import RKLLMError, RuntimeUnavailable
+from exo_rkllm.runtime.base import Runtime
 
 log = logging.getLogger("exo_rkllm.runtime")
 
@@ -31,7 +31,7 @@ NO_RUNTIME_HELP = (
 
 
 def build_sim(config: Config) -> Runtime:
-    from .sim import SimRuntime, SimTiming
+    from exo_rkllm.runtime.sim import SimRuntime, SimTiming
 
     timing = SimTiming(load_ms=config.sim_load_ms, prefill_base_ms=config.sim_prefill_base_ms,
                        prefill_ms_per_token=config.sim_prefill_ms, decode_ms_per_token=config.sim_decode_ms)
@@ -40,7 +40,7 @@ def build_sim(config: Config) -> Runtime:
 
 def build_native(config: Config) -> Runtime:
     try:
-        from .native import create as create_native
+        from exo_rkllm.runtime.native import create as create_native
     except ImportError as exc:
         raise RuntimeUnavailable(f"the native backend is not available in this build: {exc}") from exc
     return create_native(config)
@@ -48,7 +48,7 @@ def build_native(config: Config) -> Runtime:
 
 async def build_rkllama(config: Config) -> Runtime:
     try:
-        from .rkllama import create as create_rkllama
+        from exo_rkllm.runtime.rkllama import create as create_rkllama
     except ImportError as exc:
         raise RuntimeUnavailable(f"the rkllama backend is not available in this build: {exc}") from exc
     return await create_rkllama(config)
@@ -59,8 +59,8 @@ async def probe_rkllama(config: Config) -> str | None:
     nothing answers, or what answers is not rkllama (any other HTTP server on the port). The
     same detection the rkllama backend runs, bounded to a few seconds."""
     try:
-        from .rkllama import RkllamaClient
-        from .rkllama.client import PROBE_TIMEOUT_S
+        from exo_rkllm.runtime.rkllama import RkllamaClient
+        from exo_rkllm.runtime.rkllama.client import PROBE_TIMEOUT_S
     except ImportError as exc:
         return f"rkllama backend not built ({exc})"
     client = RkllamaClient.from_config(config, quick=True)
@@ -84,7 +84,7 @@ async def choose_backend(config: Config) -> str:
         return config.backend
     reasons: list[str] = []
     try:
-        from .native import find_library
+        from exo_rkllm.runtime.native import find_library
 
         if find_library(config) is not None:
             return "native"

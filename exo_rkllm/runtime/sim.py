@@ -67,9 +67,9 @@ from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
-from ..errors import ContextOverflow, EmbeddingUnsupported, GenerationError, ModelLoadError
-from ..tokenizer import load_tokenizer, special_ids, stop_token_ids, token_bytes
-from .base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent, FinishKind,
+from exo_rkllm.errors import ContextOverflow, EmbeddingUnsupported, GenerationError, ModelLoadError
+from exo_rkllm.models.tokenizer import load_tokenizer, special_ids, stop_token_ids, token_bytes
+from exo_rkllm.runtime.base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent, FinishKind,
                    GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeBase, RuntimeEvent, SamplingParams,
                    TokenEvent, stream_from_thread, utf8_complete_prefix)
 

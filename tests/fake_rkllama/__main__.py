@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="early API: end the stream with an empty finish_reason=stop object")
     args = parser.parse_args(argv)
     if args.demo:
-        from exo_rkllm.demo import write_demo_model
+        from exo_rkllm.models.demo import write_demo_model
 
         print(f"demo model: {write_demo_model(Path(args.models_dir))}", flush=True)
     logging.basicConfig(level=logging.INFO)

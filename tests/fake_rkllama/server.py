@@ -90,7 +90,7 @@ from aiohttp import web
 from exo_rkllm.errors import RKLLMError
 from exo_rkllm.runtime.base import EmbeddingInput, FinishEvent, GenerationInput, ModelSpec, SamplingParams, TokenEvent
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming
-from exo_rkllm.tokenizer import has_tokenizer_files, load_tokenizer
+from exo_rkllm.models.tokenizer import has_tokenizer_files, load_tokenizer
 
 log = logging.getLogger("fake_rkllama")
 

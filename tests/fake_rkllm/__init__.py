@@ -78,7 +78,7 @@ def write_fake_model(path: Path, tokenizer: Any, answers: Iterable[str | Sequenc
     conversation's context picks one. `settings` become header keys: load_ms, prefill_base_ms,
     prefill_ms, decode_ms, error_at, error_if_input_has, crash_at, crash_if_input_has, crash_mode,
     waiting_style, finish_after_abort, emit_eos, trace."""
-    from exo_rkllm.tokenizer import special_ids, stop_token_ids, token_bytes
+    from exo_rkllm.models.tokenizer import special_ids, stop_token_ids, token_bytes
 
     answer_ids = [_ids(tokenizer, a, add_eos) for a in answers]
     used = sorted({i for ids in answer_ids for i in ids})

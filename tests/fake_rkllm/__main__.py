@@ -25,8 +25,8 @@ from . import DEMO_ANSWERS, TOKENIZER_FILES, build_fake_library, write_fake_mode
 
 
 def setup(args: argparse.Namespace) -> int:
-    from exo_rkllm.demo import write_qwen_tokenizer
-    from exo_rkllm.tokenizer import load_tokenizer
+    from exo_rkllm.models.demo import write_qwen_tokenizer
+    from exo_rkllm.models.tokenizer import load_tokenizer
 
     root = Path(args.dir).expanduser().resolve()
     built = build_fake_library(args.version, root / "build")

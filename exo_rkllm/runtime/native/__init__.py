@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...config import Config
-from ..base import Runtime
-from .library import SUPPORTED, RKLLMLibrary, RuntimeIdentity, detect_version, identify
-from .library import find_library as _find_library
+from exo_rkllm.config import Config
+from exo_rkllm.runtime.base import Runtime
+from exo_rkllm.runtime.native.library import SUPPORTED, RKLLMLibrary, RuntimeIdentity, detect_version, identify
+from exo_rkllm.runtime.native.library import find_library as _find_library
 
 __all__ = ["SUPPORTED", "RuntimeIdentity", "create", "detect_version", "find_library", "identify"]
 
@@ -30,11 +30,11 @@ def find_library(config: Config) -> Path | None:
 
 def create(config: Config) -> Runtime:
     """The native backend for `config`: isolated in a worker process unless RKLLM_NATIVE_ISOLATION=0."""
-    from .backend import NativeRuntime, NativeSettings
+    from exo_rkllm.runtime.native.backend import NativeRuntime, NativeSettings
 
     identity = identify(config)  # raises before any call into the library
     if config.native_isolation:
-        from .isolated import IsolatedRuntime
+        from exo_rkllm.runtime.native.isolated import IsolatedRuntime
 
         return IsolatedRuntime(identity, NativeSettings.from_config(config, pin_process=True))
     return NativeRuntime(RKLLMLibrary(identity), NativeSettings.from_config(config))

@@ -48,13 +48,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
-from ...config import Config, parse_bool
-from ...errors import ConfigError, EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError
-from ..base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent, FinishKind,
+from exo_rkllm.config import Config, parse_bool
+from exo_rkllm.errors import ConfigError, EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError
+from exo_rkllm.runtime.base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent, FinishKind,
                     GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeBase, RuntimeEvent, SamplingParams,
                     TokenEvent, stream_from_thread, utf8_complete_prefix)
-from . import abi
-from .library import RKLLMLibrary, RuntimeIdentity
+from exo_rkllm.runtime.native import abi
+from exo_rkllm.runtime.native.library import RKLLMLibrary, RuntimeIdentity
 
 log = logging.getLogger("exo_rkllm.native")
 

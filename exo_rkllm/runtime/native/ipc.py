@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ... import errors
-from ..base import CallState, FinishEvent, GenerationInput, TokenEvent
-from .backend import NativeSettings
-from .library import RuntimeIdentity
+from exo_rkllm import errors
+from exo_rkllm.runtime.base import CallState, FinishEvent, GenerationInput, TokenEvent
+from exo_rkllm.runtime.native.backend import NativeSettings
+from exo_rkllm.runtime.native.library import RuntimeIdentity
 
 
 @dataclass

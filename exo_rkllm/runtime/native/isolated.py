@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 from multiprocessing.connection import Connection
 
-from ...errors import EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError, RuntimeUnavailable
-from ..base import (EmbeddingInput, EmbeddingOutput, FinishEvent, GenerationInput, ModelSpec, ProgressFn, RuntimeBase,
+from exo_rkllm.errors import EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError, RuntimeUnavailable
+from exo_rkllm.runtime.base import (EmbeddingInput, EmbeddingOutput, FinishEvent, GenerationInput, ModelSpec, ProgressFn, RuntimeBase,
                     RuntimeEvent)
-from .backend import NativeSettings, capabilities_for
-from .ipc import Abort, Call, Configure, Failed, Finished, Generate, Hello, Reply, Token
-from .library import RuntimeIdentity
+from exo_rkllm.runtime.native.backend import NativeSettings, capabilities_for
+from exo_rkllm.runtime.native.ipc import Abort, Call, Configure, Failed, Finished, Generate, Hello, Reply, Token
+from exo_rkllm.runtime.native.library import RuntimeIdentity
 
 log = logging.getLogger("exo_rkllm.native")
 

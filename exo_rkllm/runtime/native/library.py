@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ...config import Config
-from ...errors import RuntimeUnavailable, RuntimeVersionError
-from . import abi
+from exo_rkllm.config import Config
+from exo_rkllm.errors import RuntimeUnavailable, RuntimeVersionError
+from exo_rkllm.runtime.native import abi
 
 log = logging.getLogger("exo_rkllm.native")
 

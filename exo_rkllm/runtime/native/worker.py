@@ -25,9 +25,9 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .backend import NativeSession
-from .ipc import Abort, Call, Configure, EmbedResult, Failed, Finished, Generate, Hello, RemoteError, Reply, Token
-from .library import RKLLMLibrary
+from exo_rkllm.runtime.native.backend import NativeSession
+from exo_rkllm.runtime.native.ipc import Abort, Call, Configure, EmbedResult, Failed, Finished, Generate, Hello, RemoteError, Reply, Token
+from exo_rkllm.runtime.native.library import RKLLMLibrary
 
 log = logging.getLogger("exo_rkllm.native.worker")
 

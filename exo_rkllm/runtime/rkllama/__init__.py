@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ...config import Config
-from ...errors import RKLLMError
-from .backend import RkllamaRuntime, capabilities_for, wire_messages, wire_options
-from .client import API_EARLY, API_OLLAMA, PROBE_TIMEOUT_S, RkllamaClient, ServerInfo, match_remote_name
-from .text_tokens import TextToTokens
+from exo_rkllm.config import Config
+from exo_rkllm.errors import RKLLMError
+from exo_rkllm.runtime.rkllama.backend import RkllamaRuntime, capabilities_for, wire_messages, wire_options
+from exo_rkllm.runtime.rkllama.client import API_EARLY, API_OLLAMA, PROBE_TIMEOUT_S, RkllamaClient, ServerInfo, match_remote_name
+from exo_rkllm.runtime.rkllama.text_tokens import TextToTokens
 
 log = logging.getLogger("exo_rkllm.rkllama")
 

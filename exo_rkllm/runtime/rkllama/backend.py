@@ -51,14 +51,14 @@ import logging
 import time
 from typing import Any, AsyncIterator, Mapping, Sequence
 
-from ...config import Config
-from ...errors import EmbeddingUnsupported, GenerationError, ModelLoadError, ModelNotFound, RKLLMError
-from ...tokenizer import load_tokenizer
-from ..base import (Capabilities, ChatMessage, EmbeddingInput, EmbeddingOutput, FinishEvent, FinishKind,
+from exo_rkllm.config import Config
+from exo_rkllm.errors import EmbeddingUnsupported, GenerationError, ModelLoadError, ModelNotFound, RKLLMError
+from exo_rkllm.models.tokenizer import load_tokenizer
+from exo_rkllm.runtime.base import (Capabilities, ChatMessage, EmbeddingInput, EmbeddingOutput, FinishEvent, FinishKind,
                     GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeBase, RuntimeEvent, TokenEvent)
-from .client import (API_EARLY, EMBEDDINGS_HINT, ChatStream, RkllamaClient, ServerChanged, ServerInfo,
+from exo_rkllm.runtime.rkllama.client import (API_EARLY, EMBEDDINGS_HINT, ChatStream, RkllamaClient, ServerChanged, ServerInfo,
                      ServerNotLoaded, StreamBroken, match_remote_name, parse_chunk, render_tool_calls)
-from .text_tokens import TextToTokens, VocabFacts
+from exo_rkllm.runtime.rkllama.text_tokens import TextToTokens, VocabFacts
 
 log = logging.getLogger("exo_rkllm.rkllama")
 

@@ -41,8 +41,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ...config import Config
-from ...errors import (EmbeddingUnsupported, GenerationError, ModelLoadError, ModelNotFound, RKLLMError,
+from exo_rkllm.config import Config
+from exo_rkllm.errors import (EmbeddingUnsupported, GenerationError, ModelLoadError, ModelNotFound, RKLLMError,
                        RuntimeUnavailable)
 
 log = logging.getLogger("exo_rkllm.rkllama")

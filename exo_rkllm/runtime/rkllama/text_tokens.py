@@ -27,8 +27,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from ...tokenizer import _byte_decoder, special_ids
-from ..base import CallState
+from exo_rkllm.models.tokenizer import _byte_decoder, special_ids
+from exo_rkllm.runtime.base import CallState
 
 log = logging.getLogger("exo_rkllm.rkllama")
 

@@ -21,14 +21,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from .config import Config
-from .errors import NPUBusy, RKLLMError
-from .runtime.base import ModelSpec
+from exo_rkllm.config import Config
+from exo_rkllm.errors import NPUBusy, RKLLMError
+from exo_rkllm.runtime.base import ModelSpec
 
 if TYPE_CHECKING:
-    from .scheduler import Scheduler
+    from exo_rkllm.scheduler.scheduler import Scheduler
 
-log = logging.getLogger("exo_rkllm.lifecycle")
+log = logging.getLogger("exo_rkllm.scheduler.lifecycle")
 
 PRELOAD_FIRST = "first"
 

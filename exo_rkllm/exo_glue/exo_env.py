@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 LEGACY_EXO_MARKER = ("orchestration", "node.py")  # inside the exo package: only legacy exo has it
-HOOK_MODULE = "exo_rkllm._autoload"  # owns the import hook; imported at start-up by exo_rkllm.pth
+HOOK_MODULE = "exo_rkllm.exo_glue.autoload"  # owns the import hook; imported at start-up by exo_rkllm.pth
 
 
 def legacy_exo_location() -> Path | None:

@@ -30,8 +30,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import GenerationError, ModelUnavailable
-from .runtime.base import EmbeddingOutput
+from exo_rkllm.errors import GenerationError, ModelUnavailable
+from exo_rkllm.runtime.base import EmbeddingOutput
 
 POOLING_KEY = "EMBEDDING_POOLING"
 

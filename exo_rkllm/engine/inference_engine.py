@@ -15,7 +15,7 @@ correct what the client sees.
 Only the shard holding layer 0 runs the model (RKLLM cannot run a slice of
 layers); any other shard passes tokens through and still knows the tokenizer.
 The engine knows no transport and no exo internals; exo-specific glue is in
-plugin.py, which tells the engine when exo has finished or abandoned a request.
+exo_glue/plugin.py, which tells the engine when exo has finished or abandoned a request.
 
 Our own API handlers build a request's prompt ids themselves (special tokens only from the
 template) and hand them, with the request's options (max tokens, sampling, seed), in its
@@ -35,22 +35,22 @@ from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .catalog import Catalog, ModelEntry
-from .config import Config
-from .embeddings import EmbeddingResult, embedding_vector, pooling_method, text_ids, tokenizer_framing
-from .errors import GenerationError, ModelLoadError, ModelUnavailable, RequestCancelled, RKLLMError
-from .lifecycle import Lifecycle, ModelStatus, model_status
-from .model_cache import ModelCache
-from .runtime.base import Capabilities, ChatMessage, EmbeddingInput, ModelSpec, Runtime
-from .runtime.factory import create_runtime
-from .scheduler import ANSWER_COMPLETE, FINISHED_BY_EXO, Priority, RequestEnd, Scheduler
-from .streams import FinishReason, RequestStream, RunOptions
-from .tokenizer import load_tokenizer, release_freed_memory, release_tokenizer, stop_token_ids, token_bytes
+from exo_rkllm.models.catalog import Catalog, ModelEntry
+from exo_rkllm.config import Config
+from exo_rkllm.engine.embeddings import EmbeddingResult, embedding_vector, pooling_method, text_ids, tokenizer_framing
+from exo_rkllm.errors import GenerationError, ModelLoadError, ModelUnavailable, RequestCancelled, RKLLMError
+from exo_rkllm.scheduler.lifecycle import Lifecycle, ModelStatus, model_status
+from exo_rkllm.scheduler.model_cache import ModelCache
+from exo_rkllm.runtime.base import Capabilities, ChatMessage, EmbeddingInput, ModelSpec, Runtime
+from exo_rkllm.runtime.factory import create_runtime
+from exo_rkllm.scheduler.scheduler import ANSWER_COMPLETE, FINISHED_BY_EXO, Priority, RequestEnd, Scheduler
+from exo_rkllm.scheduler.streams import FinishReason, RequestStream, RunOptions
+from exo_rkllm.models.tokenizer import load_tokenizer, release_freed_memory, release_tokenizer, stop_token_ids, token_bytes
 
 __all__ = ["EmbeddingResult", "RKLLMInferenceEngine", "RequestContext", "RequestEnding", "RunOptions",
            "messages_from_openai"]
 
-log = logging.getLogger("exo_rkllm.engine")
+log = logging.getLogger("exo_rkllm.engine.inference_engine")
 
 # Called with (request_id, RequestEnding); it may return an awaitable (a message to other nodes) that
 # the engine awaits, up to END_NOTICE_WAIT_S, before it hands exo the request's last token.
@@ -446,7 +446,7 @@ class RKLLMInferenceEngine:
                              runtime.capabilities.version or "")
         return self._scheduler
 
-    # -- model lifecycle (exo_rkllm/lifecycle.py) ---------------------------------------------------
+    # -- model lifecycle (exo_rkllm/scheduler/lifecycle.py) ---------------------------------------------------
     def start_lifecycle(self) -> None:
         """exo's start-up (needs the running loop): build the runtime now rather than at the first
         request, so RKLLM_PRELOAD loads its model and the keep-alive timer runs."""

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .config import Config, parse_bool
-from .errors import ModelLoadError, ModelNotFound, ModelUnavailable
-from .runtime.base import ModelSpec, SamplingParams
-from .runtime.sim import SIM_MAGIC, read_sim_model
-from .tokenizer import TOKENIZER_FILES, has_tokenizer_files
+from exo_rkllm.config import Config, parse_bool
+from exo_rkllm.errors import ModelLoadError, ModelNotFound, ModelUnavailable
+from exo_rkllm.runtime.base import ModelSpec, SamplingParams
+from exo_rkllm.runtime.sim import SIM_MAGIC, read_sim_model
+from exo_rkllm.models.tokenizer import TOKENIZER_FILES, has_tokenizer_files
 
-log = logging.getLogger("exo_rkllm.catalog")
+log = logging.getLogger("exo_rkllm.models.catalog")
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_LAYERS = 32

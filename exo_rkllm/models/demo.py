@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from .runtime.sim import write_sim_model
+from exo_rkllm.runtime.sim import write_sim_model
 
 DEMO_FOLDER = "Qwen2.5-1.5B-Instruct-Demo"
 QWEN_SPECIAL_START = 151643

@@ -23,9 +23,9 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelUnavailable
+from exo_rkllm.errors import ModelUnavailable
 
-log = logging.getLogger("exo_rkllm.tokenizer")
+log = logging.getLogger("exo_rkllm.models.tokenizer")
 
 # End-of-turn markers of the model families people convert to .rkllm. A runtime
 # may report one of these as a token before FINISH; it ends the answer.
@@ -108,7 +108,7 @@ def _load_transformers(source: str | Path, allow_network: bool) -> Any:
 
 def _load_light(folder: Path) -> Any:
     """A LightTokenizer for `folder`, or None (logged once per reason) when transformers is needed."""
-    from .light_tokenizer import LightTokenizer, light_support, read_config
+    from exo_rkllm.models.light_tokenizer import LightTokenizer, light_support, read_config
 
     reason = None
     if not (folder / "tokenizer.json").is_file():

@@ -33,15 +33,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, Union
 
-from .config import Config
-from .errors import (ContextOverflow, EmbeddingUnsupported, GenerationError, QueueFull, RequestCancelled, RKLLMError,
+from exo_rkllm.config import Config
+from exo_rkllm.errors import (ContextOverflow, EmbeddingUnsupported, GenerationError, QueueFull, RequestCancelled, RKLLMError,
                      ShuttingDown)
-from .lifecycle import LoadState, LoadStatus
-from .runtime.base import (ChatMessage, EmbeddingInput, EmbeddingOutput, FinishEvent, FinishKind, GenerationInput,
+from exo_rkllm.scheduler.lifecycle import LoadState, LoadStatus
+from exo_rkllm.runtime.base import (ChatMessage, EmbeddingInput, EmbeddingOutput, FinishEvent, FinishKind, GenerationInput,
                            ModelSpec, Runtime, SamplingParams, TokenEvent, split_prompt)
-from .streams import FinishReason, RequestStream, RunOptions, StreamState
+from exo_rkllm.scheduler.streams import FinishReason, RequestStream, RunOptions, StreamState
 
-log = logging.getLogger("exo_rkllm.scheduler")
+log = logging.getLogger("exo_rkllm.scheduler.scheduler")
 
 # Finished runs kept for `GET /v1/rkllm/status` and benchmarks: a few minutes of a busy node, a few KiB.
 HISTORY_SIZE = 256
@@ -457,7 +457,7 @@ class Scheduler:
         state.finish(LoadStatus.LOADED)
         log.info("%s ready in %.1f s", spec.model_id, state.as_dict()["elapsed_s"])
 
-    # -- lifecycle (exo_rkllm/lifecycle.py drives these) ---------------------------------------
+    # -- lifecycle (exo_rkllm/scheduler/lifecycle.py drives these) ---------------------------------------
     _load: LoadState | None = None  # the last load or unload started
     _used_at: float = 0.0  # when a request last asked for the NPU (monotonic)
 

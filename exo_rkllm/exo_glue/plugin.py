@@ -1,7 +1,7 @@
 """Everything that touches legacy exo's internals, in one place.
 
 exo has no plugin API, so this module patches a few of its functions when
-they are imported (exo_rkllm/_autoload.py arranges that for a plain
+they are imported (exo_rkllm/exo_glue/autoload.py arranges that for a plain
 `python -m exo.main`; `exo-rkllm serve` calls `install()` first):
 
 - engine selection: `--inference-engine rkllm` builds our engine;
@@ -28,17 +28,17 @@ import types
 from dataclasses import asdict
 from typing import Any, Callable
 
-from . import ENGINE_CLASSNAME, ENGINE_NAME
-from .api.errors import APIError, error_response
-from .api.handlers import OpenAIServer
-from .api.port import Feeds, Submission, TokenFeed
-from .api.security import openai_json_errors, security_middlewares, strip_foreign_cors
-from .catalog import ModelEntry
-from .config import Config
-from .engine import RKLLMInferenceEngine, RequestContext, RequestEnding
-from .errors import ModelNotFound, RequestCancelled, RKLLMError
+from exo_rkllm import ENGINE_CLASSNAME, ENGINE_NAME
+from exo_rkllm.api.errors import APIError, error_response
+from exo_rkllm.api.handlers import OpenAIServer
+from exo_rkllm.api.port import Feeds, Submission, TokenFeed
+from exo_rkllm.api.security import openai_json_errors, security_middlewares, strip_foreign_cors
+from exo_rkllm.models.catalog import ModelEntry
+from exo_rkllm.config import Config
+from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine, RequestContext, RequestEnding
+from exo_rkllm.errors import ModelNotFound, RequestCancelled, RKLLMError
 
-log = logging.getLogger("exo_rkllm.plugin")
+log = logging.getLogger("exo_rkllm.exo_glue.plugin")
 
 CANCEL_STATUS = "exo_rkllm_cancel"
 CONTEXT_STATUS = "exo_rkllm_context"
@@ -56,7 +56,7 @@ _feeds = Feeds()
 # -- entry points --------------------------------------------------------------------------------
 def install() -> None:
     """Hook into exo: patch the exo modules already imported, and the rest when they are."""
-    from . import _autoload
+    from exo_rkllm.exo_glue import autoload as _autoload
 
     _autoload.install(force=True)
     for name in _autoload.TARGETS:
@@ -151,7 +151,7 @@ def _check_runtime_available(config: Config) -> None:
         return
     if config.backend != "auto":
         return
-    from .runtime.factory import check_backend
+    from exo_rkllm.runtime.factory import check_backend
 
     try:
         check_backend(config)

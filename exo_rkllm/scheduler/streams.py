@@ -16,8 +16,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .errors import RequestCancelled
-from .runtime.base import GenerationStats, SamplingParams, TokenEvent
+from exo_rkllm.errors import RequestCancelled
+from exo_rkllm.runtime.base import GenerationStats, SamplingParams, TokenEvent
 
 # The request fields that override the model's sampling (SamplingParams' own names); top_k is an integer.
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))

@@ -2,14 +2,14 @@
 
 Python runs the .pth line at every start-up of this environment, so this
 module does nothing but register a tiny import hook; the real work
-(exo_rkllm.plugin) runs only in a process that actually imports exo's modules.
+(exo_rkllm.exo_glue.plugin) runs only in a process that actually imports exo's modules.
 Set EXO_RKLLM_AUTOLOAD=0 to turn it off. Failures are reported, never raised:
 a broken plugin must not break unrelated Python programs.
 """
 import os
 import sys
 
-# The exo modules exo_rkllm.plugin patches: one patcher each in plugin._PATCHERS (a test checks
+# The exo modules exo_rkllm.exo_glue.plugin patches: one patcher each in plugin._PATCHERS (a test checks
 # that both name the same modules). Kept here, not derived from the plugin, because this module
 # must not import the plugin (it runs at every interpreter start-up).
 TARGETS = (
@@ -22,9 +22,9 @@ TARGETS = (
 
 
 class ExoHook:
-    """A meta-path finder that runs exo_rkllm.plugin's patch after a target module executes.
+    """A meta-path finder that runs exo_rkllm.exo_glue.plugin's patch after a target module executes.
 
-    Ask `active()` (or exo_rkllm.exo_env.hook_active()) whether it is registered; nothing else
+    Ask `active()` (or exo_rkllm.exo_glue.exo_env.hook_active()) whether it is registered; nothing else
     should look for it by name."""
 
     def find_spec(self, fullname, path=None, target=None):
@@ -52,7 +52,7 @@ class _PatchingLoader:
     def exec_module(self, module):
         self._loader.exec_module(module)
         try:
-            from exo_rkllm import plugin
+            from exo_rkllm.exo_glue import plugin
 
             plugin.patch_module(module)
         except Exception as exc:  # never break exo's import

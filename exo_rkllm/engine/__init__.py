@@ -1,0 +1,1 @@
+"""The engine: legacy exo's InferenceEngine contract over the scheduler, and embeddings."""
