@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable, free_port
+from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable, free_port, stop_process_group
 from exo_rkllm.models.demo import write_demo_model
 
 DEFAULT_EXO_PYTHON = str(Path.home() / ".cache/exo-rkllm/legacy-exo/bin/python")
@@ -241,23 +240,7 @@ class OpenWebUI:
         raise RuntimeError(f"Open WebUI did not answer /health within {timeout_s:.0f} s")
 
     async def stop(self) -> None:
-        await stop_group(self.proc)
-
-
-async def stop_group(proc: subprocess.Popen | None) -> None:
-    """SIGINT, then SIGTERM, then SIGKILL to the process group this script started."""
-    if proc is None or proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGINT, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            await asyncio.to_thread(proc.wait, wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        await stop_process_group(self.proc)
 
 
 # -- the browser driver (Node + playwright-core, the system Chromium) -------------------------------

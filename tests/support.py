@@ -1,6 +1,8 @@
 """Test helpers: a spy around any runtime that records what the runtime itself reported."""
 from __future__ import annotations
 
+import asyncio
+import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -88,3 +90,32 @@ class MessagesRuntime(RecordingRuntime):
         ids = tuple(self.tokenizer.encode(prompt))
         async for event in super().generate(GenerationInput(inp.request_id, ids)):
             yield event
+
+
+def text_splits(text: str, seed: float = 0):
+    """The text as one piece, one character per piece, every two-piece split and some random splits:
+    what a streaming text processor must give the same answer for."""
+    yield [text]
+    yield list(text)
+    for i in range(len(text) + 1):
+        yield [text[:i], text[i:]]
+    rng = random.Random(seed)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 6))))
+        yield [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+
+
+async def read_all(stream: Any) -> list[int]:
+    """Every token of a RequestStream, to its end."""
+    tokens = []
+    while (token := await stream.next_token()) is not None:
+        tokens.append(token)
+    return tokens
+
+
+async def until(condition: Any, ceiling_s: float = 30.0) -> None:
+    """Wait for `condition()`; the ceiling bounds a hang, it is never a speed claim."""
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.002)
+    await asyncio.wait_for(poll(), ceiling_s)

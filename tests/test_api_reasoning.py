@@ -6,20 +6,9 @@ import random
 import pytest
 
 from exo_rkllm.api.reasoning import ReasoningFormat, ReasoningSplitter, Split, prompt_opens_reasoning
+from support import text_splits
 
 WS = " \t\n\r\f\v"
-
-
-def splits(text: str, seed: float = 0):
-    """The answer as one piece, one character per piece, every two-piece split and some random splits."""
-    yield [text]
-    yield list(text)
-    for i in range(len(text) + 1):
-        yield [text[:i], text[i:]]
-    rng = random.Random(seed)
-    for _ in range(20):
-        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 6))))
-        yield [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
 
 
 def run(pieces, fmt=ReasoningFormat.DEEPSEEK, **kwargs) -> tuple[str, str]:
@@ -79,7 +68,7 @@ CASES = [
 @pytest.mark.parametrize("text,starts,reasoning,content", CASES)
 def test_every_split_gives_the_same_reasoning_and_content(text, starts, reasoning, content):
     assert reference(text, starts) == (reasoning, content)  # the table agrees with the rules
-    for pieces in splits(text):
+    for pieces in text_splits(text):
         assert run(pieces, starts_in_reasoning=starts) == (reasoning, content), pieces
 
 
@@ -90,13 +79,13 @@ def test_random_answers_match_the_reference_for_every_split():
         text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 8)))
         starts = rng.random() < 0.3
         expected = reference(text, starts)
-        for pieces in splits(text, seed=rng.random()):
+        for pieces in text_splits(text, seed=rng.random()):
             assert run(pieces, starts_in_reasoning=starts) == expected, (text, starts, pieces)
 
 
 def test_none_leaves_everything_in_content_exactly():
     text = "<think>\nreasoning\n</think>\n\nanswer"
-    for pieces in splits(text):
+    for pieces in text_splits(text):
         assert run(pieces, ReasoningFormat.NONE) == ("", text)
         assert run(pieces, ReasoningFormat.NONE, starts_in_reasoning=True) == ("", text)
 

@@ -6,18 +6,7 @@ import random
 import pytest
 
 from exo_rkllm.api.stops import StopMatcher
-
-
-def splits(text: str, seed: int = 0):
-    """The answer as one piece, one character per piece, every two-piece split and some random splits."""
-    yield [text]
-    yield list(text)
-    for i in range(len(text) + 1):
-        yield [text[:i], text[i:]]
-    rng = random.Random(seed)
-    for _ in range(20):
-        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 6))))
-        yield [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+from support import text_splits
 
 
 def run(stops, pieces) -> tuple[str, str | None, bool]:
@@ -62,7 +51,7 @@ CASES = [
 @pytest.mark.parametrize("stops,text,expected,matched", CASES)
 def test_every_split_gives_the_openai_answer(stops, text, expected, matched):
     assert reference(stops, text) == (expected, matched)  # the table agrees with the rule
-    for pieces in splits(text):
+    for pieces in text_splits(text):
         out, got, done = run(stops, pieces)
         assert (out, got, done) == (expected, matched, matched is not None), pieces
 
@@ -74,7 +63,7 @@ def test_random_texts_and_stops_match_the_reference_for_every_split():
         stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
         expected = reference(stops, text)
-        for pieces in splits(text, seed=rng.random()):
+        for pieces in text_splits(text, seed=rng.random()):
             out, matched, _ = run(stops, pieces)
             assert (out, matched) == expected, (stops, text, pieces)
 

@@ -10,20 +10,9 @@ import pytest
 from exo_rkllm.api.reasoning import ReasoningSplitter
 from exo_rkllm.api.tools import (Parsed, ToolCall, ToolCallParser, ToolDelta, ToolFamily, family_for, new_call_id,
                                  parse_all)
+from support import text_splits
 
 H, L, M = ToolFamily.HERMES, ToolFamily.LLAMA3, ToolFamily.MISTRAL
-
-
-def splits(text: str, seed: float = 0):
-    """The answer as one piece, one character per piece, every two-piece split and some random splits."""
-    yield [text]
-    yield list(text)
-    for i in range(len(text) + 1):
-        yield [text[:i], text[i:]]
-    rng = random.Random(seed)
-    for _ in range(20):
-        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 6))))
-        yield [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
 
 
 def stream(family, pieces, tool_names=None) -> tuple[str, list[tuple[int, str, str]]]:
@@ -92,7 +81,7 @@ CALLS = [
 @pytest.mark.parametrize("family,text,names,content,calls", CALLS)
 def test_calls_are_found_for_every_split(family, text, names, content, calls):
     assert one_shot(family, text, names) == (content, calls)
-    for pieces in splits(text):
+    for pieces in text_splits(text):
         assert stream(family, pieces, names) == (content, calls), pieces
 
 
@@ -129,7 +118,7 @@ LOOK_ALIKES = [
 @pytest.mark.parametrize("family,text,names", LOOK_ALIKES)
 def test_look_alikes_stay_text_exactly(family, text, names):
     assert one_shot(family, text, names) == (text, [])
-    for pieces in splits(text):
+    for pieces in text_splits(text):
         assert stream(family, pieces, names) == (text, []), pieces
 
 
@@ -140,7 +129,7 @@ def test_random_hermes_answers_stream_like_the_one_shot_parse():
     for _ in range(300):
         text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 8)))
         expected = one_shot(H, text)
-        for pieces in splits(text, seed=rng.random()):
+        for pieces in text_splits(text, seed=rng.random()):
             assert stream(H, pieces) == expected, (text, pieces)
 
 
@@ -152,7 +141,7 @@ def test_random_json_answers_stream_like_the_one_shot_parse(family):
     for _ in range(300):
         text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 6)))
         expected = one_shot(family, text)
-        for pieces in splits(text, seed=rng.random()):
+        for pieces in text_splits(text, seed=rng.random()):
             assert stream(family, pieces) == expected, (text, pieces)
 
 

@@ -25,7 +25,7 @@ from exo_rkllm.runtime.base import EmbeddingInput, EmbeddingOutput, GenerationIn
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming, embedding_rows, hidden_size
 from exo_rkllm.scheduler.scheduler import Priority, Scheduler
 from exo_rkllm.models.tokenizer import stop_token_ids
-from support import DEMO_ID, RecordingRuntime, user
+from support import DEMO_ID, RecordingRuntime, read_all, until, user
 
 HANG_S = 30.0
 PACED = SimTiming(0.0, 0.0, 0.0, decode_ms_per_token=10.0)
@@ -218,20 +218,6 @@ def npu(demo_models_dir: Path, demo_spec: Any, demo_tokenizer: Any):
             return [what + ":" + rid for what, rid in self.runtime.log]
 
     yield NPU()
-
-
-async def read_all(stream: Any) -> list[int]:
-    tokens = []
-    while (token := await stream.next_token()) is not None:
-        tokens.append(token)
-    return tokens
-
-
-async def until(condition: Any) -> None:
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.002)
-    await asyncio.wait_for(poll(), HANG_S)
 
 
 async def test_an_embedding_waits_for_the_running_generation(npu):

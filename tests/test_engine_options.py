@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import numpy as np
@@ -23,26 +22,11 @@ from exo_rkllm.runtime.base import ChatMessage, GenerationInput, RuntimeEvent
 from exo_rkllm.runtime.sim import SimRuntime, SimTiming
 from exo_rkllm.scheduler.scheduler import Priority, Scheduler
 from exo_rkllm.models.tokenizer import stop_token_ids
-from support import DEMO_ID, DEMO_LAYERS, RecordingRuntime, user
+from exo_driver import Shard
+from support import DEMO_ID, DEMO_LAYERS, RecordingRuntime, read_all, until, user
 
 PACED = SimTiming(0.0, 0.0, 0.0, decode_ms_per_token=10.0)
 HANG_S = 30.0
-
-
-@dataclass(frozen=True)
-class Shard:
-    """exo's Shard: one node holding every layer."""
-
-    model_id: str
-    start_layer: int
-    end_layer: int
-    n_layers: int
-
-    def is_first_layer(self) -> bool:
-        return self.start_layer == 0
-
-    def is_last_layer(self) -> bool:
-        return self.end_layer == self.n_layers - 1
 
 
 SHARD = Shard(DEMO_ID, 0, DEMO_LAYERS - 1, DEMO_LAYERS)
@@ -136,20 +120,6 @@ async def test_a_resumed_background_answer_runs_with_the_same_options(demo_model
     assert runs[0].max_new_tokens == 30 and runs[1].max_new_tokens == 30 - first_run
     assert len(bg_tokens) == 30 and bg.finish_reason.value == "length"
     await scheduler.close()
-
-
-async def read_all(stream: Any) -> list[int]:
-    tokens = []
-    while (token := await stream.next_token()) is not None:
-        tokens.append(token)
-    return tokens
-
-
-async def until(condition: Any) -> None:
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.002)
-    await asyncio.wait_for(poll(), HANG_S)
 
 
 # -- a runtime that fixes sampling at load time ---------------------------------------------------------

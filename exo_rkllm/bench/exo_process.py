@@ -282,19 +282,24 @@ class ExoProcess:
 
     async def stop(self, grace_s: float = 15.0) -> None:
         """SIGINT first (exo shuts its node down cleanly on it), then SIGTERM, then SIGKILL."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
+        await stop_process_group(self.proc, grace_s)
+
+
+async def stop_process_group(proc: subprocess.Popen | None, grace_s: float = 15.0) -> None:
+    """Stop the session a child was started in (it and anything it spawned): SIGINT, then SIGTERM,
+    then SIGKILL, each given its time."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
             return
-        for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)  # the session we started: exo and anything it spawned
-            except ProcessLookupError:
-                return
-            try:
-                await asyncio.to_thread(proc.wait, wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        try:
+            await asyncio.to_thread(proc.wait, wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def default_python() -> str:

@@ -46,7 +46,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Sequence
 
 from exo_rkllm.config import Config, parse_bool
 from exo_rkllm.errors import ConfigError, EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError
@@ -399,6 +399,19 @@ class NativeSession:
         self.closed = True
 
     # -- generation -----------------------------------------------------------------------------------
+    def _token_input(self, token_ids: Sequence[int], enable_thinking: bool) -> tuple[Any, Any]:
+        """(the id array, the RKLLMInput pointing at it): token input, so no chat template is applied
+        a second time. The caller keeps both alive until rkllm_run returns."""
+        ids = (ctypes.c_int32 * len(token_ids))(*token_ids)
+        rin = self.layout.RKLLMInput()
+        if self.layout.HAS_INPUT_ROLE:
+            rin.role = b"user"
+            rin.enable_thinking = enable_thinking
+        rin.input_type = abi.RKLLM_INPUT_TOKEN
+        rin.token_input.input_ids = ids
+        rin.token_input.n_tokens = len(token_ids)
+        return ids, rin
+
     def run(self, inp: GenerationInput, emit: EmitFn, cancelled: threading.Event | None = None) -> FinishEvent:
         """One generation, blocking until rkllm_run returns. `emit` gets every token event, on the
         runtime's callback thread; it must be quick and must not block. `cancelled` covers an abort
@@ -411,14 +424,7 @@ class NativeSession:
             if not inp.token_ids:
                 raise GenerationError("empty prompt")
             layout = self.layout
-            ids = (ctypes.c_int32 * len(inp.token_ids))(*inp.token_ids)
-            rin = layout.RKLLMInput()
-            if layout.HAS_INPUT_ROLE:
-                rin.role = b"user"
-                rin.enable_thinking = _option_bool(self.spec.options, "ENABLE_THINKING", False)
-            rin.input_type = abi.RKLLM_INPUT_TOKEN
-            rin.token_input.input_ids = ids
-            rin.token_input.n_tokens = len(inp.token_ids)
+            ids, rin = self._token_input(inp.token_ids, _option_bool(self.spec.options, "ENABLE_THINKING", False))
             infer = layout.RKLLMInferParam()
             infer.mode = abi.RKLLM_INFER_GENERATE
             if layout.HAS_KEEP_HISTORY:
@@ -485,14 +491,7 @@ class NativeSession:
             if not inp.token_ids:
                 raise GenerationError("nothing to embed: no tokens")
             layout = self.layout
-            ids = (ctypes.c_int32 * len(inp.token_ids))(*inp.token_ids)
-            rin = layout.RKLLMInput()
-            if layout.HAS_INPUT_ROLE:
-                rin.role = b"user"
-                rin.enable_thinking = False
-            rin.input_type = abi.RKLLM_INPUT_TOKEN
-            rin.token_input.input_ids = ids
-            rin.token_input.n_tokens = len(inp.token_ids)
+            ids, rin = self._token_input(inp.token_ids, False)
             infer = layout.RKLLMInferParam()
             infer.mode = abi.RKLLM_INFER_GET_LAST_HIDDEN_LAYER
             if layout.HAS_KEEP_HISTORY:
