@@ -177,7 +177,19 @@ def _source_tree(root: Path, marker: str) -> Path:
     """A minimal exo-rkllm source tree whose package says which tree it is."""
     (root / "exo_rkllm").mkdir(parents=True)
     (root / "exo_rkllm" / "__init__.py").write_text(f"TREE = {marker!r}\n")
+    (root / "exo_rkllm.pth").write_text("import exo_rkllm\n")  # its start-up hook line
     return root
+
+
+def test_the_boot_line_runs_the_trees_own_hook(tmp_path):
+    """A baseline revision's hook may live in another module than this checkout's."""
+    tree = _source_tree(tmp_path / "baseline", "baseline")
+    (tree / "exo_rkllm.pth").write_text("import exo_rkllm._autoload\n")
+    proc = ExoProcess("/some/python", {}, tmp_path / "exo.log", source_root=tree)
+    command = proc.command(tmp_path / "peers.json", has_plugin=False)
+    assert command[:2] == ["/some/python", "-c"] and "import exo_rkllm._autoload;" in command[2]
+    ours = ExoProcess("/some/python", {}, tmp_path / "exo.log").command(tmp_path / "peers.json", has_plugin=False)
+    assert "import exo_rkllm.exo_glue.autoload;" in ours[2]
 
 
 def _probe(has_plugin: bool) -> exo_process.ExoProbe:
@@ -237,4 +249,4 @@ async def test_the_started_exo_imports_exo_rkllm_from_source_root(tmp_path, monk
     log = (tmp_path / "exo.log").read_text()
     assert f"exo_rkllm={tree.resolve() / 'exo_rkllm' / '__init__.py'}" in log
     assert f"PYTHONPATH={tree.resolve()}" in log
-    assert "boot=" in log and "exo_rkllm.exo_glue.autoload" in log  # run through the boot line, not `-m exo.main`
+    assert "boot=" in log and "import exo_rkllm;" in log  # run through the tree's boot line, not `-m exo.main`

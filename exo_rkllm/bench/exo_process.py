@@ -33,10 +33,15 @@ import exo_rkllm
 from exo_rkllm.exo_glue.exo_env import probe_command
 
 # Used when the chosen interpreter has exo but not exo-rkllm installed (a development
-# checkout): put this checkout on the path and install the same import hook the
-# package's .pth file installs, then run exo exactly as `python -m exo.main` would.
-_BOOT = ("import runpy, sys; import exo_rkllm.exo_glue.autoload; "
-         "runpy.run_module('exo.main', run_name='__main__', alter_sys=True)")
+# checkout): put the source tree on the path and run the line its own .pth file runs at
+# start-up (the import hook; a tree of another revision may name another module), then run
+# exo exactly as `python -m exo.main` would.
+HOOK_FILE = "exo_rkllm.pth"
+
+
+def boot_line(source_root: Path) -> str:
+    hook = (Path(source_root) / HOOK_FILE).read_text().strip()
+    return f"import runpy, sys; {hook}; runpy.run_module('exo.main', run_name='__main__', alter_sys=True)"
 
 
 class ExoUnavailable(RuntimeError):
@@ -155,7 +160,8 @@ class ExoProcess:
         return f"http://127.0.0.1:{self.api_port}"
 
     def command(self, config_path: Path, has_plugin: bool) -> list[str]:
-        head = [self.python, "-m", "exo.main"] if has_plugin else [self.python, "-c", _BOOT]
+        root = Path(self.source_root) if self.source_root is not None else Path(exo_rkllm.__file__).parent.parent
+        head = [self.python, "-m", "exo.main"] if has_plugin else [self.python, "-c", boot_line(root)]
         args = ["--inference-engine", "rkllm", "--disable-tui", "--discovery-module", "manual",
                 "--discovery-config-path", str(config_path), "--node-id", self.node_id,
                 "--node-port", str(self.node_port), "--chatgpt-api-port", str(self.api_port)]
