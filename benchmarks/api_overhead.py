@@ -46,13 +46,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 import aiohttp  # noqa: E402
 
-from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable  # noqa: E402
+from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable, process_tree  # noqa: E402
 from exo_rkllm.bench.metrics import fmt_median_range  # noqa: E402
 from exo_rkllm.models.catalog import Catalog  # noqa: E402
 from exo_rkllm.config import Config  # noqa: E402
@@ -141,25 +142,11 @@ class RawRuntime:
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
 
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants, from /proc/<pid>/task/<tid>/children."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                todo.extend(int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split())
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds of the process tree at `pid`: each process's utime+stime (all its threads, the
     exited ones too) plus cutime+cstime (its reaped children)."""
     ticks = 0
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
@@ -425,39 +412,37 @@ async def run(args: argparse.Namespace, sources: list[tuple[str, Path]], work: P
     print(f"exo python: {args.exo_python}")
     print("  ".join(f"{label}: {tree}" for label, tree in sources))
     timeout = aiohttp.ClientTimeout(total=300)
-    raw_ttft_s, raw_cpu_us = None, []
-    # pair 1: RK3588 pacing, TTFT
-    paced = pair(PACED, "paced")
-    try:
-        await start_nodes(paced)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            for n in paced:
-                if n.up:
-                    await warm_up(session, n)
-            raw = RawRuntime(spec, PACED)
-            await raw.start()
-            if any(n.up for n in paced):
-                print(f"TTFT, RK3588 pacing (prefill {PACED.prefill_base_ms:g} ms + {PACED.prefill_ms_per_token:g} "
-                      f"ms/token, decode {PACED.decode_ms_per_token:g} ms/token): {args.rounds} rounds ...", flush=True)
-                raw_ttft_s = await measure_ttft(session, paced, raw, args.rounds)
-    finally:
-        await asyncio.gather(*(n.exo.stop() for n in paced))
-    # pair 2: zero pacing, CPU per token
-    instant = pair(INSTANT, "instant")
-    try:
-        await start_nodes(instant)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            for n in instant:
-                if n.up:
-                    await warm_up(session, n)
-            raw = RawRuntime(spec, INSTANT)
-            await raw.start()
-            if any(n.up for n in instant):
-                print(f"CPU per token, zero pacing, {args.tokens}-token answers: {args.rounds} rounds ...", flush=True)
-                await idle_cpu(instant)
-                raw_cpu_us = await measure_cpu(session, instant, raw, args.rounds, args.tokens)
-    finally:
-        await asyncio.gather(*(n.exo.stop() for n in instant))
+
+    async def measure_pair(timing: SimTiming, tag: str, announce: str, measure: Any) -> tuple[list[Node], Any]:
+        """Start a baseline node and a current node with `timing`, warm both, measure, stop them."""
+        nodes = pair(timing, tag)
+        result = None
+        try:
+            await start_nodes(nodes)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                for n in nodes:
+                    if n.up:
+                        await warm_up(session, n)
+                raw = RawRuntime(spec, timing)
+                await raw.start()
+                if any(n.up for n in nodes):
+                    print(announce, flush=True)
+                    result = await measure(session, nodes, raw)
+        finally:
+            await asyncio.gather(*(n.exo.stop() for n in nodes))
+        return nodes, result
+
+    async def cpu(session: aiohttp.ClientSession, nodes: list[Node], raw: RawRuntime) -> list[float]:
+        await idle_cpu(nodes)
+        return await measure_cpu(session, nodes, raw, args.rounds, args.tokens)
+
+    paced, raw_ttft_s = await measure_pair(
+        PACED, "paced", f"TTFT, RK3588 pacing (prefill {PACED.prefill_base_ms:g} ms + {PACED.prefill_ms_per_token:g} "
+                        f"ms/token, decode {PACED.decode_ms_per_token:g} ms/token): {args.rounds} rounds ...",
+        lambda session, nodes, raw: measure_ttft(session, nodes, raw, args.rounds))
+    instant, raw_cpu_us = await measure_pair(
+        INSTANT, "instant", f"CPU per token, zero pacing, {args.tokens}-token answers: {args.rounds} rounds ...", cpu)
+    raw_cpu_us = raw_cpu_us or []
     report(paced, instant, raw_ttft_s, raw_cpu_us, args.rounds, args.tokens)
     failed = [n for n in paced + instant if n.exo.started_s is None]
     return 2 if failed else 0

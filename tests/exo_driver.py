@@ -28,7 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 from exo_rkllm.exo_glue import plugin
-from exo_rkllm.api.port import Submission, TokenFeed
+from exo_rkllm.api.port import Ending, Submission, TokenFeed
+from exo_rkllm.errors import RequestCancelled
 from exo_rkllm.models.detok import IncrementalDetokenizer
 
 
@@ -69,6 +70,14 @@ class Answer:
     @property
     def streamed_text(self) -> str:
         return "".join(self.chunks)
+
+    def end(self, ending: Ending) -> None:
+        """The answer is over: how it ended, with the error object a client would read."""
+        error = ending.error
+        self.finish_reason = ending.finish_reason
+        self.error = {"message": str(error), "type": "server_error", "code": error.code} if error is not None else None
+        self.finished_at = time.monotonic()
+        self.finished.set()
 
 
 class ExoRing:
@@ -193,12 +202,7 @@ class ExoRing:
                 answer.first_chunk_at = time.monotonic()
             answer.chunks.append(chunk)
             if update.ending is not None:
-                answer.finish_reason = update.ending.finish_reason
-                error = update.ending.error
-                answer.error = ({"message": str(error), "type": "server_error", "code": error.code}
-                                if error is not None else None)
-                answer.finished_at = time.monotonic()
-                answer.finished.set()
+                answer.end(update.ending)
                 self._release(request_id)
 
     def _release(self, request_id: str) -> None:
@@ -241,10 +245,7 @@ class ExoRing:
             engine.cancel_request(request_id, reason)
         answer = self.answers.get(request_id)
         if answer is not None and not answer.finished.is_set():
-            answer.finish_reason = "error"
-            answer.error = {"message": reason, "type": "server_error", "code": "RequestCancelled"}
-            answer.finished_at = time.monotonic()
-            answer.finished.set()
+            answer.end(Ending("error", RequestCancelled(reason)))
         self._release(request_id)
 
     async def drain(self) -> None:
@@ -293,4 +294,4 @@ class DriverPort:
         self.ring.feeds.pop(request_id, None)
         plugin._feeds.close(request_id)
         for engine in self.ring.engines:
-            engine._contexts.pop(request_id, None)
+            engine.drop_request_context(request_id)

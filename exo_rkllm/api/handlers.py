@@ -114,18 +114,13 @@ class OpenAIServer:
     async def _chat_job(self, req: ChatRequest, priority: Priority) -> _Job:
         name, model, n_layers = await self._model(req.model)
         tokenizer = model.tokenizer
-        use_tools = bool(req.tools) and req.tool_choice != "none"
-        tools = list(req.tools) if use_tools else None
-        kwargs = dict(req.chat_template_kwargs)
-        if req.enable_thinking is not None:
-            kwargs["enable_thinking"] = req.enable_thinking
-        messages = self._with_system_prompt(req.messages)
-        prompt = await self._render(tokenizer, messages, tools, kwargs)
-        token_input = (await self._capabilities()).token_input
+        messages, tools = self._template_inputs(req)
+        prompt = self._render(tokenizer, messages, tools, req)
+        token_input = (await self.engine.capabilities()).token_input
         if not token_input:  # the server templates and tokenizes: make special-token text inert there
             messages = defang_messages(messages, tokenizer)
         fmt = ReasoningFormat.parse(req.reasoning_format or self.config.reasoning_format)
-        family = family_for(getattr(tokenizer, "chat_template", None)) if use_tools else ToolFamily.NONE
+        family = family_for(getattr(tokenizer, "chat_template", None)) if tools else ToolFamily.NONE
         names = _tool_names(req.tools or (), req.tool_choice)
         answer = AnswerText(tokenizer, stops=req.stop, reasoning=fmt,
                             starts_in_reasoning=fmt is not ReasoningFormat.NONE and prompt_opens_reasoning(prompt.text),
@@ -151,7 +146,7 @@ class OpenAIServer:
 
     async def _completion_job(self, req: CompletionRequest, priority: Priority) -> _Job:
         name, model, n_layers = await self._model(req.model)
-        if not (await self._capabilities()).token_input:
+        if not (await self.engine.capabilities()).token_input:
             raise APIError(400, "/v1/completions needs a runtime that takes token ids (native or sim); the rkllm "
                                 "backend here is an rkllama server, which only takes chat messages: use "
                                 "/v1/chat/completions", param="prompt", code="unsupported_backend")
@@ -257,20 +252,21 @@ class OpenAIServer:
             delta = job.answer.finish()
             if delta:
                 await out.send(self._chunk(job, delta))
-            await out.send(error_chunk(err, id=job.object_id, created=job.created, model=job.model_name,
-                                       object=self._chunk_object(job)))
-            await out.done()
-            await out.close()
+            await self._end_with_error(out, job, err)
         return out.response
+
+    async def _end_with_error(self, out: EventStream, job: _Job, err: APIError) -> None:
+        """An answer that cannot be complete: the error chunk a web UI shows, [DONE], and the
+        connection closed, so no client waits on a half-finished body."""
+        await out.send(error_chunk(err, id=job.object_id, created=job.created, model=job.model_name,
+                                   object=self._chunk_object(job)))
+        await out.done()
+        await out.close()
 
     async def _stream_end(self, out: EventStream, job: _Job, feed: TokenFeed, ending: Ending) -> None:
         if ending.error is not None:
             log.error("request %s failed mid-answer: %s", job.request_id, ending.error)
-            err = self._api_error(ending.error)
-            await out.send(error_chunk(err, id=job.object_id, created=job.created, model=job.model_name,
-                                       object=self._chunk_object(job)))
-            await out.done()
-            await out.close()
+            await self._end_with_error(out, job, self._api_error(ending.error))
             return
         await out.send(self._chunk(job, Delta(), finish_reason=self._finish_reason(job, ending)))
         if job.include_usage:
@@ -375,8 +371,8 @@ class OpenAIServer:
             data = await _json_body(request)
             req = parse_embedding(data)
             name, model, _ = await self._model(req.model)
-            inputs = [x if isinstance(x, str) else list(_checked_ids(x, model.tokenizer, "input")) for x in req.inputs]
-            try:
+            inputs = [x if isinstance(x, str) else list(x) for x in req.inputs]
+            try:  # the engine checks token ids against the vocabulary (a ValueError: 400)
                 result = await self.engine.embed(model.entry.model_id, inputs,
                                                  priority=priority_named(request.headers.get("X-Priority"))
                                                  or Priority.INTERACTIVE)
@@ -431,31 +427,29 @@ class OpenAIServer:
         try:
             req = parse_chat(await _json_body(request))
             _, model, _ = await self._model(req.model)
-            tools = list(req.tools) if req.tools and req.tool_choice != "none" else None
-            kwargs = dict(req.chat_template_kwargs)
-            if req.enable_thinking is not None:
-                kwargs["enable_thinking"] = req.enable_thinking
-            prompt = await self._render(model.tokenizer, self._with_system_prompt(req.messages), tools, kwargs)
+            prompt = self._render(model.tokenizer, *self._template_inputs(req), req)
         except APIError as err:
             return error_response(err)
         return web.json_response({"length": len(prompt.text), "num_tokens": len(prompt.ids),
                                   "encoded_tokens": list(prompt.ids), "encoded_prompt": prompt.text})
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _with_system_prompt(self, messages: Any) -> list[dict]:
-        """The conversation as the template gets it: exo's `--system-prompt` first when it has no
-        system message (what exo's own handler did)."""
-        out = [dict(m) for m in messages]
-        if self.system_prompt and not any(m.get("role") == "system" for m in out):
-            out.insert(0, {"role": "system", "content": self.system_prompt})
-        return out
+    def _template_inputs(self, req: ChatRequest) -> tuple[list[dict], list | None]:
+        """(messages, tools) as the chat template gets them, the same for a chat and for its token
+        count: exo's `--system-prompt` first when the conversation has no system message (what exo's
+        own handler did), and no tools when `tool_choice` is `none`."""
+        messages = [dict(m) for m in req.messages]
+        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        tools = list(req.tools) if req.tools and req.tool_choice != "none" else None
+        return messages, tools
 
     async def _model(self, name: str | None) -> tuple[str, Any, int]:
         """(the name to echo, the engine's model, its layer count) for the request's `model`."""
         if not name or name.startswith("gpt-"):  # OpenAI clients' defaults: the server's default model
             name = self._default_model() or next((e.model_id for e in self.engine.catalog.servable()), None)
             if name is None:
-                raise APIError(404, f"no model to serve: put .rkllm models in {self._models_dir_label()}, or run "
+                raise APIError(404, "no model to serve: put .rkllm models in the models folder (RKLLM_MODELS_DIR), or run "
                                     "`exo-rkllm demo` to write a model for the simulator (see GET /v1/models)",
                                param="model", code="model_not_found")
         try:
@@ -466,8 +460,10 @@ class OpenAIServer:
             self._on_models_listed([model.entry])
         return name, model, int(getattr(model.entry, "n_layers", 1) or 1)
 
-    async def _render(self, tokenizer: Any, messages: list[dict], tools: list | None,
-                      kwargs: Mapping[str, Any]) -> Prompt:
+    def _render(self, tokenizer: Any, messages: list[dict], tools: list | None, req: ChatRequest) -> Prompt:
+        kwargs: dict[str, Any] = dict(req.chat_template_kwargs)
+        if req.enable_thinking is not None:
+            kwargs["enable_thinking"] = req.enable_thinking
         try:
             return build_chat_prompt(tokenizer, messages, tools=tools, template_kwargs=kwargs)
         except APIError:
@@ -475,9 +471,6 @@ class OpenAIServer:
         except Exception as exc:  # the model's template refused this conversation (jinja raise_exception)
             raise APIError(400, f"the model's chat template cannot render this conversation: {exc}",
                            param="messages", code="template_error") from None
-
-    async def _capabilities(self) -> Any:
-        return await self.engine.capabilities()
 
     def _options(self, max_tokens: int | None, sampling: Sampling) -> RunOptions:
         given = {ours: getattr(sampling, theirs) for theirs, ours in _SAMPLING_FIELDS.items()
@@ -495,9 +488,6 @@ class OpenAIServer:
         if param is not None and err.param is None and err.status in (404, 409):
             err.param = param
         return err
-
-    def _models_dir_label(self) -> str:
-        return "the models folder (RKLLM_MODELS_DIR)"
 
 
 _FINGERPRINT = "exo-rkllm"

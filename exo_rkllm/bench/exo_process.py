@@ -100,7 +100,8 @@ def _listening_inodes(port: int) -> set[str] | None:
     return inodes if readable else None
 
 
-def _process_tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants, from /proc/<pid>/task/<tid>/children."""
     pids, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -118,7 +119,7 @@ def owns_port(pid: int, port: int) -> bool | None:
     inodes = _listening_inodes(port)
     if inodes is None or not Path(f"/proc/{pid}/fd").is_dir():
         return None
-    for p in _process_tree(pid):
+    for p in process_tree(pid):
         try:
             fds = os.listdir(f"/proc/{p}/fd")
         except OSError:

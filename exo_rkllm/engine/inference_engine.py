@@ -258,6 +258,10 @@ class RKLLMInferenceEngine:
         if waiter is not None:
             waiter.set()
 
+
+    def drop_request_context(self, request_id: str) -> None:
+        """The API is done with the request: a context it set and no run took is not kept."""
+        self._contexts.pop(request_id, None)
     def finish_request(self, request_id: str) -> None:
         """exo has ended the request (EOS, max tokens): stop the NPU work if any is left."""
         self._release(request_id, FINISHED_BY_EXO)

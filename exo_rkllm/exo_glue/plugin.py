@@ -359,7 +359,7 @@ class ExoNodePort:
             _feeds.fail(request_id, exc if isinstance(exc, RKLLMError) else RKLLMError(f"exo failed the request: {exc!r}"))
 
     def _on_token(self, request_id: str, tokens: Any, is_finished: bool) -> None:
-        _feeds.push(request_id, [int(t) for t in tokens], is_finished)
+        _feeds.push(request_id, tokens, is_finished)  # the feed turns exo's numpy ints into ints
         if is_finished and request_id in _feeds:
             # exo keeps every request's tokens in buffered_token_output; it writes the entry once more
             # after this callback, so drop it right after.
@@ -375,7 +375,7 @@ class ExoNodePort:
 
     def release(self, request_id: str) -> None:
         _feeds.close(request_id)
-        self.node.inference_engine._contexts.pop(request_id, None)
+        self.node.inference_engine.drop_request_context(request_id)
 
 
 # -- patches: exo.api.chatgpt_api -------------------------------------------------------------------
@@ -432,9 +432,8 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         from aiohttp import web
 
         entries = server.engine.catalog.servable()
-        return web.json_response({e.model_id: {"name": f"{e.name} (RKLLM)", "downloaded": True,
-                                               "download_percentage": 100, "total_size": _size(e),
-                                               "total_downloaded": _size(e),
+        return web.json_response({e.model_id: {"name": f"{e.name} (RKLLM)",
+                                               **_downloaded(e),
                                                "loading": server.engine.model_status(e.model_id).value == "loading"}
                                   for e in entries})
 
@@ -445,8 +444,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
                                                            "Cache-Control": "no-cache"})
         await response.prepare(request)
         for e in server.engine.catalog.servable():
-            payload = {e.model_id: {"downloaded": True, "download_percentage": 100, "total_size": _size(e),
-                                    "total_downloaded": _size(e)}}
+            payload = {e.model_id: _downloaded(e)}
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         return response
@@ -468,12 +466,12 @@ def mount(app: Any, server: OpenAIServer, config: Config, *, exo_timeout: Any = 
     routes only, and tinychat's default model set to one this engine serves."""
     from aiohttp import web
 
-    own = {(r.method, r.path) for r in server.routes()}
-    for route in server.routes():
+    routes = server.routes()
+    for route in routes:
         if not any(getattr(res, "canonical", None) == route.path and route.method in _methods(res)
                    for res in app.router.resources()):
             app.router.add_route(route.method, route.path, route.handler)
-    ours = {path for _, path in own}
+    ours = {route.path for route in routes}
 
     def is_ours(request: Any) -> bool:
         return request.path in ours or request.path.startswith("/v1/models/")
@@ -551,11 +549,13 @@ def _servable_ids(engine: RKLLMInferenceEngine) -> list[str]:
     return [e.model_id for e in engine.catalog.servable()]
 
 
-def _size(entry: ModelEntry) -> int:
+def _downloaded(entry: ModelEntry) -> dict[str, Any]:
+    """What tinychat's model list wants of a model that is on disk (it is, whole)."""
     try:
-        return entry.model_file.stat().st_size if entry.model_file else 0
+        size = entry.model_file.stat().st_size if entry.model_file else 0
     except OSError:
-        return 0
+        size = 0
+    return {"downloaded": True, "download_percentage": 100, "total_size": size, "total_downloaded": size}
 
 
 def _cancel_everywhere(engine: RKLLMInferenceEngine, request_id: str, reason: str) -> None:
