@@ -77,7 +77,7 @@ def write_fake_model(path: Path, tokenizer: Any, answers: Iterable[str | Sequenc
     `answers`: texts (encoded with `tokenizer`, EOS appended) or lists of token ids; the
     conversation's context picks one. `settings` become header keys: load_ms, prefill_base_ms,
     prefill_ms, decode_ms, error_at, error_if_input_has, crash_at, crash_if_input_has, crash_mode,
-    waiting_style, finish_after_abort, emit_eos, trace."""
+    waiting_style, finish_after_abort, emit_eos, crash_in_save, trace (all of them: fake_rkllm.c's header)."""
     from exo_rkllm.models.tokenizer import special_ids, stop_token_ids, token_bytes
 
     answer_ids = [_ids(tokenizer, a, add_eos) for a in answers]

@@ -72,6 +72,10 @@
  *   waiting_style=empty|partial|restate    what text a WAITING callback carries
  *   finish_after_abort=0|1  emit_eos=0|1  crash_on_load=0|1  ignore_abort=0|1 (a hung runtime)
  *   cache_load_ms=  milliseconds per token to load a prompt cache (default prefill_ms/20)
+ *   crash_in_save=1  a run that saves a prompt cache dies while writing it: about half of the file goes to
+ *                    the temporary name, the same truncated bytes to the given path itself (as a runtime
+ *                    writing in place would leave them), then the process is killed (SIGKILL, as
+ *                    crash_mode=kill); traced "prompt_cache save crash n=N bytes=B of T"
  *   embd_size=N  hidden size for RKLLM_INFER_GET_LAST_HIDDEN_LAYER (default 1536; rkllama's embeddings)
  *   hidden_layer=0  the model gives no last hidden layer (that mode then ends with FINISH alone)
  *   trace=<file> (one line per API call)
@@ -393,7 +397,7 @@ typedef struct {
     int hidden_layer;  /* 0: the model gives no last hidden layer */
     uint32_t model_id; /* FNV-1a of the model file's bytes: a prompt cache belongs to one model */
     int error_at, error_if_input_has, crash_at, crash_if_input_has, crash_mode;
-    int waiting_style, finish_after_abort, emit_eos, ignore_abort;
+    int waiting_style, finish_after_abort, emit_eos, ignore_abort, crash_in_save;
     char trace[1024];
 
     /* init parameters */
@@ -576,6 +580,7 @@ static int load_model(FakeContext *ctx, const char *path) {
         } else if (!strcmp(key, "finish_after_abort")) ctx->finish_after_abort = atoi(val);
         else if (!strcmp(key, "emit_eos")) ctx->emit_eos = atoi(val);
         else if (!strcmp(key, "ignore_abort")) ctx->ignore_abort = atoi(val);
+        else if (!strcmp(key, "crash_in_save")) ctx->crash_in_save = atoi(val);
         else if (!strcmp(key, "trace")) snprintf(ctx->trace, sizeof ctx->trace, "%s", val);
         else if (!strcmp(key, "crash_on_load")) crash_on_load = atoi(val);
     }
@@ -949,20 +954,50 @@ static int run_tokens(FakeContext *ctx, const int32_t *in, int n_in, int keep, i
  * ------------------------------------------------------------------------------------------- */
 static const char CACHE_MAGIC[] = "RKLLM-FAKE-PROMPT-CACHE 1";
 
+/* crash_in_save: about half of `body` to the temporary name and to `path` itself, then die mid-save. */
+static void crash_while_saving(FakeContext *ctx, const char *tmp, const char *path, const char *body, size_t size,
+                               int n) {
+    size_t half = size / 2;
+    const char *targets[2] = {tmp, path};
+    for (int k = 0; k < 2; k++) {
+        FILE *f = fopen(targets[k], "w");
+        if (!f) continue;
+        fwrite(body, 1, half, f);
+        fclose(f);
+    }
+    trace(ctx, "prompt_cache save crash n=%d bytes=%zu of %zu", n, half, size);
+    fprintf(stderr, "E rkllm: (fake) crashing while saving the prompt cache %s as the model file asks\n", path);
+    fflush(stderr);
+    raise(SIGKILL);
+    _exit(99);
+}
+
 static void save_prompt_cache(FakeContext *ctx, const char *path, int n) {
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f) {
+    char *body = NULL;
+    size_t size = 0;
+    FILE *mem = open_memstream(&body, &size);
+    if (!mem) {
         fprintf(stderr, "E rkllm: failed to save the prompt cache to %s: %s\n", path, strerror(errno));
         return;
     }
     int major = 0, minor = 0;
     sscanf(FAKE_RKLLM_VERSION, "%d.%d", &major, &minor);
-    fprintf(f, "%s\nruntime=%d.%d\nmodel=%08x\nn=%d\nids=", CACHE_MAGIC, major, minor, ctx->model_id, n);
-    for (int i = 0; i < n; i++) fprintf(f, i ? ",%d" : "%d", ctx->kv[i]);
-    fprintf(f, "\nchecksum=%08x\n", fnv1a(ctx->kv, n));
-    int failed = ferror(f);
+    fprintf(mem, "%s\nruntime=%d.%d\nmodel=%08x\nn=%d\nids=", CACHE_MAGIC, major, minor, ctx->model_id, n);
+    for (int i = 0; i < n; i++) fprintf(mem, i ? ",%d" : "%d", ctx->kv[i]);
+    fprintf(mem, "\nchecksum=%08x\n", fnv1a(ctx->kv, n));
+    fclose(mem);
+    if (ctx->crash_in_save) crash_while_saving(ctx, tmp, path, body, size, n);
+    FILE *f = fopen(tmp, "w");
+    if (!f) {
+        fprintf(stderr, "E rkllm: failed to save the prompt cache to %s: %s\n", path, strerror(errno));
+        free(body);
+        return;
+    }
+    int failed = fwrite(body, 1, size, f) != size;
+    free(body);
+    failed |= ferror(f);
     failed |= fclose(f) != 0;
     if (failed || rename(tmp, path) != 0) {
         fprintf(stderr, "E rkllm: failed to save the prompt cache to %s: %s\n", path, strerror(errno));
