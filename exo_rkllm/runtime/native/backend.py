@@ -31,6 +31,11 @@ Per-run options, by release (see abi.py's HAS_* flags):
   its own state 4, RKLLM_RUN_GET_LAST_HIDDEN_LAYER; later releases in NORMAL; a FINISH carrying them
   is accepted too). The KV cache then holds the embedded text, so it is cleared right after where the
   release can clear it (1.1.x keeps no history between runs anyway).
+- prompt caches (`GenerationInput.save_prompt_cache`, `load_prompt_cache`): every release has
+  RKLLMPromptCacheParam and rkllm_load_prompt_cache, but only from 1.2.1 on can rkllm_get_kv_cache_size
+  say what a loaded file holds, so only there are they offered (`capabilities.prompt_cache`) and used;
+  elsewhere the save path is ignored. A loaded cache is released (rkllm_release_prompt_cache) before the
+  next clear_kv_cache or unload, which gives the runtime its memory back.
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Sequence
 
 from exo_rkllm.config import Config, parse_bool
-from exo_rkllm.errors import ConfigError, EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError
+from exo_rkllm.errors import (ConfigError, EmbeddingUnsupported, GenerationError, ModelLoadError, PromptCacheError,
+                              RKLLMError)
 from exo_rkllm.runtime.base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent, FinishKind,
                     GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeBase, RuntimeEvent, SamplingParams,
                     TokenEvent, stream_from_thread, utf8_complete_prefix)
@@ -122,7 +128,10 @@ def capabilities_for(identity: RuntimeIdentity) -> Capabilities:
                         keep_history=layout.HAS_KEEP_HISTORY, clear_kv_cache=layout.HAS_CLEAR_KV_CACHE,
                         per_run_sampling=layout.HAS_PER_RUN_SAMPLING,
                         per_run_max_new_tokens=layout.HAS_PER_RUN_MAX_NEW_TOKENS,
-                        embeddings=layout.HAS_LAST_HIDDEN_LAYER)
+                        embeddings=layout.HAS_LAST_HIDDEN_LAYER,
+                        # save/load exist everywhere, but only a release that reports the KV cache size
+                        # lets the scheduler check what a loaded file holds (1.2.0 cannot)
+                        prompt_cache=layout.HAS_KV_CACHE_SIZE)
 
 
 def _option_bool(options: Mapping[str, str], key: str, default: bool) -> bool:
@@ -214,6 +223,15 @@ def capture_native_output(echo: bool = True) -> Iterator[CapturedOutput]:
 _MAGIC = re.compile(r"invalid[^\n]*magic|magic[^\n]*(?:mismatch|invalid|wrong)", re.I)
 _TOOLKIT = re.compile(r"rkllm-toolkit version:? *v?([0-9][\w.]*?)(?:[,\s]|$)", re.I)
 _MODEL_VERSION = re.compile(rb"toolkit[ _-]?version[\"']?\s*[:=]\s*[\"']?v?(\d+\.\d+\.\d+\w*)", re.I)
+_LOG_PREFIX = re.compile(r"^[EWID] rkllm:\s*", re.I)  # the runtime's "E rkllm: " before each message
+
+
+def runtime_complaints(output: str) -> list[str]:
+    """The runtime's own reason for a refusal, from what it printed meanwhile: its last error lines (else
+    its last lines), up to three, for our error message to quote."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("E ") or "error" in ln.lower() or "fail" in ln.lower()]
+    return errors[-3:] or lines[-3:]
 
 
 def sniff_model_version(path: Path) -> str | None:
@@ -283,6 +301,7 @@ class NativeSession:
         self.spec: ModelSpec | None = None
         self._mirostat: tuple[int, float, float] = (0, 5.0, 0.1)  # the load's values, restated per run
         self._max_new_tokens = 0  # the load's RKLLMParam.max_new_tokens: the runtime's own limit per run
+        self._prompt_cache_loaded = False  # rkllm_load_prompt_cache succeeded and nothing has released it since
         self.closed = False
 
     # -- model -----------------------------------------------------------------------------------------
@@ -366,8 +385,6 @@ class NativeSession:
 
     def _load_error(self, path: Path, rc: int, output: str) -> ModelLoadError:
         runtime = self.library.version
-        lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith("E ") or "error" in ln.lower() or "fail" in ln.lower()]
         if _MAGIC.search(output):
             m = _TOOLKIT.search(output)
             toolkit = m.group(1) if m else sniff_model_version(path)
@@ -377,7 +394,7 @@ class NativeSession:
                 f"{path.name} does not match the installed RKLLM runtime {runtime} (the runtime reports an invalid "
                 f"model magic; {made_with}). A .rkllm file only runs on the runtime release line it was converted "
                 f"for: convert the model again with rkllm-toolkit {runtime}, or install the runtime that matches it")
-        detail = "; ".join(errors[-3:] or lines[-3:]) or "no message from the runtime"
+        detail = "; ".join(runtime_complaints(output)) or "no message from the runtime"
         return ModelLoadError(f"the RKLLM runtime {runtime} could not load {path} (rkllm_init returned {rc}): {detail}")
 
     def unload(self) -> None:
@@ -386,6 +403,7 @@ class NativeSession:
             return
         self.abort()
         with self._run_lock:  # wait for rkllm_run to return
+            self._release_prompt_cache_now()
             with self._state_lock:
                 handle, self._handle = self._handle, abi.LLMHandle()
                 self.spec = None
@@ -442,6 +460,13 @@ class NativeSession:
             if inp.sampling is not None and layout.HAS_PER_RUN_SAMPLING:
                 sampling = self._sampling_param(inp.sampling)
                 infer.sampling_params = ctypes.pointer(sampling)
+            # The state after this run's prefill, saved by the runtime when the run ends; only where the
+            # release can say what a loaded file holds (elsewhere the path is ignored, never passed).
+            cache_path = cache_param = None
+            if inp.save_prompt_cache and self.capabilities.prompt_cache:
+                cache_path = os.fsencode(inp.save_prompt_cache)
+                cache_param = layout.RKLLMPromptCacheParam(save_prompt_cache=1, prompt_cache_path=cache_path)
+                infer.prompt_cache_params = ctypes.pointer(cache_param)
             room = self.spec.max_context_len - held - len(inp.token_ids) if held is not None else None
             run = _Run(emit, limit, cap, room)
             with self._state_lock:
@@ -455,7 +480,7 @@ class NativeSession:
             finally:
                 with self._state_lock:
                     self._run = None
-                del ids, rin, infer, sampling  # only now may what the runtime read go
+                del ids, rin, infer, sampling, cache_param, cache_path  # only now may what the runtime read go
             return self._finish(run, rc, len(inp.token_ids))
         finally:
             self._run_lock.release()
@@ -690,6 +715,7 @@ class NativeSession:
             return  # 1.1.x keeps no history across runs: nothing to clear
         if self.running:
             raise GenerationError("clear_kv_cache while a generation is running")
+        self._release_prompt_cache_now()
         self._clear_kv_cache_now()
 
     def _clear_kv_cache_now(self) -> None:
@@ -708,6 +734,45 @@ class NativeSession:
         if self.library.rkllm_get_kv_cache_size(self._handle, sizes) != 0:
             return None
         return int(sizes[0])
+
+    # -- prompt caches -------------------------------------------------------------------------------------
+    def load_prompt_cache(self, path: str) -> None:
+        """rkllm_load_prompt_cache: afterwards the KV cache holds the state a run saved to `path`. Blocks
+        while the runtime reads it. Raises PromptCacheError with the runtime's own reason (what it printed)
+        if it refuses the file; and without asking it where the release cannot report what a loaded file
+        holds, with no model, or while a run is in progress (the runtime would refuse, or worse)."""
+        if not self.capabilities.prompt_cache:
+            raise PromptCacheError(f"the RKLLM runtime {self.library.version} cannot report what a loaded prompt "
+                                   "cache holds (no rkllm_get_kv_cache_size before 1.2.1): prompt caches are off")
+        if self.closed:
+            raise PromptCacheError("the native runtime was closed")
+        if not self._run_lock.acquire(blocking=False):
+            raise PromptCacheError("rkllm_load_prompt_cache while a run is in progress")
+        try:
+            if not self._handle.value or self.spec is None:
+                raise PromptCacheError("no model is loaded")
+            with capture_native_output() as captured:
+                rc = self.library.rkllm_load_prompt_cache(self._handle, os.fsencode(path))
+            if rc != 0:
+                reason = "; ".join(_LOG_PREFIX.sub("", line) for line in runtime_complaints(captured.text))
+                raise PromptCacheError(f"the runtime refused the prompt cache {path}: "
+                                       f"{reason or 'no message from the runtime'} "
+                                       f"(rkllm_load_prompt_cache returned {rc})")
+            self._prompt_cache_loaded = True
+        finally:
+            self._run_lock.release()
+
+    def _release_prompt_cache_now(self) -> None:
+        """rkllm_release_prompt_cache, once per successful load: the runtime keeps the file's state in
+        memory until told. The caller knows no run is in flight. A failure only costs that memory."""
+        if not self._prompt_cache_loaded:
+            return
+        self._prompt_cache_loaded = False
+        if not self._handle.value:
+            return
+        rc = self.library.rkllm_release_prompt_cache(self._handle)
+        if rc != 0:
+            log.warning("rkllm_release_prompt_cache returned %d", rc)
 
 
 # -- the async, in-process Runtime ---------------------------------------------------------------------------
@@ -747,6 +812,13 @@ class NativeRuntime(RuntimeBase):
 
     async def clear_kv_cache(self) -> None:
         await asyncio.to_thread(self.session.clear_kv_cache)
+
+    async def load_prompt_cache(self, path: str) -> None:
+        """See NativeSession.load_prompt_cache; on a thread, as the runtime reads the whole file. A
+        generation counts as running from its first step, before its thread has reached rkllm_run."""
+        if self._cancel is not None or self.session.running:
+            raise PromptCacheError("rkllm_load_prompt_cache while a run is in progress")
+        await asyncio.to_thread(self.session.load_prompt_cache, path)
 
     async def embed(self, inp: EmbeddingInput) -> EmbeddingOutput:
         """The last hidden layer for `inp.token_ids`, one float32 row per token (see NativeSession.embed)."""

@@ -48,8 +48,9 @@ class Configure:
 
 @dataclass
 class Call:
-    """A control operation answered by one Reply: load, unload, clear_kv_cache, kv_cache_len, embed
-    (arg: an EmbeddingInput; value: an EmbedResult), close."""
+    """A control operation answered by one Reply: load, unload, clear_kv_cache, load_prompt_cache (arg: the
+    file's path; value: the KV cache length afterwards), kv_cache_len, embed (arg: an EmbeddingInput; value:
+    an EmbedResult), close. A failure comes back as a RemoteError naming its class (PromptCacheError...)."""
 
     seq: int
     op: str
@@ -58,7 +59,8 @@ class Call:
 
 @dataclass
 class Generate:
-    """One generation; `inp` travels whole, its per-run sampling, seed and max_new_tokens included."""
+    """One generation; `inp` travels whole, its per-run sampling, seed, max_new_tokens and
+    save_prompt_cache included."""
 
     seq: int
     inp: GenerationInput

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 from multiprocessing.connection import Connection
 
-from exo_rkllm.errors import EmbeddingUnsupported, GenerationError, ModelLoadError, RKLLMError, RuntimeUnavailable
+from exo_rkllm.errors import (EmbeddingUnsupported, GenerationError, ModelLoadError, PromptCacheError, RKLLMError,
+                              RuntimeUnavailable)
 from exo_rkllm.runtime.base import (EmbeddingInput, EmbeddingOutput, FinishEvent, GenerationInput, ModelSpec, ProgressFn, RuntimeBase,
                     RuntimeEvent)
 from exo_rkllm.runtime.native.backend import NativeSettings, capabilities_for
@@ -222,6 +223,29 @@ class IsolatedRuntime(RuntimeBase):
         worker = await self._ensure_worker()
         self._kv_len = None
         self._kv_len = await self._call(worker, "clear_kv_cache")
+
+    async def load_prompt_cache(self, path: str) -> None:
+        """rkllm_load_prompt_cache in the worker (see NativeSession.load_prompt_cache), whose session also
+        releases it on the next clear or unload. A worker that dies meanwhile (the file crashed the
+        runtime) is restarted as after a generation, and this load is refused like a bad file."""
+        if not self.capabilities.prompt_cache:
+            raise PromptCacheError(f"the RKLLM runtime {self.identity.version} cannot report what a loaded prompt "
+                                   "cache holds (no rkllm_get_kv_cache_size before 1.2.1): prompt caches are off")
+        worker = await self._ensure_worker()
+        if self._spec is None:
+            raise PromptCacheError("no model is loaded")
+        if self._gen is not None:
+            raise PromptCacheError("rkllm_load_prompt_cache while a run is in progress")
+        self._kv_len = None
+        try:
+            self._kv_len = await self._call(worker, "load_prompt_cache", path)
+        except PromptCacheError:
+            raise
+        except RKLLMError as exc:
+            if not worker.alive:
+                raise PromptCacheError(f"the RKLLM runtime crashed while loading the prompt cache {path}: "
+                                       f"{exc}") from exc
+            raise
 
     async def embed(self, inp: EmbeddingInput) -> EmbeddingOutput:
         """The last hidden layer, computed in the worker (see NativeSession.embed). A worker that dies

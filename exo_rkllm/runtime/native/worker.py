@@ -3,11 +3,11 @@
 Started by IsolatedRuntime as `python -m exo_rkllm.runtime.native.worker --fd N`
 with one end of a socket pair. It loads the library named in the first
 message, then serves commands: control calls (load, unload, clear_kv_cache,
-kv_cache_len, embed, close) on this thread, each generation on a thread of its
-own so an Abort is handled while rkllm_run blocks. An embedding is a control
-call: it is one prefill, which nothing aborts, and exo sends nothing else
-meanwhile (the scheduler serialises). Tokens are sent from the runtime's
-callback thread itself, with no hop through another thread.
+load_prompt_cache, kv_cache_len, embed, close) on this thread, each generation
+on a thread of its own so an Abort is handled while rkllm_run blocks. An
+embedding is a control call: it is one prefill, which nothing aborts, and exo
+sends nothing else meanwhile (the scheduler serialises). Tokens are sent from
+the runtime's callback thread itself, with no hop through another thread.
 
 It ignores SIGINT (Ctrl-C in exo's terminal belongs to exo, which closes the
 worker in order) and exits when exo's end of the socket closes, whatever the
@@ -85,6 +85,9 @@ class Worker:
             elif msg.op == "clear_kv_cache":
                 self.session.clear_kv_cache()
                 value = self.session.kv_cache_len()
+            elif msg.op == "load_prompt_cache":
+                self.session.load_prompt_cache(msg.arg)
+                value = self.session.kv_cache_len()  # what the file held: the parent's kv_cache_len() reports it
             elif msg.op == "kv_cache_len":
                 value = self.session.kv_cache_len()
             elif msg.op == "embed":
