@@ -117,6 +117,20 @@ SETTINGS: tuple[Setting, ...] = (
             "as it is idle; negative keeps it loaded (never unloaded). The next request loads it again."),
     Setting("kv_reuse", "RKLLM_KV_REUSE", _bool,
             "Reuse the NPU's KV cache when a prompt extends the previous one (follow-up chat turns)."),
+    Setting("prompt_cache", "RKLLM_PROMPT_CACHE", _bool,
+            "Save a conversation's KV state to disk when another takes the NPU, and a long system prompt's once "
+            "per model, so a later prompt that extends a saved state restores it and prefills only its new part "
+            "(native runtime 1.2.1 and later, and the simulator; elsewhere every prompt is prefilled)."),
+    Setting("cache_dir", "RKLLM_CACHE_DIR", _opt_path,
+            "Folder of the saved KV states; default `<RKLLM_MODELS_DIR>/.rkllm-cache`."),
+    Setting("cache_max_mb", "RKLLM_CACHE_MAX_MB", int,
+            "Most megabytes the saved KV states may take; beyond it the least recently used are deleted."),
+    Setting("cache_max_age", "RKLLM_CACHE_MAX_AGE", _duration,
+            "Saved KV states not used for this long are deleted: seconds or a duration (`30m`, `48h`); "
+            "negative: never by age."),
+    Setting("cache_min_tokens", "RKLLM_CACHE_MIN_TOKENS", int,
+            "Smallest state worth a file, in tokens: a shorter conversation, or a shorter system prompt, is "
+            "prefilled again instead."),
     Setting("model_cache", "RKLLM_MODEL_CACHE", int,
             "Models not on the NPU whose tokenizer and entry stay in memory for their next request; beyond "
             "this the least recently used are dropped (the loaded model and models with a request running "
@@ -152,6 +166,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sim_prefill_base_ms", "RKLLM_SIM_PREFILL_BASE_MS", float,
             "Simulator: fixed milliseconds per prefill (NPU launch cost)."),
     Setting("sim_load_ms", "RKLLM_SIM_LOAD_MS", float, "Simulator: milliseconds to load a model."),
+    Setting("sim_cache_io_ms", "RKLLM_SIM_CACHE_IO_MS", float,
+            "Simulator: milliseconds per token to save or restore a KV state (0.08: about 30 KiB per token at "
+            "400 MB/s)."),
     Setting("log_level", "RKLLM_LOG_LEVEL", str, "Log level of exo-rkllm (DEBUG, INFO, WARNING)."),
     Setting("api_key", "RKLLM_API_KEY", str,
             "If set, every `/v1/` route and exo's control routes need `Authorization: Bearer <key>` (as vLLM's and "
@@ -183,6 +200,11 @@ class Config:
     preload: str = ""
     keep_alive: float = -1.0
     kv_reuse: bool = True
+    prompt_cache: bool = True
+    cache_dir: Path | None = None
+    cache_max_mb: int = 2048
+    cache_max_age: float = 7 * 24 * 3600.0
+    cache_min_tokens: int = 128
     model_cache: int = 2
     lib_path: Path | None = None
     runtime_version: str = ""
@@ -199,6 +221,7 @@ class Config:
     sim_prefill_ms: float = 8.0
     sim_prefill_base_ms: float = 40.0
     sim_load_ms: float = 1500.0
+    sim_cache_io_ms: float = 0.08
     log_level: str = "INFO"
     api_key: str = ""
     cors_origins: str = ""
@@ -236,9 +259,19 @@ class Config:
             raise ConfigError("RKLLM_BACKGROUND_MAX_WAIT must not be negative")
         if self.reasoning_format not in ("deepseek", "none"):
             raise ConfigError("RKLLM_REASONING_FORMAT must be `deepseek` or `none`")
-        for name in ("sim_decode_ms", "sim_prefill_ms", "sim_prefill_base_ms", "sim_load_ms"):
+        if self.cache_max_mb < 0:
+            raise ConfigError("RKLLM_CACHE_MAX_MB must not be negative")
+        if self.cache_min_tokens < 1:
+            raise ConfigError("RKLLM_CACHE_MIN_TOKENS must be at least 1")
+        if self.cache_max_age != self.cache_max_age:
+            raise ConfigError("RKLLM_CACHE_MAX_AGE must be a number of seconds or a duration such as 48h")
+        for name in ("sim_decode_ms", "sim_prefill_ms", "sim_prefill_base_ms", "sim_load_ms", "sim_cache_io_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"RKLLM_{name.upper()} must not be negative")
+
+    @property
+    def prompt_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.models_dir / ".rkllm-cache"
 
     @property
     def rkllama_url(self) -> str:

@@ -70,6 +70,13 @@ class GenerationError(RKLLMError):
     http_status = 500
 
 
+class PromptCacheError(RKLLMError):
+    """The runtime refused a saved KV state (rkllm_load_prompt_cache failed). Never reaches a client:
+    the scheduler drops the file and prefills the prompt instead."""
+
+    http_status = 500
+
+
 class RequestCancelled(RKLLMError):
     """The request was abandoned (client gone, timeout, shutdown) before it finished."""
 

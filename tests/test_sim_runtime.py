@@ -274,7 +274,8 @@ def test_the_protocol_names_every_method_the_scheduler_calls():
     class NoCacheLength:  # every other method of the protocol
         capabilities = rt.capabilities
         loaded = None
-        load = unload = generate = abort = embed = clear_kv_cache = close = staticmethod(lambda *a: None)
+        load = unload = generate = abort = embed = clear_kv_cache = load_prompt_cache = close = staticmethod(
+            lambda *a: None)
         __aenter__ = __aexit__ = staticmethod(lambda *a: None)
 
     assert not isinstance(NoCacheLength(), Runtime)

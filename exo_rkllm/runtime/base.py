@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence, TypeVar, Union, runtime_checkable
 
+from exo_rkllm.errors import PromptCacheError
+
 
 class CallState(enum.IntEnum):
     """LLMCallState of rkllm.h: the same numbers in every runtime release."""
@@ -71,6 +73,10 @@ class GenerationInput:
     # the model's. Only a runtime with `per_run_sampling` can apply it; the others ignore it.
     sampling: SamplingParams | None = None
     seed: int | None = None
+    # Where to save the KV state once this run's prefill is done (RKLLMPromptCacheParam): what the
+    # cache held before the run (with keep_history) plus `token_ids`, never the answer. Only where
+    # `capabilities.prompt_cache`; the scheduler commits the file only after the run has ended.
+    save_prompt_cache: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,10 @@ class Capabilities:
     # there, so what its KV cache holds afterwards is known only as far as kv_cache_len() reports it
     per_run_max_new_tokens: bool = False
     embeddings: bool = False  # embed() works (last-hidden-layer mode, or a server's embeddings route)
+    # GenerationInput.save_prompt_cache and load_prompt_cache() work, and kv_cache_len() reports what a
+    # loaded file holds, so every restore can be checked (RKLLM 1.2.1 on: 1.2.0 saves and loads files
+    # but cannot say what they hold, and the scheduler reuses only what it knows exactly)
+    prompt_cache: bool = False
 
 
 ProgressFn = Callable[[str, float], None]  # (what is happening, fraction done 0..1)
@@ -187,6 +197,12 @@ class Runtime(Protocol):
 
     async def clear_kv_cache(self) -> None: ...
 
+    async def load_prompt_cache(self, path: str) -> None:
+        """Replace what the KV cache holds by the state a run saved to `path` (rkllm_load_prompt_cache),
+        taking time in proportion to its size. Raises PromptCacheError if the runtime refuses the file
+        (missing, corrupt, another model or release); the cache then holds nothing known. Only where
+        `capabilities.prompt_cache`: the scheduler checks kv_cache_len() against what it saved."""
+
     def kv_cache_len(self) -> int | None:
         """Tokens the KV cache holds now, as the runtime reports them; None where it cannot tell (no
         model, a release without rkllm_get_kv_cache_size, a server). The scheduler trusts its own
@@ -206,6 +222,12 @@ class RuntimeBase:
 
     async def close(self) -> None:  # pragma: no cover - every backend defines its own
         raise NotImplementedError
+
+    async def load_prompt_cache(self, path: str) -> None:
+        """Backends without `capabilities.prompt_cache` (rkllama, RKLLM before 1.2.1) refuse every file."""
+        caps = getattr(self, "capabilities", None)
+        runtime = " ".join(p for p in (caps.backend, caps.version) if p) if caps is not None else "this"
+        raise PromptCacheError(f"the {runtime} runtime cannot restore a saved KV state")
 
     async def __aenter__(self: "_R") -> "_R":
         return self

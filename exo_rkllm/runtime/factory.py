@@ -34,7 +34,8 @@ def build_sim(config: Config) -> Runtime:
     from exo_rkllm.runtime.sim import SimRuntime, SimTiming
 
     timing = SimTiming(load_ms=config.sim_load_ms, prefill_base_ms=config.sim_prefill_base_ms,
-                       prefill_ms_per_token=config.sim_prefill_ms, decode_ms_per_token=config.sim_decode_ms)
+                       prefill_ms_per_token=config.sim_prefill_ms, decode_ms_per_token=config.sim_decode_ms,
+                       cache_io_ms_per_token=config.sim_cache_io_ms)
     return SimRuntime(timing)
 
 

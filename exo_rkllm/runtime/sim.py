@@ -49,6 +49,17 @@ tokenizer or the model file, else the Modelfile's `HIDDEN_SIZE`, else 1536). Row
 function of tokens 0..i, as a causal model's hidden state is: the same tokens give the same
 rows, different ones different rows. It is paced like a prefill of its tokens and, like a run
 without keep_history, leaves exactly those tokens in the KV cache.
+
+Prompt caches (every imitated release: RKLLMPromptCacheParam and rkllm_load_prompt_cache, with
+rkllm_get_kv_cache_size to say what a loaded file holds). They follow the narrowest reading of
+rkllm.h, as the fake librkllmrt.so does: a run given `save_prompt_cache` writes, once it ends, the
+KV state after its prefill (what the cache held with keep_history, plus its input; never the
+answer), and nothing if it was aborted before its prefill was done. The file is real: the token
+ids, their count and checksum, the release line and the model file's identity, written to a
+temporary name and renamed. `load_prompt_cache` checks all of them (a corrupt, truncated or foreign
+file is refused with the reason) and makes the KV cache hold exactly those ids. Saving and loading
+are paced at `SimTiming.cache_io_ms_per_token` per token: the time to move a KV state of a 1.5B-3B
+model (about 28-36 KiB per token in fp16) at about 400 MB/s, one hundredth of prefilling it.
 """
 from __future__ import annotations
 
@@ -67,7 +78,7 @@ from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
-from exo_rkllm.errors import ContextOverflow, EmbeddingUnsupported, GenerationError, ModelLoadError
+from exo_rkllm.errors import ContextOverflow, EmbeddingUnsupported, GenerationError, ModelLoadError, PromptCacheError
 from exo_rkllm.models.tokenizer import load_tokenizer, special_ids, stop_token_ids, token_bytes
 from exo_rkllm.runtime.base import (CallState, Capabilities, EmbeddingInput, EmbeddingOutput, EventBridge, FinishEvent, FinishKind,
                    GenerationInput, GenerationStats, ModelSpec, ProgressFn, RuntimeBase, RuntimeEvent, SamplingParams,
@@ -117,10 +128,11 @@ class SimTiming:
     prefill_base_ms: float = 40.0
     prefill_ms_per_token: float = 8.0
     decode_ms_per_token: float = 125.0
+    cache_io_ms_per_token: float = 0.08  # saving or loading a prompt cache (see the module doc)
 
     @classmethod
     def instant(cls) -> "SimTiming":
-        return cls(0.0, 0.0, 0.0, 0.0)
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -144,6 +156,7 @@ class SimRunRecord:
     seed: int | None = None  # the request's seed (recorded only: no RKLLM release takes one)
     max_new_tokens: int = 0  # the request's limit as the run got it (0: the model's)
     stopped_at_limit: bool = False  # the binding stopped the runtime at that limit (releases before 1.3.0)
+    saved: int | None = None  # tokens of the prompt cache this run wrote (None: it wrote none)
 
 
 @dataclass
@@ -190,6 +203,57 @@ def embedding_rows(token_ids: tuple[int, ...], width: int) -> np.ndarray:
         state = np.float32(0.5) * state + vector
         rows[i] = state
     return rows
+
+
+PROMPT_CACHE_FORMAT = "rkllm-sim-prompt-cache"
+
+
+def model_identity(path: Path) -> str:
+    """What ties a prompt cache to one model file: its resolved path, size and modification time
+    (blocking: stats the file). A rewritten or replaced model file has another identity."""
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _ids_checksum(ids: list[int]) -> str:
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+
+
+def write_prompt_cache(path: Path, ids: list[int], release_line: str, model: str) -> None:
+    """A prompt-cache file as the simulated runtime writes it: to a temporary name, then renamed."""
+    body = json.dumps({"format": PROMPT_CACHE_FORMAT, "version": 1, "runtime": release_line, "model": model,
+                       "n": len(ids), "ids": ids, "checksum": _ids_checksum(ids)})
+    tmp = path.with_name(f"{path.name}.sim-tmp")
+    tmp.write_text(body + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_prompt_cache(path: Path, release_line: str, model: str, max_context_len: int) -> list[int]:
+    """The ids a prompt-cache file holds, checked as the runtime checks it; PromptCacheError says why not."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PromptCacheError(f"prompt cache {path} does not exist") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise PromptCacheError(f"invalid prompt cache {path}: truncated or corrupt ({exc})") from None
+    why = None
+    if not isinstance(data, dict) or data.get("format") != PROMPT_CACHE_FORMAT:
+        why = "not a prompt cache file"
+    elif data.get("runtime") != release_line:
+        why = f"saved by runtime {data.get('runtime')}, this is {release_line}"
+    elif data.get("model") != model:
+        why = "saved with another model"
+    else:
+        ids = data.get("ids")
+        if (not isinstance(ids, list) or not all(isinstance(i, int) for i in ids) or data.get("n") != len(ids)):
+            why = "truncated or corrupt"
+        elif data.get("checksum") != _ids_checksum(ids):
+            why = "checksum mismatch (corrupt)"
+        elif len(ids) > max_context_len:
+            why = "longer than the model's context"
+        else:
+            return ids
+    raise PromptCacheError(f"invalid prompt cache {path}: {why}")
 
 
 def write_sim_model(path: Path, name: str, **meta: Any) -> Path:
@@ -239,7 +303,7 @@ class SimRuntime(RuntimeBase):
                                          keep_history=True, clear_kv_cache=True,
                                          per_run_sampling=self.release.per_run_sampling,
                                          per_run_max_new_tokens=self.release.per_run_max_new_tokens,
-                                         embeddings=embeddings)
+                                         embeddings=embeddings, prompt_cache=True)
         self._width = DEFAULT_HIDDEN_SIZE
         self._model: ModelSpec | None = None
         self._tok: Any = None
@@ -251,6 +315,9 @@ class SimRuntime(RuntimeBase):
         self._lock = threading.Lock()
         self.runs: list[SimRunRecord] = []
         self.embeds: list[SimEmbedRecord] = []
+        self.cache_loads: list[tuple[str, int]] = []  # (path, tokens) of every prompt cache loaded
+        self._identity = ""  # the loaded model file's (model_identity)
+        self._to_save: tuple[str, list[int]] | None = None  # (path, state) the running run must save
         self.loads = 0
         self.closed = False
 
@@ -277,6 +344,7 @@ class SimRuntime(RuntimeBase):
             raise ModelLoadError(f"the simulator needs the tokenizer of {model.model_id}: none was found")
         tok = await asyncio.to_thread(load_tokenizer, model.tokenizer_dir)
         width = await asyncio.to_thread(hidden_size, model)
+        identity = await asyncio.to_thread(model_identity, model.path)
         steps = 10
         for i in range(steps):
             if progress:
@@ -284,7 +352,7 @@ class SimRuntime(RuntimeBase):
             await asyncio.sleep(self.timing.load_ms / 1000 / steps)
         if progress:
             progress(f"loaded {model.path.name}", 1.0)
-        self._model, self._tok, self._kv, self._width = model, tok, [], width
+        self._model, self._tok, self._kv, self._width, self._identity = model, tok, [], width, identity
         self._stops = stop_token_ids(tok)
         self._specials = special_ids(tok)
         self.loads += 1
@@ -302,6 +370,28 @@ class SimRuntime(RuntimeBase):
         if self._running.is_set():
             raise GenerationError("clear_kv_cache while a generation is running")
         self._kv = []
+
+    async def load_prompt_cache(self, path: str) -> None:
+        """rkllm_load_prompt_cache: the KV cache holds the file's ids afterwards (see the module doc)."""
+        self._check_open()
+        model = self._model
+        if model is None:
+            raise PromptCacheError("no model is loaded")
+        if not self._lock.acquire(blocking=False):
+            raise PromptCacheError("rkllm_load_prompt_cache while a run is in progress")
+        try:
+            self._kv = []  # whatever happens next, the old state is gone
+            ids = await asyncio.to_thread(read_prompt_cache, Path(path), self._release_line, self._identity,
+                                          model.max_context_len)
+            await asyncio.sleep(self.timing.cache_io_ms_per_token * len(ids) / 1000)
+            self._kv = list(ids)
+            self.cache_loads.append((str(path), len(ids)))
+        finally:
+            self._lock.release()
+
+    @property
+    def _release_line(self) -> str:
+        return ".".join(self.release.version.split(".")[:2])
 
     async def close(self) -> None:
         await self.unload()
@@ -378,8 +468,9 @@ class SimRuntime(RuntimeBase):
         return not self._abort.wait(ms / 1000)
 
     def _run(self, inp: GenerationInput, bridge: EventBridge, record: SimRunRecord) -> None:
+        self._to_save = None
         try:
-            self._generate_on_thread(inp, bridge, record)
+            self._generate_on_thread(inp, _SavingBridge(bridge, lambda: self._save(record)), record)
         except Exception as exc:  # the C callback never raises; report as ERROR
             record.error = repr(exc)
             bridge.push(GenerationError(f"simulated runtime failed: {exc!r}"))
@@ -388,7 +479,7 @@ class SimRuntime(RuntimeBase):
             self._running.clear()
             self._lock.release()
 
-    def _generate_on_thread(self, inp: GenerationInput, bridge: EventBridge, record: SimRunRecord) -> None:
+    def _generate_on_thread(self, inp: GenerationInput, bridge: "_SavingBridge", record: SimRunRecord) -> None:
         model, tok, t = self._model, self._tok, self.timing
         assert model is not None and tok is not None
         if not inp.keep_history:
@@ -404,6 +495,8 @@ class SimRuntime(RuntimeBase):
             return self._finish_aborted(bridge, record, [], started, started)
         self._kv = context  # prefill done: the input is in the cache
         prefill_done = time.monotonic()
+        if inp.save_prompt_cache:  # the state to save is this one; the runtime writes it when the run ends
+            self._to_save = (inp.save_prompt_cache, list(context))
 
         # Read once per run, from the whole context: the decode loop below must cost next to
         # nothing, or at zero pacing the simulator hides the software path it exists to measure.
@@ -460,7 +553,22 @@ class SimRuntime(RuntimeBase):
                                                 len(generated), (end - prefill_done) * 1000, 1.0 + len(self._kv) / 1024),
                                 ended))
 
-    def _finish_aborted(self, bridge: EventBridge, record: SimRunRecord, generated: list[int],
+    def _save(self, record: SimRunRecord) -> None:
+        """Write the prompt cache a run was asked for, as rkllm_run does before its FINISH callback.
+        A path that cannot be written costs a log line, not the run (as on the runtime)."""
+        if self._to_save is None:
+            return
+        path, ids = self._to_save
+        self._to_save = None
+        time.sleep(self.timing.cache_io_ms_per_token * len(ids) / 1000)
+        try:
+            write_prompt_cache(Path(path), ids, self._release_line, self._identity)
+        except OSError as exc:
+            log.error("sim: failed to save the prompt cache to %s: %s", path, exc)
+            return
+        record.saved = len(ids)
+
+    def _finish_aborted(self, bridge: "_SavingBridge", record: SimRunRecord, generated: list[int],
                         started: float, prefill_done: float) -> None:
         record.aborted = True
         end = time.monotonic()
@@ -504,6 +612,19 @@ class SimRuntime(RuntimeBase):
             if b"\n" in token_bytes(self._tok, context[i]):
                 return i + 1
         return len(context)
+
+
+class _SavingBridge:
+    """The run's bridge, but the prompt cache a run was asked for is written before its FinishEvent
+    goes out (rkllm_run saves before its FINISH callback), on whichever path the run ends."""
+
+    def __init__(self, bridge: EventBridge, save: Callable[[], None]) -> None:
+        self._bridge, self._save = bridge, save
+
+    def push(self, item: RuntimeEvent | BaseException) -> None:
+        if isinstance(item, FinishEvent):
+            self._save()
+        self._bridge.push(item)
 
 
 @dataclass(frozen=True)
