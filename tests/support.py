@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -57,6 +58,8 @@ class RecordingRuntime:
 
 
 def make_engine(models_dir: Path, timing: SimTiming | None = None, **config: Any) -> tuple[RKLLMInferenceEngine, RecordingRuntime]:
+    # saved KV states go to a folder of this engine's own: the demo models folder is shared by a whole session
+    config.setdefault("cache_dir", Path(tempfile.mkdtemp(prefix="rkllm-kv-states-")))
     cfg = Config(backend="sim", models_dir=models_dir, **config)
     runtime = RecordingRuntime(SimRuntime(timing or SimTiming.instant()))
     return RKLLMInferenceEngine(config=cfg, runtime=runtime), runtime

@@ -147,12 +147,12 @@ async def test_each_run_has_a_named_plan(demo_models_dir):
     engine = engine_with(demo_models_dir, runtime)
     scheduler = await engine._get_scheduler()
     plans: list[_Plan] = []
-    plan_of = scheduler._plan
+    prepare = scheduler._prepare
 
-    def recorded(job: Any) -> _Plan:
-        plans.append(plan_of(job))
+    async def recorded(job: Any) -> _Plan:  # the plan each run carries out
+        plans.append(await prepare(job))
         return plans[-1]
-    scheduler._plan = recorded  # type: ignore[method-assign]
+    scheduler._prepare = recorded  # type: ignore[method-assign]
     tok = engine.model_for(DEMO_ID).tokenizer
     first = user("hello [[sim:tokens=4]]")
     answer = await run(engine, "t1", templated(tok, first))

@@ -35,7 +35,7 @@ from exo_rkllm.api.answer import AnswerText, Delta
 from exo_rkllm.api.errors import APIError, error_chunk, error_response
 from exo_rkllm.api.port import Ending, NodePort, Submission, TokenFeed, Update
 from exo_rkllm.api.priority import classify_request, priority_named
-from exo_rkllm.api.prompt import Prompt, build_chat_prompt, defang_messages, encode_plain
+from exo_rkllm.api.prompt import Prompt, build_chat_prompt, defang_messages, encode_plain, shared_prefix_len
 from exo_rkllm.api.reasoning import ReasoningFormat, prompt_opens_reasoning
 from exo_rkllm.api.schema import ChatRequest, CompletionRequest, Sampling, parse_chat, parse_completion, parse_embedding
 from exo_rkllm.api.sse import EventStream
@@ -116,6 +116,7 @@ class OpenAIServer:
         tokenizer = model.tokenizer
         messages, tools = self._template_inputs(req)
         prompt = self._render(tokenizer, messages, tools, req)
+        prefix_len = shared_prefix_len(tokenizer, messages, prompt, tools=tools, template_kwargs=self._kwargs(req))
         token_input = (await self.engine.capabilities()).token_input
         if not token_input:  # the server templates and tokenizes: make special-token text inert there
             messages = defang_messages(messages, tokenizer)
@@ -126,7 +127,8 @@ class OpenAIServer:
                             starts_in_reasoning=fmt is not ReasoningFormat.NONE and prompt_opens_reasoning(prompt.text),
                             tool_family=family, tool_names=names)
         context = RequestContext(messages_from_openai(messages), tuple(tools) if tools else None, priority,
-                                 prompt_ids=prompt.ids, options=self._options(req.max_tokens, req.sampling))
+                                 prompt_ids=prompt.ids, options=self._options(req.max_tokens, req.sampling),
+                                 prefix_len=prefix_len)
         job = _Job(str(uuid.uuid4()), name, model.entry.model_id, prompt, context, model.stop_ids, answer,
                    req.stream, req.include_usage, True, n_layers)
         self._note_sampling(job, req.sampling)
@@ -460,12 +462,17 @@ class OpenAIServer:
             self._on_models_listed([model.entry])
         return name, model, int(getattr(model.entry, "n_layers", 1) or 1)
 
-    def _render(self, tokenizer: Any, messages: list[dict], tools: list | None, req: ChatRequest) -> Prompt:
+    @staticmethod
+    def _kwargs(req: ChatRequest) -> dict[str, Any]:
+        """What the chat template gets besides messages and tools."""
         kwargs: dict[str, Any] = dict(req.chat_template_kwargs)
         if req.enable_thinking is not None:
             kwargs["enable_thinking"] = req.enable_thinking
+        return kwargs
+
+    def _render(self, tokenizer: Any, messages: list[dict], tools: list | None, req: ChatRequest) -> Prompt:
         try:
-            return build_chat_prompt(tokenizer, messages, tools=tools, template_kwargs=kwargs)
+            return build_chat_prompt(tokenizer, messages, tools=tools, template_kwargs=self._kwargs(req))
         except APIError:
             raise
         except Exception as exc:  # the model's template refused this conversation (jinja raise_exception)

@@ -325,6 +325,36 @@ def build_chat_prompt(tokenizer: Any, messages: Sequence[Mapping], *, tools: Seq
     return Prompt(tuple(_with_ends(tokenizer, body)), real)
 
 
+def shared_prefix_len(tokenizer: Any, messages: Sequence[Mapping], prompt: Prompt, *,
+                      tools: Sequence[Mapping] | None = None,
+                      template_kwargs: Mapping[str, object] | None = None) -> int:
+    """How many of `prompt.ids` are the conversation's leading system (or developer) messages as the
+    template renders them: the part other conversations share, which the engine can save once and
+    restore for each. 0 when the conversation has none, or when the template does not render them as
+    an exact prefix of the prompt's ids (a template that folds the system text into the first user
+    turn): never a guess."""
+    lead = 0
+    while lead < len(messages) and messages[lead].get("role") in ("system", "developer"):
+        lead += 1
+    if lead == 0 or lead == len(messages):
+        return 0
+    try:
+        head = build_chat_prompt(tokenizer, messages[:lead], tools=tools, template_kwargs=template_kwargs,
+                                 add_generation_prompt=False)
+    except Exception:  # a template that wants a user turn: no shared prefix
+        return 0
+    n = len(head.ids)
+    if head.ids and prompt.ids[:n] == head.ids and n < len(prompt.ids):
+        return n
+    # the tokenizer's end token (a post-processor's) is not the prompt's boundary: try without it
+    _, ends = _post_processor_ends(tokenizer)
+    if ends and head.ids[-len(ends):] == tuple(ends):
+        n -= len(ends)
+        if n > 0 and prompt.ids[:n] == head.ids[:n]:
+            return n
+    return 0
+
+
 def _covers(positions: Sequence[int], start: int, end: int) -> bool:
     """Whether a marker was inserted strictly inside [start, end): the occurrence has client text."""
     at = bisect.bisect_right(positions, start)

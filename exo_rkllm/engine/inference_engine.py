@@ -60,7 +60,7 @@ MAX_CONTEXTS = 256
 CONTEXT_WAIT_S = 2.0  # how long a messages-only backend waits for a request's messages from the API node
 
 
-_CONTEXT_KEYS = ("messages", "tools", "priority", "prompt_ids", "options")
+_CONTEXT_KEYS = ("messages", "tools", "priority", "prompt_ids", "options", "prefix_len")
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,16 @@ class RequestContext:
 
     `prompt_ids`: the prompt as the API built it; the engine runs exactly these ids and ignores
     the prompt text exo passes (which, encoded again, could turn a user's text into control tokens).
-    `options`: what the request asked of the generation (RunOptions, in streams.py)."""
+    `options`: what the request asked of the generation (RunOptions, in streams.py).
+    `prefix_len`: how many of `prompt_ids` are the conversation's system part, which other
+    conversations share (saved once per model as a KV state, restored for each of them)."""
 
     messages: tuple[ChatMessage, ...]
     tools: tuple[Any, ...] | None = None
     priority: Priority = Priority.INTERACTIVE
     prompt_ids: tuple[int, ...] | None = None
     options: RunOptions | None = None
+    prefix_len: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The context as JSON values, for the other nodes of a ring (an exo status message)."""
@@ -84,7 +87,8 @@ class RequestContext:
                 "tools": list(self.tools) if self.tools is not None else None,
                 "priority": self.priority.value,
                 "prompt_ids": [int(t) for t in self.prompt_ids] if self.prompt_ids is not None else None,
-                "options": self.options.to_json() if self.options is not None else None}
+                "options": self.options.to_json() if self.options is not None else None,
+                "prefix_len": self.prefix_len}
 
     @classmethod
     def from_json(cls, data: Any) -> "RequestContext":
@@ -120,8 +124,11 @@ class RequestContext:
                 raise ValueError("prompt_ids must be a list of token ids (non-negative integers) or null")
             ids = tuple(ids)
         options = data.get("options")
+        prefix_len = data.get("prefix_len", 0)
+        if type(prefix_len) is not int or prefix_len < 0 or prefix_len > len(ids or ()):
+            raise ValueError("prefix_len must be a count of prompt_ids (a non-negative integer)")
         return cls(tuple(messages), tuple(tools) if tools is not None else None, priority, ids,
-                   RunOptions.from_json(options) if options is not None else None)
+                   RunOptions.from_json(options) if options is not None else None, prefix_len)
 
 
 @dataclass(frozen=True)
@@ -508,11 +515,14 @@ class RKLLMInferenceEngine:
         cap = options.max_new_tokens
         if cap and model.spec.max_new_tokens:  # the model's limit (Modelfile, RKLLM_MAX_NEW_TOKENS) is the ceiling
             cap = min(cap, model.spec.max_new_tokens)
+        eos = getattr(model.tokenizer, "eos_token_id", None)
         return scheduler.submit(request_id, model.spec, prompt, stop_ids=model.stop_ids,
                                 messages=context.messages if context else None,
                                 tools=context.tools if context else None, realign=realign,
                                 priority=context.priority if context else Priority.INTERACTIVE,
-                                max_new_tokens=cap, sampling=options.sampling, seed=options.seed)
+                                max_new_tokens=cap, sampling=options.sampling, seed=options.seed,
+                                prefix_len=context.prefix_len if context is not None and context.prompt_ids else 0,
+                                end_of_turn=int(eos) if isinstance(eos, int) else None)
 
     @staticmethod
     def _realign(tokenizer: Any, prompt_text: str, cached: Sequence[int]) -> tuple[int, ...] | None:
@@ -532,33 +542,38 @@ class RKLLMInferenceEngine:
     def _realign_ids(tokenizer: Any, control: frozenset[int], prompt: tuple[int, ...],
                      cached: Sequence[int]) -> tuple[int, ...] | None:
         """`_realign` for a prompt the API built as ids: the cached tokens plus the prompt's remaining ids,
-        if the cache's tail and a run of the prompt's ids spell the same bytes.
+        if the cache and the prompt's beginning spell the same bytes.
 
-        No text is encoded again, so nothing can become a control token: the two runs compared may
-        hold only ordinary tokens (the answer the model generated and the API's plain-text encoding of
-        it), and every id after them is the API's own."""
+        They are walked together: equal ids match; where they differ (the model's own tokens of an
+        earlier answer against the API's plain-text encoding of it, possibly in several answers), the
+        two runs up to their next control token must spell the same bytes, and the control tokens that
+        end them must be the same. No text is encoded again, so nothing can become a control token:
+        only runs of ordinary tokens are compared, and every id after the cache is the API's own."""
         cached = [int(t) for t in cached]
-        k, n = 0, min(len(prompt), len(cached))
-        while k < n and prompt[k] == cached[k]:
-            k += 1
-        tail = cached[k:]
-        if not tail or any(t in control for t in tail):
-            return None
+        i = j = 0
         try:
-            want = b"".join(token_bytes(tokenizer, t) for t in tail)
-            pos = 0
-            for j in range(k, len(prompt) - 1):  # at least one prompt id must remain to feed
-                if prompt[j] in control:
-                    return None
-                piece = token_bytes(tokenizer, prompt[j])
-                if want[pos:pos + len(piece)] != piece:
-                    return None
-                pos += len(piece)
-                if pos == len(want):
-                    return tuple(cached) + prompt[j + 1:]
+            while i < len(cached):
+                if j < len(prompt) and cached[i] == prompt[j]:
+                    i, j = i + 1, j + 1
+                    continue
+                ci = next((k for k in range(i, len(cached)) if cached[k] in control), len(cached))
+                want = b"".join(token_bytes(tokenizer, t) for t in cached[i:ci])
+                if not want:
+                    return None  # a control token of the cache against another id of the prompt
+                pos = 0
+                while pos < len(want):  # the prompt's run that spells the same bytes
+                    if j >= len(prompt) - 1 or prompt[j] in control:  # at least one prompt id must remain
+                        return None
+                    piece = token_bytes(tokenizer, prompt[j])
+                    if want[pos:pos + len(piece)] != piece:
+                        return None
+                    pos, j = pos + len(piece), j + 1
+                i = ci
         except ValueError:  # not a byte-level vocabulary, or an id it does not know
             return None
-        return None
+        if j >= len(prompt):
+            return None
+        return tuple(cached) + prompt[j:]
 
     async def _next(self, scheduler: Scheduler, stream: RequestStream, model: _Model, first: bool) -> np.ndarray:
         request_id = stream.request_id

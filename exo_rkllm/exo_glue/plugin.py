@@ -577,6 +577,7 @@ async def _status(engine: RKLLMInferenceEngine) -> Any:
                     loaded_model=loaded.model_id if loaded else None, running=scheduler.running_request,
                     queued=scheduler.queued, streams=len(scheduler.streams),
                     kv_cache_tokens=len(scheduler.kv_tokens) if scheduler.kv_tokens is not None else None,
+                    prompt_cache=scheduler.saved.describe(),
                     recent=[asdict(r) for r in list(scheduler.history)[-5:]])
         if engine._lifecycle is not None:
             body.update(engine._lifecycle.status())

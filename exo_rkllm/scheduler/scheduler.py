@@ -20,6 +20,12 @@ ranks, never shares the NPU with a generation, and leaves the KV cache unknown
 (RKLLM's last-hidden-layer mode prefills its input), so the next chat clears it.
 A background embedding batch gives way to an interactive arrival between two of
 its inputs, as a background generation is paused between two tokens.
+
+The KV cache holds one conversation, but conversations interleave (tabs, users, agents). Where the
+runtime can (exo_rkllm/scheduler/saved_states.py), a conversation leaving the NPU is saved to disk
+first, and a prompt that extends a saved state restores it rather than prefilling it; a long system
+prompt is saved once per model for every conversation that starts with it. Which state a prompt
+continues is decided on token ids, the longest exact prefix, never guessed from messages.
 """
 from __future__ import annotations
 
@@ -37,6 +43,8 @@ from exo_rkllm.config import Config
 from exo_rkllm.errors import (ContextOverflow, EmbeddingUnsupported, GenerationError, QueueFull, RequestCancelled, RKLLMError,
                      ShuttingDown)
 from exo_rkllm.scheduler.lifecycle import LoadState, LoadStatus
+from exo_rkllm.scheduler.prompt_caches import CacheEntry, EntryKind
+from exo_rkllm.scheduler.saved_states import SavedStates
 from exo_rkllm.runtime.base import (ChatMessage, EmbeddingInput, EmbeddingOutput, FinishEvent, FinishKind, GenerationInput,
                            ModelSpec, Runtime, SamplingParams, TokenEvent, split_prompt)
 from exo_rkllm.scheduler.streams import FinishReason, RequestStream, RunOptions, StreamState
@@ -107,6 +115,24 @@ class _Plan:
     feed: tuple[int, ...]  # what the runtime must prefill now
     keep_history: bool  # append to the cache rather than start from an empty one
     clear_first: bool  # clear the cache before the run (it holds something else)
+    restore: CacheEntry | None = None  # load this saved state first: `prompt` begins with its ids
+    save_prefix: int = 0  # first save the prompt's first this many tokens (a shared system prompt)
+
+    @property
+    def reused(self) -> int:
+        """Prompt tokens the live cache already holds (0 when it is cleared or replaced)."""
+        if not self.keep_history or self.clear_first or self.restore is not None:
+            return 0
+        return len(self.prompt) - len(self.feed)
+
+    @property
+    def restored(self) -> int:
+        return self.restore.tokens if self.restore is not None else 0
+
+    @property
+    def displaces(self) -> bool:
+        """What the cache holds now is lost by this plan."""
+        return self.clear_first or self.restore is not None or self.save_prefix > 0 or not self.keep_history
 
 
 class Priority(enum.Enum):
@@ -133,6 +159,9 @@ class _Job:
     done: list[int] = field(default_factory=list)  # tokens produced by runs before a preemption
     preempt: bool = False  # set while the running generation is being aborted to make room
     preemptions: int = 0
+    prefix_len: int = 0  # the prompt's first tokens shared by other conversations (its system prompt)
+    end_of_turn: int | None = None  # the token a template writes after an answer (the model's eos)
+    prefix_tried: bool = False  # saving the prefix was attempted (once per request)
 
     @property
     def open(self) -> bool:
@@ -197,6 +226,8 @@ class RunSummary:
     preemptions: int = 0
     decode_s: float | None = None  # first token to the end of the last run
     detail: str = ""  # what was cancelled by (the close reason) or what failed ("model load")
+    reused: int = 0  # prompt tokens the live KV cache held
+    restored: int = 0  # prompt tokens restored from a saved KV state
 
     @property
     def described(self) -> str:
@@ -221,6 +252,10 @@ class Scheduler:
         self._embedding: _EmbedJob | None = None  # the embedding batch on the NPU
         self._sampling_noted: set[str] = set()  # models whose fixed sampling was logged
         self._kv: list[int] | None = []  # what the KV cache holds; None when unknown
+        # the token that follows `_kv` in its conversation's next prompt (an answer's unfed last token, or
+        # the end of its turn): a state worth saving is `_kv` plus it, prefilled by a run of its own
+        self._kv_next: int | None = None
+        self.saved = SavedStates(runtime, config)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -229,7 +264,8 @@ class Scheduler:
                stop_ids: frozenset[int] = frozenset(), messages: tuple[ChatMessage, ...] | None = None,
                tools: tuple[Any, ...] | None = None, max_new_tokens: int = 0,
                realign: Realign | None = None, priority: Priority = Priority.INTERACTIVE,
-               sampling: Mapping[str, float | int] | None = None, seed: int | None = None) -> RequestStream:
+               sampling: Mapping[str, float | int] | None = None, seed: int | None = None,
+               prefix_len: int = 0, end_of_turn: int | None = None) -> RequestStream:
         """Queue a generation; returns its stream at once. Raises QueueFull / ContextOverflow
         (ValueError for a malformed `sampling`).
 
@@ -238,7 +274,10 @@ class Scheduler:
         back the tokens the model generated, and would otherwise cost a full prefill.
         `sampling` holds the fields the request named; they are laid over the model's values and
         every run of the request (a resume too) gets the same whole SamplingParams and `seed`. A
-        runtime that fixes sampling at load time ignores them (`applies_request_sampling`)."""
+        runtime that fixes sampling at load time ignores them (`applies_request_sampling`).
+        `prefix_len` counts the prompt's first tokens that other conversations share (its system
+        prompt): saved once, restored for each of them. `end_of_turn` is the token the chat template
+        writes after an answer, so a conversation leaving the NPU is saved as its next turn begins."""
         if self._closed:
             raise RequestCancelled("the engine is shutting down")
         if request_id in self.streams:
@@ -256,7 +295,8 @@ class Scheduler:
         stream = RequestStream(request_id, prompt, spec.model_id, on_close=self._on_stream_closed)
         self.streams[request_id] = stream
         job = _Job(stream, spec, stop_ids, messages, tools, max_new_tokens, realign, priority, next(self._seq),
-                   sampling=merged, seed=seed)
+                   sampling=merged, seed=seed, prefix_len=max(0, min(int(prefix_len), len(prompt))),
+                   end_of_turn=end_of_turn)
         if (merged is not None or seed is not None) and not self.applies_request_sampling:
             self._note_fixed_sampling(spec)
         self._queue.append(job)
@@ -389,6 +429,7 @@ class Scheduler:
         """With the device held: run the job's remaining inputs. The runtime prefills each one into
         its KV cache, so what the cache holds is unknown from the first one on."""
         self._embedding, started = job, time.monotonic()
+        await self._save_leaving()
         self._kv = None
         outcome, detail = RunOutcome.DONE, ""
         try:
@@ -453,7 +494,8 @@ class Scheduler:
         except BaseException as exc:
             state.finish(LoadStatus.FAILED, str(exc) or type(exc).__name__)
             raise
-        self._kv = []
+        self._kv, self._kv_next = [], None
+        await self.saved.open(spec)
         state.finish(LoadStatus.LOADED)
         log.info("%s ready in %.1f s", spec.model_id, state.as_dict()["elapsed_s"])
 
@@ -489,8 +531,10 @@ class Scheduler:
 
     async def _unload_runtime(self, current: ModelSpec) -> None:
         """With the device held: the runtime lets go of `current` (rkllm_destroy on the native backend)."""
+        await self._save_leaving()  # a model switch or an idle unload: the conversation can come back
+        self.saved.close()
         state = self._load = LoadState(current.model_id, LoadStatus.UNLOADING)
-        self._kv = None
+        self._kv, self._kv_next = None, None
         try:
             await self.runtime.unload()
         except BaseException as exc:
@@ -544,7 +588,9 @@ class Scheduler:
         self._record(job, RunOutcome.FAILED, "model load")
 
     def _plan(self, job: _Job) -> _Plan:
-        """What the job's next run prefills and how it uses the KV cache.
+        """What the job's next run prefills and how it uses the KV cache: continue what the cache holds,
+        restore a saved state that spares more, or start from an empty cache (saving the prompt's shared
+        prefix first, once per model).
 
         A resumed job runs its first prompt plus the tokens it already produced: greedy decoding
         continues from there as if it had never stopped."""
@@ -553,20 +599,92 @@ class Scheduler:
         caps = self.runtime.capabilities
         if not caps.token_input or not caps.keep_history:
             return _Plan(prompt, prompt, keep_history=False, clear_first=False)
-        if self.config.kv_reuse and self._kv:
-            reused = split_prompt(prompt, self._kv)
-            if 0 < reused < len(prompt):
-                return _Plan(prompt, prompt[reused:], keep_history=True, clear_first=False)
-            aligned = job.realign(self._kv) if job.realign is not None and not resumed else None
-            if aligned and 0 < split_prompt(aligned, self._kv) < len(aligned) < job.spec.max_context_len:
-                return _Plan(aligned, aligned[len(self._kv):], keep_history=True, clear_first=False)
+        realign = job.realign if not resumed else None
+        live = self._live_plan(job, prompt, realign)
+        match = self.saved.match(prompt, realign, live.reused if live else 0)
+        if match is not None and len(match.prompt) < job.spec.max_context_len:
+            n = match.entry.tokens
+            return _Plan(match.prompt, match.prompt[n:], keep_history=True, clear_first=False, restore=match.entry)
+        if live is not None:
+            return live
         if not caps.clear_kv_cache:
             return _Plan(prompt, prompt, keep_history=False, clear_first=False)
-        return _Plan(prompt, prompt, keep_history=True, clear_first=self._kv != [])
+        save_prefix = (job.prefix_len if not resumed and not job.prefix_tried
+                       and self.saved.wants_prefix(prompt, job.prefix_len, 0) else 0)
+        return _Plan(prompt, prompt, keep_history=True, clear_first=self._kv != [], save_prefix=save_prefix)
+
+    def _live_plan(self, job: _Job, prompt: tuple[int, ...], realign: Realign | None) -> _Plan | None:
+        """Continue what the live KV cache holds, if the prompt (or its realigned tokens) extends it."""
+        if not self.config.kv_reuse or not self._kv:
+            return None
+        reused = split_prompt(prompt, self._kv)
+        if 0 < reused < len(prompt):
+            return _Plan(prompt, prompt[reused:], keep_history=True, clear_first=False)
+        aligned = realign(self._kv) if realign is not None else None
+        if aligned and 0 < split_prompt(aligned, self._kv) < len(aligned) < job.spec.max_context_len:
+            return _Plan(aligned, aligned[len(self._kv):], keep_history=True, clear_first=False)
+        return None
+
+    async def _prepare(self, job: _Job) -> _Plan:
+        """With the device held, before the job's run: carry out its plan's KV steps. What the cache held
+        is saved first if the plan loses it; a saved state the runtime will not restore exactly is
+        dropped and the job planned again; a shared prefix is saved by a run of its own, which leaves
+        exactly that prefix in the cache for the job to continue."""
+        plan = self._plan(job)
+        if plan.displaces:
+            await self._save_leaving(plan.restore)
+            plan = self._plan(job)  # saving ran the runtime: plan on what the cache holds now
+        for _ in range(3):  # each refused state is gone from the store: the next plan differs
+            if plan.restore is None:
+                break
+            if await self.saved.restore(plan.restore):
+                self._kv, self._kv_next = list(plan.restore.ids), None
+                return plan
+            self._kv, self._kv_next = None, None
+            plan = self._plan(job)
+        if plan.restore is not None:  # three refusals in a row: prefill this one
+            plan = _Plan(plan.prompt, plan.prompt, keep_history=True, clear_first=True)
+        if plan.save_prefix:
+            job.prefix_tried = True
+            if plan.clear_first:
+                await self.runtime.clear_kv_cache()
+                self._kv = []
+            prefix = plan.prompt[:plan.save_prefix]
+            result = await self.saved.save(prefix, True, prefix, EntryKind.PREFIX)
+            self._kv, self._kv_next = result.kv, None
+            plan = self._plan(job)
+        return plan
+
+    async def _save_leaving(self, restoring: CacheEntry | None = None) -> None:
+        """Save the conversation the KV cache holds before it is lost, as its next turn would begin: what
+        the cache holds plus the token that follows (an answer's end of turn). Not when it is too short,
+        already saved, or continued by the state about to be restored."""
+        kv, following = self._kv, self._kv_next
+        if kv is None or following is None:
+            return
+        ids = tuple(kv) + (following,)
+        if not self.saved.worth_saving(ids) or (restoring is not None and restoring.ids[:len(ids)] == ids):
+            return
+        result = await self.saved.save((following,), True, ids, EntryKind.CONVERSATION)
+        self._kv, self._kv_next = result.kv, None
+
+    def _following(self, job: _Job, ran: Sequence[int], kind: FinishKind | None) -> int | None:
+        """The token after what the cache holds in this conversation's next prompt: the first one the run
+        produced that was never fed back (a reported end of answer, a length stop's last token), else,
+        after an answer that ended on its own, the template's end of turn."""
+        if self._kv is None:
+            return None
+        n = len(self._kv)
+        if n < len(ran):
+            return int(ran[n])
+        return job.end_of_turn if kind is FinishKind.STOP else None
 
     async def _run(self, job: _Job) -> None:
         stream = job.stream
-        plan = self._plan(job)
+        plan = await self._prepare(job)
+        if not stream.open:  # let go of while its KV state was being prepared
+            self._record(job, RunOutcome.CANCELLED, stream.close_reason or "")
+            return
         prompt, feed, keep = plan.prompt, plan.feed, plan.keep_history
         if plan.clear_first:
             await self.runtime.clear_kv_cache()
@@ -580,10 +698,10 @@ class Scheduler:
         if resumed:
             stream.resumed(prefilled=len(feed))
         else:
-            stream.started(prefilled=len(feed))
-        log.debug("request %s on the NPU: prefill %d tokens (%d reused from the KV cache)", stream.request_id,
-                  len(feed), len(prompt) - len(feed))
-        self._kv = None  # unknown until the run ends cleanly
+            stream.started(prefilled=len(feed), reused=plan.reused, restored=plan.restored)
+        log.debug("request %s on the NPU: prefill %d tokens (%d reused from the KV cache, %d restored from disk)",
+                  stream.request_id, len(feed), plan.reused, plan.restored)
+        self._kv, self._kv_next = None, None  # unknown until the run ends cleanly
         emitted: list[int] = []
         finish: FinishEvent | None = None
         outcome = RunOutcome.DONE
@@ -616,6 +734,7 @@ class Scheduler:
                 outcome = RunOutcome.ABORTED
                 if finish is not None and keep:
                     self._kv = self._kv_after_abort(prompt, emitted)
+                    self._kv_next = self._following(job, prompt + tuple(emitted), None)
                 # no-op when the stream was closed (the abort was ours); otherwise it is no answer
                 stream.fail(GenerationError("the runtime stopped the generation before it finished "
                                             f"({len(emitted)} tokens generated)"))
@@ -625,6 +744,7 @@ class Scheduler:
                 if keep and finish is not None:
                     self._kv = (self._kv_after_abort(prompt, emitted) if self._stopped_by_abort(inp, emitted, over)
                                 else self._kv_after(job, prompt, emitted, kind))
+                    self._kv_next = self._following(job, prompt + tuple(emitted), kind)
         finally:
             self._running = None
             job.preempt = False
@@ -670,6 +790,7 @@ class Scheduler:
         job.done.extend(emitted)
         job.preemptions += 1
         self._kv = self._kv_after_abort(prompt, emitted) if keep else None
+        self._kv_next = self._following(job, prompt + tuple(emitted), None)
         job.stream.pause()
         self._queue.append(job)  # keeps its arrival rank
         self._wakeup.set()
@@ -696,13 +817,16 @@ class Scheduler:
         summary = RunSummary(
             stream.request_id, job.spec.model_id, prompt_tokens, stream.prefilled, len(job.done),
             (started or now) - stream.created_at, (first - started) if first and started else None,
-            now - stream.created_at, outcome, job.priority.value, job.preemptions, decode_s, detail)
+            now - stream.created_at, outcome, job.priority.value, job.preemptions, decode_s, detail,
+            stream.reused, stream.restored)
         self.history.append(summary)
         rate = f"{(len(job.done) - 1) / decode_s:.1f}" if decode_s and len(job.done) > 1 else "-"
         ttft = f"{first - stream.created_at:.2f} s" if first is not None else "-"
-        log.info("request %s %s: model %s, %s, prompt %d tokens (%d prefilled), %d generated, queued %.2f s, "
+        log.info("request %s %s: model %s, %s, prompt %d tokens (%d prefilled%s), %d generated, queued %.2f s, "
                  "first token %s after arrival, %s tokens/s%s", stream.request_id, summary.described, job.spec.model_id,
-                 job.priority.value, prompt_tokens, stream.prefilled, len(job.done), summary.queued_s, ttft, rate,
+                 job.priority.value, prompt_tokens, stream.prefilled,
+                 f", {stream.restored} restored from disk" if stream.restored else "", len(job.done), summary.queued_s,
+                 ttft, rate,
                  f", paused {job.preemptions}x" if job.preemptions else "")
 
     @staticmethod

@@ -125,6 +125,8 @@ class RequestStream:
         self.readers = 0
         self.delivered = 0  # tokens exo has taken
         self.prefilled = 0  # tokens the runtime actually had to prefill (after KV reuse), over all runs
+        self.reused = 0  # prompt tokens the live KV cache already held (first run)
+        self.restored = 0  # prompt tokens restored from a saved KV state (first run)
         self.pauses = 0  # times it was preempted
         self._queue: asyncio.Queue[int | _End | BaseException] = asyncio.Queue()
         self._on_close = on_close
@@ -134,10 +136,10 @@ class RequestStream:
     def open(self) -> bool:
         return self.state in (StreamState.QUEUED, StreamState.RUNNING, StreamState.PAUSED)
 
-    def started(self, prefilled: int) -> None:
+    def started(self, prefilled: int, reused: int = 0, restored: int = 0) -> None:
         self.state = StreamState.RUNNING
         self.started_at = time.monotonic()
-        self.prefilled = prefilled
+        self.prefilled, self.reused, self.restored = prefilled, reused, restored
 
     def pause(self) -> None:
         """Preempted: no token comes until it resumes; what was delivered stays delivered."""

@@ -1,0 +1,189 @@
+"""Saved KV states through the whole API: interleaved conversations and shared system prompts.
+
+The simulator saves and restores real files (exo_rkllm/runtime/sim.py); these tests check what the
+scheduler does with them, through the OpenAI handlers: which state a prompt continues (exact ids),
+that answers are the same as with every cache off, and that nothing wrong is ever reused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from exo_rkllm.runtime.sim import SimTiming
+from api_harness import start_api, stop_api
+
+pytestmark = pytest.mark.asyncio
+
+LONG_SYSTEM = " ".join(f"Rule {i}: answer briefly, politely and precisely about topic number {i}." for i in range(40))
+QUESTIONS = ["Tell me about the RK3588 NPU in some detail, please. [[sim:tokens=40]]",
+             "And how does its memory bandwidth compare with a laptop? [[sim:tokens=36]]",
+             "Which models run best on it, and at what speed? [[sim:tokens=44]]",
+             "Thanks. One more: what about power draw under load? [[sim:tokens=30]]"]
+
+
+def conversation(tag: str, turns: int, answers: list[str]) -> list[dict[str, str]]:
+    """Turn `turns` of a conversation whose earlier answers are `answers` (as the client got them)."""
+    messages = [{"role": "system", "content": f"You are assistant {tag}. " + LONG_SYSTEM[:600]}]
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"[{tag}] {QUESTIONS[i]}"})
+        if i < turns - 1:
+            messages.append({"role": "assistant", "content": answers[i]})
+    return messages
+
+
+async def ask(api, messages) -> str:
+    status, body, _ = await api.post("/v1/chat/completions", api.chat(messages, temperature=0))
+    assert status == 200, body
+    return body["choices"][0]["message"]["content"]
+
+
+async def status(api) -> dict:
+    """What the status route shows of the saved states (exo's route itself: tests/test_real_exo_saved_states.py)."""
+    return {"prompt_cache": api.engine._scheduler.saved.describe()}
+
+
+def runs(api) -> dict[str, object]:
+    """The scheduler's record of every request, by id, in order."""
+    return {r.request_id: r for r in api.engine._scheduler.history}
+
+
+async def interleave(api, turns: int = 4) -> tuple[dict[str, list[str]], list]:
+    """Two conversations, A and B, one turn each in turn; returns their answers and the run records."""
+    answers: dict[str, list[str]] = {"A": [], "B": []}
+    for turn in range(1, turns + 1):
+        for tag in ("A", "B"):
+            answers[tag].append(await ask(api, conversation(tag, turn, answers[tag])))
+    return answers, list(api.engine._scheduler.history)
+
+
+async def test_interleaved_conversations_restore_their_saved_states(demo_models_dir, tmp_path):
+    api = await start_api(demo_models_dir, cache_dir=tmp_path / "states", cache_min_tokens=64)
+    try:
+        answers, history = await interleave(api)
+        # Turn 1 of each prefills all; from turn 2 on, each turn restores its own conversation as it left
+        # the NPU and prefills only the new user turn.
+        assert [r.restored > 0 for r in history] == [False, False] + [True] * 6
+        later = history[2:]
+        assert all(r.prefilled < 40 for r in later), [r.prefilled for r in later]
+        assert all(r.restored + r.prefilled == r.prompt_tokens for r in later)
+        body = await status(api)
+        cache = body["prompt_cache"]
+        assert cache["enabled"] and cache["restores"] == 6 and cache["refused"] == 0
+        assert cache["models"]["qwen2.5-1.5b-instruct-demo"]["conversations"] == 2  # older turns were replaced
+    finally:
+        await stop_api(api)
+    # The same conversations with every cache off give byte-identical answers (greedy).
+    plain = await start_api(demo_models_dir, prompt_cache=False, kv_reuse=False)
+    try:
+        same, history = await interleave(plain)
+        assert same == answers
+        assert all(r.restored == 0 and r.reused == 0 and r.prefilled == r.prompt_tokens for r in history)
+        assert (await status(plain))["prompt_cache"] == {"enabled": False, "why": "RKLLM_PROMPT_CACHE=0"}
+    finally:
+        await stop_api(plain)
+
+
+async def test_a_shared_system_prompt_is_saved_once_and_restored_for_new_conversations(demo_models_dir, tmp_path):
+    api = await start_api(demo_models_dir, cache_dir=tmp_path / "states", cache_min_tokens=64)
+    try:
+        system = {"role": "system", "content": LONG_SYSTEM}
+        first = await ask(api, [system, {"role": "user", "content": "first user [[sim:tokens=8]]"}])
+        second = await ask(api, [system, {"role": "user", "content": "someone else [[sim:tokens=8]]"}])
+        one, two = list(api.engine._scheduler.history)
+        assert one.restored == 0 and two.restored > 300  # the system block, restored
+        assert two.prefilled < 30
+        saves = [i for i in api.runtime.inputs if i.save_prompt_cache]
+        # the system block, saved once by a run of its own; then the first conversation, as it left the NPU
+        assert [len(i.token_ids) for i in saves] == [two.restored, 1]
+        # the answers are those of a server without caches
+        plain = await start_api(demo_models_dir, prompt_cache=False)
+        try:
+            assert await ask(plain, [system, {"role": "user", "content": "first user [[sim:tokens=8]]"}]) == first
+            assert await ask(plain, [system, {"role": "user", "content": "someone else [[sim:tokens=8]]"}]) == second
+        finally:
+            await stop_api(plain)
+    finally:
+        await stop_api(api)
+
+
+async def test_a_short_conversation_is_not_worth_a_file(demo_models_dir, tmp_path):
+    api = await start_api(demo_models_dir, cache_dir=tmp_path / "states")  # RKLLM_CACHE_MIN_TOKENS=128
+    try:
+        await ask(api, [{"role": "user", "content": "hi [[sim:tokens=5]]"}])
+        await ask(api, [{"role": "user", "content": "other [[sim:tokens=5]]"}])
+        assert not [i for i in api.runtime.inputs if i.save_prompt_cache]
+        assert not list((tmp_path / "states").rglob("*.kv"))
+    finally:
+        await stop_api(api)
+
+
+async def test_states_survive_a_restart_and_are_tied_to_the_model_file(demo_models_dir, tmp_path, caplog):
+    states = tmp_path / "states"
+    answers: dict[str, list[str]] = {"A": [], "B": []}
+    api = await start_api(demo_models_dir, cache_dir=states, cache_min_tokens=64)
+    try:
+        for tag in ("A", "B"):
+            answers[tag].append(await ask(api, conversation(tag, 1, [])))
+        await ask(api, conversation("A", 2, answers["A"]))  # B leaves the NPU: saved
+    finally:
+        await stop_api(api)
+    assert len(list(states.rglob("*.kv"))) >= 1
+    again = await start_api(demo_models_dir, cache_dir=states, cache_min_tokens=64)
+    try:
+        await ask(again, conversation("B", 2, answers["B"]))
+        (run,) = list(again.engine._scheduler.history)
+        assert run.restored > 0  # a fresh process restored what the last one saved
+    finally:
+        await stop_api(again)
+
+
+async def test_a_corrupt_or_truncated_state_is_never_used(demo_models_dir, tmp_path, caplog):
+    states = tmp_path / "states"
+    answers: dict[str, list[str]] = {"A": [], "B": []}
+    api = await start_api(demo_models_dir, cache_dir=states, cache_min_tokens=64)
+    try:
+        for tag in ("A", "B"):
+            answers[tag].append(await ask(api, conversation(tag, 1, [])))
+        # A's state was saved when B took the NPU; damage it in place, keeping its size and time
+        (kv,) = [p for p in states.rglob("*.kv") if json.loads(p.with_suffix(".json").read_text())["kind"] == "conversation"]
+        meta = json.loads(kv.with_suffix(".json").read_text())
+        data = kv.read_bytes()
+        stat = kv.stat()
+        assert b'"ids": [151644,' in data
+        kv.write_bytes(data.replace(b'"ids": [151644,', b'"ids": [151643,', 1))  # one id changed
+        import os
+        os.utime(kv, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert kv.stat().st_size == meta["size"]
+        caplog.set_level(logging.WARNING)
+        expected = await ask(api, conversation("A", 2, answers["A"]))
+        run = list(api.engine._scheduler.history)[-1]
+        # refused by the runtime: the next best state (the system prompt's) was restored, the rest prefilled
+        assert 0 < run.restored < meta["n"] and run.restored + run.prefilled == run.prompt_tokens
+        assert "ignoring the saved KV state" in caplog.text and "checksum" in caplog.text
+        assert not kv.exists()  # deleted with its sidecar
+        assert (await status(api))["prompt_cache"]["refused"] == 1
+    finally:
+        await stop_api(api)
+    plain = await start_api(demo_models_dir, prompt_cache=False)
+    try:
+        assert await ask(plain, conversation("A", 2, answers["A"])) == expected
+    finally:
+        await stop_api(plain)
+
+
+async def test_every_follow_up_turn_continues_the_live_cache(demo_models_dir):
+    """One conversation alone, nothing saved: each turn continues the KV cache even when earlier answers
+    come back tokenized otherwise than the model generated them (in several turns at once)."""
+    api = await start_api(demo_models_dir, prompt_cache=False)
+    try:
+        answers: list[str] = []
+        for turn in range(1, 5):
+            answers.append(await ask(api, conversation("A", turn, answers)))
+        history = list(api.engine._scheduler.history)
+        assert [r.reused > 0 for r in history] == [False, True, True, True]
+        assert all(r.prefilled < 40 for r in history[1:]), [r.prefilled for r in history]
+    finally:
+        await stop_api(api)
