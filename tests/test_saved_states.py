@@ -6,9 +6,10 @@ that answers are the same as with every cache off, and that nothing wrong is eve
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from pathlib import Path
+import os
 
 import pytest
 
@@ -154,7 +155,6 @@ async def test_a_corrupt_or_truncated_state_is_never_used(demo_models_dir, tmp_p
         stat = kv.stat()
         assert b'"ids": [151644,' in data
         kv.write_bytes(data.replace(b'"ids": [151644,', b'"ids": [151643,', 1))  # one id changed
-        import os
         os.utime(kv, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         assert kv.stat().st_size == meta["size"]
         caplog.set_level(logging.WARNING)
@@ -187,3 +187,113 @@ async def test_every_follow_up_turn_continues_the_live_cache(demo_models_dir):
         assert all(r.prefilled < 40 for r in history[1:]), [r.prefilled for r in history]
     finally:
         await stop_api(api)
+
+
+async def answers_without_caches(demo_models_dir, conversations) -> list[str]:
+    plain = await start_api(demo_models_dir, prompt_cache=False, kv_reuse=False)
+    try:
+        return [await ask(plain, messages) for messages in conversations]
+    finally:
+        await stop_api(plain)
+
+
+async def test_a_save_that_fails_loses_nothing_but_the_file(demo_models_dir, tmp_path, caplog):
+    """The runtime fails (or its worker dies) during the run that saves a leaving conversation: the
+    arriving request is served as usual, nothing is saved, and the conversation is prefilled when it
+    comes back."""
+    caplog.set_level(logging.WARNING)
+    api = await start_api(demo_models_dir, cache_dir=tmp_path / "states", cache_min_tokens=64)
+    api.runtime.inner.fail_on = lambda inp, index: inp.request_id.startswith("kv-save")
+    try:
+        a1 = await ask(api, conversation("A", 1, []))
+        b1 = await ask(api, conversation("B", 1, []))  # A leaves: its save fails
+        a2 = await ask(api, conversation("A", 2, [a1]))
+        history = list(api.engine._scheduler.history)
+        assert "saving a" in caplog.text and "KV state failed" in caplog.text
+        assert [r.restored for r in history] == [0, 0, 0]  # every save failed, the system prompts' too
+        assert history[2].prefilled == history[2].prompt_tokens
+        assert not [p for p in (tmp_path / "states").rglob("*") if p.name.startswith("saving-")]
+        assert api.engine._scheduler.saved.describe()["saves"] == 0
+    finally:
+        await stop_api(api)
+    assert [a1, b1, a2] == await answers_without_caches(
+        demo_models_dir, [conversation("A", 1, []), conversation("B", 1, []), conversation("A", 2, [a1])])
+
+
+async def test_shutting_down_during_a_save_leaves_no_usable_file(demo_models_dir, tmp_path):
+    states = tmp_path / "states"
+    slow = SimTiming(0, 0, 0, 0, cache_io_ms_per_token=20.0)  # saving 200 tokens takes 4 s
+    api = await start_api(demo_models_dir, slow, cache_dir=states, cache_min_tokens=64, prompt_cache=True)
+    try:
+        a1 = await ask(api, conversation("A", 1, []))
+        task = asyncio.ensure_future(ask(api, conversation("B", 1, [])))
+        for _ in range(200):
+            if any(i.request_id.startswith("kv-save") and i.token_ids == (api.engine.model_for(
+                    "qwen2.5-1.5b-instruct-demo").tokenizer.eos_token_id,) for i in api.runtime.inputs):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the leaving conversation was never saved")
+    finally:
+        await stop_api(api)  # shuts the engine down while the save runs
+    with pytest.raises(Exception):
+        await task
+    again = await start_api(demo_models_dir, cache_dir=states, cache_min_tokens=64)
+    try:
+        a2 = await ask(again, conversation("A", 2, [a1]))
+        (run,) = list(again.engine._scheduler.history)
+        entries = [e for _, e in again.engine._scheduler.saved.store.entries()]
+        assert run.restored == 0 or run.restored in [e.tokens for e in entries if e.kind.value == "prefix"]
+        assert not [p for p in states.rglob("*") if p.name.startswith("saving-")]  # the cut save was deleted
+    finally:
+        await stop_api(again)
+    assert [a2] == await answers_without_caches(demo_models_dir, [conversation("A", 2, [a1])])
+
+
+async def test_an_embedding_or_an_unload_saves_the_conversation_first(demo_models_dir, tmp_path):
+    api = await start_api(demo_models_dir, cache_dir=tmp_path / "states", cache_min_tokens=64)
+    try:
+        a1 = await ask(api, conversation("A", 1, []))
+        scheduler = api.engine._scheduler
+        status, body, _ = await api.post("/v1/embeddings", {"model": "qwen2.5-1.5b-instruct-demo", "input": "x"})
+        assert status == 200, body
+        a2 = await ask(api, conversation("A", 2, [a1]))
+        assert list(scheduler.history)[-1].restored > 0  # the embedding took the cache; the state came back
+        assert await scheduler.unload()  # as RKLLM_KEEP_ALIVE does when the model is idle
+        await ask(api, conversation("A", 3, [a1, a2]))
+        assert scheduler.runtime.loads == 2 and list(scheduler.history)[-1].restored > 0
+    finally:
+        await stop_api(api)
+
+
+async def test_a_paused_background_answer_resumes_exactly(demo_models_dir, tmp_path):
+    """An interactive request pauses a background one. Its state is not saved as it leaves (its resume
+    would have to prefill nothing of it, which no run can do); it resumes on its restored system prompt
+    and gives the answer it would have given uninterrupted."""
+    paced = SimTiming(0, 0, 0, decode_ms_per_token=10.0)
+    api = await start_api(demo_models_dir, paced, cache_dir=tmp_path / "states", cache_min_tokens=64)
+    background = conversation("A", 1, [])
+    background[-1]["content"] = background[-1]["content"].replace("tokens=40", "tokens=120")
+    try:
+        scheduler = await api.engine._get_scheduler()
+        task = asyncio.ensure_future(ask(api, background))  # not streamed: background
+        for _ in range(300):
+            if scheduler.running_request is not None and api.runtime.tokens:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        status, chunks, _ = await api.stream("/v1/chat/completions", api.chat(conversation("B", 1, []), stream=True))
+        assert status == 200
+        answer = await task
+        runs = {r.priority: r for r in scheduler.history}
+        assert runs["background"].preemptions == 1
+        eos = api.engine.model_for("qwen2.5-1.5b-instruct-demo").tokenizer.eos_token_id
+        leaving = [i for i in api.runtime.inputs if i.request_id.startswith("kv-save") and len(i.token_ids) == 1]
+        assert [i.token_ids for i in leaving] == [(eos,)]  # B's finished answer, as A resumed; never A's paused one
+        first, resumed = [i for i in api.runtime.inputs if i.request_id == runs["background"].request_id]
+        prefix = api.runtime.inner.cache_loads[-1][1]
+        assert resumed.keep_history and prefix + len(resumed.token_ids) > runs["background"].prompt_tokens
+        assert prefix < runs["background"].prompt_tokens  # A's system prompt, restored for the resume
+    finally:
+        await stop_api(api)
+    assert [answer] == await answers_without_caches(demo_models_dir, [background])

@@ -317,3 +317,109 @@ async def test_every_run_says_how_it_ended(demo_spec, demo_tokenizer):
         else:
             kinds.append(event.kind)
     assert kinds == [FinishKind.ABORTED]
+
+
+# -- prompt caches ---------------------------------------------------------------------------------------
+async def test_a_saved_prompt_cache_holds_the_prefill_and_restores_exactly_that(demo_spec, demo_tokenizer, tmp_path):
+    import json
+
+    rt = SimRuntime(SimTiming.instant())
+    await rt.load(demo_spec)
+    assert rt.capabilities.prompt_cache
+    ids = prompt_ids(demo_tokenizer, "remember this [[sim:tokens=6]]")
+    path = tmp_path / "state.kv"
+    tokens, finish = await run(rt, ids, keep_history=True, save_prompt_cache=str(path))
+    assert len(tokens) == 6 and rt.runs[-1].saved == len(ids)
+    saved = json.loads(path.read_text())
+    assert saved["ids"] == list(ids) and saved["runtime"] == "1.3"  # the prefill, never the answer
+    assert len(rt.kv_tokens) == len(ids) + 6
+    await rt.clear_kv_cache()
+    await rt.load_prompt_cache(str(path))
+    assert rt.kv_tokens == tuple(ids) and rt.kv_cache_len() == len(ids)
+    more = prompt_ids(demo_tokenizer, "and more")[-4:]
+    await run(rt, more, keep_history=True)
+    assert rt.runs[-1].kv_before == len(ids) and rt.runs[-1].prefilled == tuple(more)  # only the suffix
+
+
+async def test_a_prompt_cache_that_is_not_exactly_this_model_and_release_is_refused(demo_spec, demo_tokenizer,
+                                                                                    tmp_path):
+    import dataclasses
+    import json
+
+    from exo_rkllm.errors import PromptCacheError
+
+    rt = SimRuntime(SimTiming.instant())
+    await rt.load(demo_spec)
+    ids = prompt_ids(demo_tokenizer, "x [[sim:tokens=2]]")
+    good = tmp_path / "good.kv"
+    await run(rt, ids, keep_history=True, save_prompt_cache=str(good))
+    data = json.loads(good.read_text())
+
+    def variant(name, **changes):
+        path = tmp_path / name
+        path.write_text(json.dumps({**data, **changes}))
+        return path
+
+    cases = {
+        variant("corrupt.kv", ids=[7] + data["ids"][1:]): "checksum mismatch",
+        variant("short.kv", n=data["n"] + 1): "truncated or corrupt",
+        variant("release.kv", runtime="1.2"): "saved by runtime 1.2",
+        variant("model.kv", model="0" * 16): "another model",
+        tmp_path / "missing.kv": "does not exist",
+    }
+    (tmp_path / "cut.kv").write_text(good.read_text()[:40])
+    cases[tmp_path / "cut.kv"] = "truncated or corrupt"
+    for path, why in cases.items():
+        with pytest.raises(PromptCacheError, match=why):
+            await rt.load_prompt_cache(str(path))
+        assert rt.kv_cache_len() == 0  # a refused load leaves nothing known behind
+    await rt.load_prompt_cache(str(good))
+    assert rt.kv_cache_len() == len(ids)
+    # a 1.2.x runtime will not take a 1.3 file, nor another model file (rewritten in place) its old ones
+    older = SimRuntime(SimTiming.instant(), release="1.2.3")
+    await older.load(demo_spec)
+    with pytest.raises(PromptCacheError, match="saved by runtime 1.3"):
+        await older.load_prompt_cache(str(good))
+    copy = tmp_path / "copy.rkllm"
+    copy.write_bytes(demo_spec.path.read_bytes())
+    other = SimRuntime(SimTiming.instant())
+    await other.load(dataclasses.replace(demo_spec, path=copy))
+    with pytest.raises(PromptCacheError, match="another model"):
+        await other.load_prompt_cache(str(good))
+
+
+async def test_a_run_aborted_before_its_prefill_saves_nothing(demo_spec, demo_tokenizer, tmp_path):
+    rt = SimRuntime(SimTiming(0, prefill_base_ms=0, prefill_ms_per_token=20, decode_ms_per_token=0))
+    await rt.load(demo_spec)
+    ids = prompt_ids(demo_tokenizer, "slow prefill")
+    path = tmp_path / "state.kv"
+    events = rt.generate(GenerationInput("r", tuple(ids), keep_history=True, save_prompt_cache=str(path)))
+    task = asyncio.ensure_future(anext_all(events))
+    await asyncio.sleep(0.05)
+    await rt.abort()
+    finish = await task
+    assert finish.aborted and not path.exists() and rt.runs[-1].saved is None
+    assert not list(tmp_path.iterdir())  # no temporary file either
+
+
+async def test_saving_and_loading_are_paced_by_the_size_and_far_below_a_prefill(demo_spec, demo_tokenizer, tmp_path):
+    timing = SimTiming(0, prefill_base_ms=0, prefill_ms_per_token=4, decode_ms_per_token=0, cache_io_ms_per_token=0.4)
+    rt = SimRuntime(timing)
+    await rt.load(demo_spec)
+    ids = prompt_ids(demo_tokenizer, "y " * 200)
+    path = tmp_path / "state.kv"
+    started = time.monotonic()
+    await run(rt, ids, keep_history=True, save_prompt_cache=str(path))
+    saving = time.monotonic() - started
+    started = time.monotonic()
+    await rt.load_prompt_cache(str(path))
+    loading = time.monotonic() - started
+    expected = 0.4 * len(ids) / 1000
+    assert loading >= expected * 0.9 and saving >= 4 * len(ids) / 1000 + expected * 0.9
+
+
+async def anext_all(events):
+    last = None
+    async for event in events:
+        last = event
+    return last

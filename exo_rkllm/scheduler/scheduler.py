@@ -790,7 +790,9 @@ class Scheduler:
         job.done.extend(emitted)
         job.preemptions += 1
         self._kv = self._kv_after_abort(prompt, emitted) if keep else None
-        self._kv_next = self._following(job, prompt + tuple(emitted), None)
+        # Not worth saving when it leaves: its resume runs exactly the state a save would make (what the
+        # cache holds + the last token produced), and a run must prefill at least one token.
+        self._kv_next = None
         job.stream.pause()
         self._queue.append(job)  # keeps its arrival rank
         self._wakeup.set()
