@@ -189,22 +189,15 @@ async def test_interleaved_conversations_are_saved_and_restored_by_the_runtime(
     assert sorted(m["kind"] for m in metas) == ["conversation", "conversation", "prefix", "prefix"], metas
 
 
-# FOUND with this test (exo_rkllm/ is not this module's to change). Scheduler._prepare: when the run that
-# saves a system prompt (save_prefix) leaves the KV cache unknown (SavedStates.save returns kv=None: the
-# runtime reports more tokens than the prefix, e.g. a 1.2.x save run that rkllm_abort did not stop after its
-# one token), `_prepare` plans again and that plan restores the prefix just saved, but `_prepare` returns it
-# without loading it (its restore loop ran before the prefix block). `_run` then prefills only the suffix
-# onto whatever the cache holds (the prefix AND the save run's answer): the record says "149 restored", the
-# trace has no "prompt_cache load" before that run, and the answer is computed on a wrong context. Forced
-# here with ignore_abort=1 (the save run generates its whole answer); with the fake's default pacing
-# (decode_ms=0) the same happens by chance on 1.2.3 (the abort's thread loses the race).
-@pytest.mark.xfail(strict=True, reason="Scheduler._prepare returns a restore plan without loading it after a "
-                                       "prefix save that left the KV cache unknown (wrong reuse)")
+# A save run the runtime does not stop after its one token (a 1.2.x run that rkllm_abort reaches late; here
+# forced with ignore_abort=1) leaves the KV cache unknown: the prefix it saved must then be restored from its
+# file before the request continues it, never assumed to be in the cache. (Found by this test: _prepare once
+# returned the plan to restore it without loading it, and the answer was computed on a wrong context.)
 async def test_a_save_run_that_leaves_the_cache_unknown_is_never_continued_as_if_restored(
         fake_lib, tmp_path, demo_model_dir, demo_tokenizer) -> None:
     answers, runs, cache, plain = await interleaved_against_plain(
         fake_lib, tmp_path, "1.2.3", demo_model_dir, demo_tokenizer, {"ignore_abort": 1})
-    check_the_runtime_held_what_each_run_claims(tmp_path / "cached", runs)  # FAILS: a "restore" with no load
+    check_the_runtime_held_what_each_run_claims(tmp_path / "cached", runs)
     assert answers == plain
 
 

@@ -60,7 +60,7 @@ def test_a_realigned_prompt_can_continue_a_conversation(tmp_path, model):
 
     match = scope.best(prompt, realign)
     assert match.entry.ids == (1, 2, 3, 4, 5, 6) and match.prompt == (1, 2, 3, 4, 5, 6, 7, 8)
-    assert scope.best((1, 9, 9, 9, 9, 9, 9, 9), realign) is None  # shares too little to be worth a realign
+    assert scope.best((9, 9, 9, 9, 9, 9, 9, 9), realign) is None  # shares nothing: not worth a realign
     assert seen == [(1, 2, 3, 4, 5, 6)]
 
 
@@ -178,3 +178,17 @@ def test_states_unused_for_too_long_are_deleted(tmp_path, model):
     keep = save(forever.scope_blocking(model, CAPS), (1, 1, 1))
     os.utime(keep.meta_path, (past, past))
     assert len(store_at(tmp_path / "d", max_age_s=-1).scope_blocking(model, CAPS).entries) == 1
+
+
+def test_a_long_conversation_that_parted_early_from_its_prompt_is_still_realigned(tmp_path, model):
+    """The prompt and the saved state of one conversation part at its first answer the client sent back
+    tokenized otherwise (here at id 100), however long the conversation has grown since (1000 ids)."""
+    scope = store_at(tmp_path / "c").scope_blocking(model, CAPS)
+    state = tuple(range(1000))
+    save(scope, state)
+    prompt = state[:100] + (5000, 5001) + state[102:] + (7, 8)
+
+    def realign(cached):
+        return tuple(cached) + (7, 8) if tuple(cached) == state else None
+
+    assert scope.best(prompt, realign).prompt == state + (7, 8)

@@ -297,3 +297,32 @@ async def test_a_paused_background_answer_resumes_exactly(demo_models_dir, tmp_p
     finally:
         await stop_api(api)
     assert [answer] == await answers_without_caches(demo_models_dir, [background])
+
+
+async def test_while_conversations_take_turns_the_one_on_the_npu_is_saved_when_it_goes_idle(demo_models_dir,
+                                                                                             tmp_path):
+    """Once a conversation has been saved because another took the NPU, the one on the NPU is saved as soon
+    as the NPU is idle, so the next turn of another conversation starts without waiting for that save.
+    One conversation on its own is never saved that way."""
+    api = await start_api(demo_models_dir, cache_dir=tmp_path / "states", cache_min_tokens=64)
+    try:
+        def leaving_saves() -> list[str]:
+            return [i.request_id for i in api.runtime.inputs if i.request_id.startswith("kv-save")
+                    and len(i.token_ids) == 1]
+
+        alone: list[str] = []
+        for turn in range(1, 4):
+            alone.append(await ask(api, conversation("C", turn, alone)))
+            await asyncio.sleep(0.6)
+        assert leaving_saves() == []  # nobody else wanted the NPU: nothing saved
+        a1 = await ask(api, conversation("A", 1, []))  # C leaves: saved as A arrives
+        assert len(leaving_saves()) == 1
+        await asyncio.sleep(0.6)  # turn-taking has begun: A is saved while the NPU idles
+        assert len(leaving_saves()) == 2
+        await ask(api, conversation("C", 4, alone))
+        assert len(leaving_saves()) == 2  # C's turn restored at once: A was saved already, no save first
+        assert list(api.engine._scheduler.history)[-1].restored > 0
+        await ask(api, conversation("A", 2, [a1]))
+        assert list(api.engine._scheduler.history)[-1].restored > 0
+    finally:
+        await stop_api(api)

@@ -156,11 +156,14 @@ class CacheScope:
 
     @staticmethod
     def _worth_realigning(prompt: tuple[int, ...], entry: CacheEntry) -> bool:
-        """Realigning decodes the state: only for one that shares at least half its ids with the prompt."""
+        """Realigning reads the state's bytes: only for one that shares a real start with the prompt (64
+        ids, or an eighth of a short state), not for every state on disk. The cut cannot scale with the
+        state's length: two prompts of one conversation part at the first answer the client sent back
+        tokenized otherwise, however long the conversation has grown since."""
         n, k = min(len(prompt), entry.tokens), 0
         while k < n and prompt[k] == entry.ids[k]:
             k += 1
-        return k * 2 >= entry.tokens
+        return k >= max(1, min(64, entry.tokens // 8))
 
     def has(self, ids: Sequence[int]) -> bool:
         return _ids_key(ids) in self.entries

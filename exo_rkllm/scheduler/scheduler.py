@@ -56,6 +56,11 @@ HISTORY_SIZE = 256
 # Ended request ids remembered: exo may step a request a few more times after it ended (its fed-back token
 # must not be taken for a new prompt). Far more than the requests exo can have in flight, each a few bytes.
 ENDED_SIZE = 1024
+# Once conversations take turns on the NPU (one was saved as another took it, or restored), the one on the
+# NPU is saved as soon as the NPU has been idle this long, rather than when the next one arrives; for
+# this long after the last turn-taking. A single conversation on its own is never saved this way.
+IDLE_SAVE_DELAY_S = 0.25
+INTERLEAVE_WINDOW_S = 600.0
 
 
 Realign = Callable[[Sequence[int]], "tuple[int, ...] | None"]
@@ -256,6 +261,7 @@ class Scheduler:
         # the end of its turn): a state worth saving is `_kv` plus it, prefilled by a run of its own
         self._kv_next: int | None = None
         self.saved = SavedStates(runtime, config)
+        self._interleaved_at = -INTERLEAVE_WINDOW_S  # the last time a conversation left the NPU or came back
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -556,6 +562,12 @@ class Scheduler:
             job = self._pop_next()
             if job is None:
                 self._wakeup.clear()
+                if self._idle_save_due():
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), IDLE_SAVE_DELAY_S)
+                    except asyncio.TimeoutError:
+                        await self._save_while_idle()
+                    continue
                 await self._wakeup.wait()
                 continue
             async with self._device:
@@ -626,24 +638,16 @@ class Scheduler:
         return None
 
     async def _prepare(self, job: _Job) -> _Plan:
-        """With the device held, before the job's run: carry out its plan's KV steps. What the cache held
-        is saved first if the plan loses it; a saved state the runtime will not restore exactly is
-        dropped and the job planned again; a shared prefix is saved by a run of its own, which leaves
-        exactly that prefix in the cache for the job to continue."""
+        """With the device held, before the job's run: carry out its plan's KV steps, in this order. What
+        the cache held is saved first if the plan loses it. A shared prefix is saved by a run of its own,
+        which leaves exactly that prefix in the cache for the job to continue (or, if the runtime cannot
+        say so, the prefix is restored from the file just written). A saved state is restored only if the
+        runtime then holds exactly its tokens; a refused one is dropped and the job planned again. Each
+        step plans again on what the cache holds after it."""
         plan = self._plan(job)
         if plan.displaces:
             await self._save_leaving(plan.restore)
-            plan = self._plan(job)  # saving ran the runtime: plan on what the cache holds now
-        for _ in range(3):  # each refused state is gone from the store: the next plan differs
-            if plan.restore is None:
-                break
-            if await self.saved.restore(plan.restore):
-                self._kv, self._kv_next = list(plan.restore.ids), None
-                return plan
-            self._kv, self._kv_next = None, None
             plan = self._plan(job)
-        if plan.restore is not None:  # three refusals in a row: prefill this one
-            plan = _Plan(plan.prompt, plan.prompt, keep_history=True, clear_first=True)
         if plan.save_prefix:
             job.prefix_tried = True
             if plan.clear_first:
@@ -653,9 +657,32 @@ class Scheduler:
             result = await self.saved.save(prefix, True, prefix, EntryKind.PREFIX)
             self._kv, self._kv_next = result.kv, None
             plan = self._plan(job)
+        for _ in range(3):  # each refused state is gone from the store: the next plan differs
+            if plan.restore is None:
+                return plan
+            if await self.saved.restore(plan.restore):
+                self._kv, self._kv_next = list(plan.restore.ids), None
+                if plan.restore.kind is EntryKind.CONVERSATION:
+                    self._interleaved_at = time.monotonic()
+                return plan
+            self._kv, self._kv_next = None, None
+            plan = self._plan(job)
+        if plan.restore is not None:  # refused again and again: prefill this one
+            plan = _Plan(plan.prompt, plan.prompt, keep_history=True, clear_first=True)
         return plan
 
-    async def _save_leaving(self, restoring: CacheEntry | None = None) -> None:
+    def _idle_save_due(self) -> bool:
+        """Conversations have been taking turns on the NPU lately, and the one it holds is not saved yet:
+        save it while nobody waits, so the next conversation's turn does not wait for that."""
+        return (time.monotonic() - self._interleaved_at < INTERLEAVE_WINDOW_S and self._kv is not None
+                and self._kv_next is not None and self.saved.worth_saving(tuple(self._kv) + (self._kv_next,)))
+
+    async def _save_while_idle(self) -> None:
+        async with self._device:
+            if not self._closed and not any(j.open for j in self._queue) and self._running is None:
+                await self._save_leaving(idle=True)
+
+    async def _save_leaving(self, restoring: CacheEntry | None = None, *, idle: bool = False) -> None:
         """Save the conversation the KV cache holds before it is lost, as its next turn would begin: what
         the cache holds plus the token that follows (an answer's end of turn). Not when it is too short,
         already saved, or continued by the state about to be restored."""
@@ -665,6 +692,8 @@ class Scheduler:
         ids = tuple(kv) + (following,)
         if not self.saved.worth_saving(ids) or (restoring is not None and restoring.ids[:len(ids)] == ids):
             return
+        if not idle:
+            self._interleaved_at = time.monotonic()
         result = await self.saved.save((following,), True, ids, EntryKind.CONVERSATION)
         self._kv, self._kv_next = result.kv, None
 
