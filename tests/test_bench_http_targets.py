@@ -47,7 +47,7 @@ def exo_app(pieces: list[str], *, with_status: bool,
 
     async def status(request):
         return web.json_response({"backend": backend, "runtime": {"backend": backend, "version": "sim-1.2.3"},
-                                  "recent": [{"request_id": "req-1", "prompt_tokens": 20, "prefilled": 7,
+                                  "recent": [{"request_id": "req-1", "prompt_tokens": 20, "prefilled": 7, "restored": 11,
                                               "generated": len(pieces)}]})
 
     app = web.Application()
@@ -77,7 +77,7 @@ async def test_exo_target_streams_and_reads_engine_stats(demo_model_dir, with_st
     assert res.completion_tokens == counter.count_text("The NPU is fast.") and res.completion_source == "tokenizer"
     assert res.prompt_tokens == counter.count_prompt([{"role": "user", "content": "What is 145 + 278?"}])
     if with_status:
-        assert res.prefill_tokens == 7 and meta["runtime_version"] == "sim-1.2.3"
+        assert res.prefill_tokens == 7 and res.restored_tokens == 11 and meta["runtime_version"] == "sim-1.2.3"
         assert meta["engine_stats_visible"] is True
     else:
         assert res.prefill_tokens is None and meta["engine_stats_visible"] is False

@@ -86,6 +86,17 @@ def test_markdown_multi_turn_and_concurrency():
     assert "0.99× (-0.02 s)" in cc
 
 
+def test_a_target_that_restored_saved_kv_states_gets_a_restored_column():
+    rep = make_report()
+    turns = rep["targets"]["exo"]["multi_turn"]["turns"]
+    turns[0].update(prefill_tokens=31, restored_tokens=0)
+    turns[1].update(prefill_tokens=30, restored_tokens=34)
+    md = report.render_markdown(rep)
+    mt = md[md.index("## Multi-turn"):]
+    assert "exo restored" in mt and "runtime restored" not in mt
+    assert _row(mt, "2") == ["2", "64", "24", "234 ms", "64", "30", "34", "900 ms"]
+
+
 def test_exo_not_measured_is_said_not_blank():
     md = report.render_markdown(make_report(exo_measured=False))
     assert "**not measured**: /usr/bin/python3 cannot import exo" in md

@@ -219,17 +219,22 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines.append("")
     if mt:
         n = max(len(m["turns"]) for m in mt.values())
+        # restored: prompt tokens a target restored from a saved KV state (exo-rkllm), where it says so
+        restores = {k: any(t.get("restored_tokens") for t in m["turns"]) for k, m in mt.items()}
         header = ["Turn"]
         for k in mt:
-            header += [f"{k} prompt tokens", f"{k} prefilled", f"{k} TTFT"]
+            header += [f"{k} prompt tokens", f"{k} prefilled"] + ([f"{k} restored"] if restores[k] else []) + \
+                [f"{k} TTFT"]
         rows = []
         for i in range(n):
             row = [str(i + 1)]
-            for m in mt.values():
+            for k, m in mt.items():
                 t = m["turns"][i] if i < len(m["turns"]) else {}
                 row += [_count_cell(t.get("prompt_tokens"), bool(t.get("prompt_tokens_estimated"))),
-                        _count_cell(t.get("prefill_tokens"), bool(t.get("prefill_tokens_estimated"))),
-                        _ms(t.get("ttft_s"))]
+                        _count_cell(t.get("prefill_tokens"), bool(t.get("prefill_tokens_estimated")))]
+                if restores[k]:
+                    row.append(_count_cell(t.get("restored_tokens"), False))
+                row.append(_ms(t.get("ttft_s")))
             rows.append(row)
         lines += _table(header, rows)
         lines.append("")

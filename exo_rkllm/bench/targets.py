@@ -57,6 +57,7 @@ class ChatResult:
     chunks: int = 0  # stream chunks / runtime events received
     content_chunks: int = 0  # of those, the ones with non-empty text
     prefill_tokens: int | None = None  # tokens actually prefilled; None: not visible to this target
+    restored_tokens: int | None = None  # prompt tokens restored from a saved KV state (exo-rkllm's status route)
     # The counts are the bench's (or exo's) template count while the server that prefilled
     # templates the messages itself and may add its own system prompt: an estimate.
     prompt_tokens_estimated: bool = False
@@ -509,6 +510,8 @@ class ExoApiTarget:
                 res.server["engine"] = run
                 if run.get("prefilled") is not None:
                     res.prefill_tokens = int(run["prefilled"])
+                if run.get("restored") is not None:
+                    res.restored_tokens = int(run["restored"])
         if self.server_templates:
             res.prompt_tokens_estimated = res.prompt_tokens is not None
             res.prefill_tokens_estimated = res.prefill_tokens is not None
