@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
 
 from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable
 from exo_rkllm.bench.metrics import fmt_median_range
+from exo_rkllm.bench.targets import stream_chat
 from exo_rkllm.models.catalog import Catalog
 from exo_rkllm.config import Config
 from exo_rkllm.models.demo import write_demo_model
@@ -79,23 +78,7 @@ def chat_message(round_no: int, which: str) -> list[dict[str, str]]:
 
 async def streamed_chat(session: aiohttp.ClientSession, url: str, messages) -> tuple[float, str]:
     """(seconds to the first chunk with text, whole text) of a streamed chat request."""
-    t0 = time.monotonic()
-    first, text = None, ""
-    async with session.post(f"{url}/v1/chat/completions",
-                            json={"model": MODEL, "messages": messages, "stream": True}) as resp:
-        resp.raise_for_status()
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choice = (json.loads(line[6:]).get("choices") or [{}])[0]
-            piece = (choice.get("delta") or {}).get("content") or ""
-            if piece and first is None:
-                first = time.monotonic() - t0
-            text += piece
-            if choice.get("finish_reason"):
-                break
-    return (first if first is not None else float("nan")), text
+    return await stream_chat(session, url, {"model": MODEL, "messages": messages})
 
 
 async def task_request(session: aiohttp.ClientSession, url: str, prompt: str) -> str:

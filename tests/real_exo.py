@@ -62,7 +62,9 @@ def _launch(python: str, workdir: Path, models_dir: Path, env_extra: dict[str, s
             peers: Path, extra_args: list[str]) -> ExoProcess:
     api_port = free_port()
     env = {**os.environ, "RKLLM_BACKEND": "sim", "RKLLM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1",
-           "EXO_HOME": str(workdir / f"exo-home-{node_id}"), "PYTHONUNBUFFERED": "1", **env_extra}
+           "EXO_HOME": str(workdir / f"exo-home-{node_id}"), "PYTHONUNBUFFERED": "1",
+           # saved KV states in this exo's own folder: the models folder may be shared by the whole session
+           "RKLLM_CACHE_DIR": str(workdir / f"kv-states-{node_id}"), **env_extra}
     log = workdir / f"exo-{node_id}.log"
     proc = subprocess.Popen(
         [python, "-m", "exo.main", "--inference-engine", "rkllm", "--disable-tui", "--discovery-module", "manual",

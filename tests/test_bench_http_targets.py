@@ -11,7 +11,7 @@ import json
 import pytest
 from aiohttp import web
 
-from exo_rkllm.bench.targets import ExoApiTarget, RkllamaTarget, TargetError, TokenCounter
+from exo_rkllm.bench.targets import ExoApiTarget, RkllamaTarget, TargetError, TokenCounter, stream_chat
 from fake_rkllama.fixtures import *  # noqa: F401,F403
 from fake_rkllama.fixtures import DEMO_FOLDER_NAME
 
@@ -172,3 +172,17 @@ async def test_rkllama_early_api_with_a_closing_object_gives_the_servers_count(m
     res, prefilled_by_server = await one_answer(await make_server("early", early_final_object=True), counter)
     assert res.prompt_tokens == prefilled_by_server > counter.count_prompt(MATH)
     assert res.prompt_tokens_source == "server" and not res.prompt_tokens_estimated
+
+
+async def test_the_benchmark_scripts_client_times_the_first_text_and_keeps_it_all():
+    """benchmarks/*.py time a streamed chat with stream_chat: the first chunk with text, not the role chunk."""
+    import aiohttp
+
+    app, seen = exo_app(["", "Hello", " world"], with_status=False)
+    runner, url = await serve(app)
+    try:
+        async with aiohttp.ClientSession() as session:
+            ttft, text = await stream_chat(session, url, {"model": "demo", "messages": [{"role": "user", "content": "x"}]})
+        assert text == "Hello world" and ttft >= 0 and seen["body"]["stream"] is True
+    finally:
+        await runner.cleanup()

@@ -328,6 +328,24 @@ def parse_sse_line(line: bytes | str) -> dict[str, Any] | str | None:
     return data if isinstance(data, dict) else None
 
 
+async def stream_chat(session: Any, url: str, body: Mapping[str, Any]) -> tuple[float, str]:
+    """One streamed chat request, as the benchmark scripts time it: (seconds from sending it to the first
+    chunk with text, NaN if none came; the whole text). `session` is an aiohttp.ClientSession."""
+    t0 = time.monotonic()
+    first, text = None, ""
+    async with session.post(f"{url}/v1/chat/completions", json={**body, "stream": True}) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            chunk = parse_sse_line(raw)
+            if not isinstance(chunk, dict):
+                continue
+            piece = ((chunk.get("choices") or [{}])[0].get("delta") or {}).get("content") or ""
+            if piece and first is None:
+                first = time.monotonic() - t0
+            text += piece
+    return (first if first is not None else float("nan")), text
+
+
 class ExoStreamAccumulator:
     """Turns exo's streamed chunks into a ChatResult.
 
