@@ -116,8 +116,8 @@ class OpenAIServer:
         tokenizer = model.tokenizer
         messages, tools = self._template_inputs(req)
         prompt = self._render(tokenizer, messages, tools, req)
-        prefix_len = shared_prefix_len(tokenizer, messages, prompt, tools=tools, template_kwargs=self._kwargs(req))
         token_input = (await self.engine.capabilities()).token_input
+        prefix_len = self._prefix_len(tokenizer, messages, tools, prompt, req) if token_input else 0
         if not token_input:  # the server templates and tokenizes: make special-token text inert there
             messages = defang_messages(messages, tokenizer)
         fmt = ReasoningFormat.parse(req.reasoning_format or self.config.reasoning_format)
@@ -461,6 +461,19 @@ class OpenAIServer:
         if self._on_models_listed is not None:
             self._on_models_listed([model.entry])
         return name, model, int(getattr(model.entry, "n_layers", 1) or 1)
+
+    def _prefix_len(self, tokenizer: Any, messages: list[dict], tools: list | None, prompt: Prompt,
+                    req: ChatRequest) -> int:
+        """The prompt's shared system part, for the engine to save once and restore (docs/saved-states.md).
+        Not rendered where it cannot be worth a file: saved states off, or system text shorter in characters
+        than RKLLM_CACHE_MIN_TOKENS is in tokens (a token is rarely shorter than a character)."""
+        if not self.config.prompt_cache:
+            return 0
+        system = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else self.config.cache_min_tokens
+                     for m in messages if m.get("role") in ("system", "developer"))
+        if system + (len(json.dumps(tools)) if tools else 0) < self.config.cache_min_tokens:
+            return 0
+        return shared_prefix_len(tokenizer, messages, prompt, tools=tools, template_kwargs=self._kwargs(req))
 
     @staticmethod
     def _kwargs(req: ChatRequest) -> dict[str, Any]:
