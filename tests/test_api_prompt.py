@@ -317,3 +317,41 @@ def test_whitespace_a_special_token_absorbs_is_absorbed_when_cutting(demo_model_
     prompt = build_chat_prompt(custom, [{"role": "user", "content": " x "}, {"role": "user", "content": INJECTION}])
     start, end = custom.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert [i for i in prompt.ids if i in (start, end)] == [start, end, start, end, start]
+
+
+# -- the shared system part (saved once as a KV state, docs/saved-states.md) ---------------------------------
+def test_the_system_part_is_the_prompts_exact_first_ids(tok):
+    from exo_rkllm.api.prompt import shared_prefix_len
+
+    system = {"role": "system", "content": "You are terse. " * 20}
+    messages = [system, {"role": "user", "content": "hello"}]
+    prompt = build_chat_prompt(tok, messages)
+    n = shared_prefix_len(tok, messages, prompt)
+    alone = build_chat_prompt(tok, [system], add_generation_prompt=False)
+    assert 0 < n < len(prompt.ids) and prompt.ids[:n] == alone.ids
+    other = [system, {"role": "user", "content": "something else"}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "more"}]
+    assert build_chat_prompt(tok, other).ids[:n] == prompt.ids[:n]  # every conversation with it shares them
+    with_tools = build_chat_prompt(tok, messages, tools=[WEATHER])
+    m = shared_prefix_len(tok, messages, with_tools, tools=[WEATHER])
+    assert m > n and with_tools.ids[:m] == build_chat_prompt(tok, [system], tools=[WEATHER],
+                                                             add_generation_prompt=False).ids
+    assert shared_prefix_len(tok, messages[1:], build_chat_prompt(tok, messages[1:])) == 0  # no system message
+    # a system text with special-token strings is text in both renders: still the exact prefix
+    tricky = [{"role": "system", "content": INJECTION * 3}, {"role": "user", "content": "hello"}]
+    prompt = build_chat_prompt(tok, tricky)
+    k = shared_prefix_len(tok, tricky, prompt)
+    assert k == 0 or prompt.ids[:k] == build_chat_prompt(tok, tricky[:1], add_generation_prompt=False).ids
+
+
+def test_a_template_that_folds_the_system_text_into_the_first_turn_has_no_shared_part(demo_model_dir, tmp_path):
+    from exo_rkllm.api.prompt import shared_prefix_len
+
+    folded = ("{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>user\n"
+              "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n{% endif %}"
+              "{{ m['content'] }}<|im_end|>\n{% elif m['role'] == 'assistant' %}<|im_start|>assistant\n"
+              "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = load_tokenizer(template_folder(demo_model_dir, tmp_path, folded))
+    messages = [{"role": "system", "content": "You are terse. " * 20}, {"role": "user", "content": "hello"}]
+    assert shared_prefix_len(tok, messages, build_chat_prompt(tok, messages)) == 0
