@@ -326,3 +326,29 @@ async def test_while_conversations_take_turns_the_one_on_the_npu_is_saved_when_i
         assert list(api.engine._scheduler.history)[-1].restored > 0
     finally:
         await stop_api(api)
+
+
+async def test_a_disk_that_fails_costs_the_saved_states_not_the_answers(demo_models_dir, tmp_path, caplog):
+    """The store's folder fails (full, gone, read-only) while states are saved and restored: every request
+    is still answered, as without caches, with a warning that says where."""
+    from exo_rkllm.scheduler.prompt_caches import CacheScope
+
+    caplog.set_level(logging.WARNING)
+    api = await start_api(demo_models_dir, cache_dir=tmp_path / "states", cache_min_tokens=64)
+    original = CacheScope.commit_blocking
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+    try:
+        CacheScope.commit_blocking = full_disk
+        a1 = await ask(api, conversation("A", 1, []))
+        b1 = await ask(api, conversation("B", 1, []))
+        assert "could not keep a saved" in caplog.text and "No space left on device" in caplog.text
+        CacheScope.commit_blocking = original
+        b2 = await ask(api, conversation("B", 2, [b1]))  # nothing of B was kept: prefilled
+        assert list(api.engine._scheduler.history)[-1].restored == 0
+    finally:
+        CacheScope.commit_blocking = original
+        await stop_api(api)
+    assert [a1, b1, b2] == await answers_without_caches(
+        demo_models_dir, [conversation("A", 1, []), conversation("B", 1, []), conversation("B", 2, [b1])])

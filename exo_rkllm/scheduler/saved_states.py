@@ -133,7 +133,14 @@ class SavedStates:
         if finish is None:
             await asyncio.to_thread(scope.discard_temp_blocking, path)
             return SaveResult(None, kv)
-        entry = await asyncio.to_thread(scope.commit_blocking, path, ids, kind)
+        try:
+            entry = await asyncio.to_thread(scope.commit_blocking, path, ids, kind)
+        except OSError as exc:  # a full disk, a folder gone or read-only: the request goes on without it
+            log.warning("%s: could not keep a saved %d-token KV state in %s: %s", scope.model_id, len(ids),
+                        scope.folder, exc)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(scope.discard_temp_blocking, path)
+            return SaveResult(None, kv)
         if entry is not None:
             log.info("%s: saved a KV state of %d tokens (%s, %.1f MB) in %.2f s", scope.model_id, len(ids),
                      kind.value, entry.size / 1e6, time.monotonic() - started)
@@ -144,26 +151,37 @@ class SavedStates:
         that fails is deleted (with the reason in the log): the caller prefills instead."""
         scope = self.scope
         assert scope is not None
-        if not await asyncio.to_thread(scope.check_blocking, entry):
+        try:
+            usable = await asyncio.to_thread(scope.check_blocking, entry)
+        except OSError as exc:
+            log.warning("%s: cannot read the saved KV state %s: %s", scope.model_id, entry.path, exc)
+            usable = False
+        if not usable:
             self._refused()
             return False
         started = time.monotonic()
         try:
             await self.runtime.load_prompt_cache(str(entry.path))
         except PromptCacheError as exc:
-            await asyncio.to_thread(scope.discard_blocking, entry, f"the runtime refused it: {exc}")
-            self._refused()
+            await self._drop(entry, f"the runtime refused it: {exc}")
             return False
         n = self.runtime.kv_cache_len()
         if n != entry.tokens:
-            await asyncio.to_thread(scope.discard_blocking, entry,
-                                    f"the runtime holds {n} tokens after loading it, not {entry.tokens}")
-            self._refused()
+            await self._drop(entry, f"the runtime holds {n} tokens after loading it, not {entry.tokens}")
             return False
         await asyncio.to_thread(scope.used_blocking, entry)
         log.debug("%s: restored a KV state of %d tokens (%s) in %.3f s", scope.model_id, entry.tokens,
                   entry.kind.value, time.monotonic() - started)
         return True
+
+    async def _drop(self, entry: CacheEntry, why: str) -> None:
+        assert self.scope is not None
+        try:
+            await asyncio.to_thread(self.scope.discard_blocking, entry, why)
+        except OSError as exc:  # it cannot be deleted: at least never offer it again
+            log.warning("%s: could not delete the saved KV state %s: %s", self.scope.model_id, entry.path, exc)
+            self.scope.entries = {k: e for k, e in self.scope.entries.items() if e is not entry}
+        self._refused()
 
     def _refused(self) -> None:
         if self.store is not None:

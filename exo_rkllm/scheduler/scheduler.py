@@ -710,7 +710,13 @@ class Scheduler:
 
     async def _run(self, job: _Job) -> None:
         stream = job.stream
-        plan = await self._prepare(job)
+        try:
+            plan = await self._prepare(job)
+        except Exception:  # a bug in saving or restoring must cost this request its cache, never its answer
+            log.exception("request %s: preparing the KV cache failed; prefilling the whole prompt", stream.request_id)
+            self._kv, self._kv_next = None, None
+            whole = job.prompt_run + tuple(job.done) if job.prompt_run is not None else stream.prompt_tokens
+            plan = _Plan(whole, whole, keep_history=True, clear_first=True)
         if not stream.open:  # let go of while its KV state was being prepared
             self._record(job, RunOutcome.CANCELLED, stream.close_reason or "")
             return
