@@ -16,8 +16,10 @@ Prompt sizes come from the demo model's tokenizer; the engine's own counts (pref
 restored) come from GET /v1/rkllm/status.
 
 Run:  python benchmarks/saved_states.py --exo-python "$(.venv/bin/python -m tests.legacy_exo where)"
-It prints every turn's TTFT, the ratio of each interleaved turn to the same turn alone, medians with
-min-max, and exits non-zero only if exo could not be started or an answer differed. Timing figures
+It prints every turn's TTFT twice, as the client sees it (request sent -> first chunk with text) and as
+the engine records it (request arrived -> first token: an answer whose first token is half a character
+shows its text one decode step later), the ratio of each interleaved turn to the same turn alone, medians
+with min-max, and exits non-zero only if exo could not be started or an answer differed. Timing figures
 depend on the machine; nothing here is asserted by the test suite.
 """
 from __future__ import annotations
@@ -78,7 +80,9 @@ class Conversation:
     def __init__(self, tok, tag: str, system: str) -> None:
         self.tok, self.tag = tok, tag
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}]
-        self.ttfts: list[float] = []
+        self.ttfts: list[float] = []  # the client's: request sent -> first chunk with text
+        self.first_tokens: list[float] = []  # the engine's: request arrived -> first token (status route)
+        self.records: list[dict] = []
         self.answers: list[str] = []
 
     async def turn(self, session, url: str, user_tokens: int, answer_tokens: int) -> None:
@@ -89,9 +93,13 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": text})
         self.ttfts.append(ttft)
         self.answers.append(text)
+        (record,), _ = await recent(session, url, 1)
+        self.records.append(record)
+        self.first_tokens.append(record["queued_s"] + record["ttft_s"])
 
 
-async def recent(session, url: str, n: int) -> list[dict]:
+async def recent(session, url: str, n: int) -> tuple[list[dict], dict]:
+    """The engine's last `n` run records and its saved-state summary (GET /v1/rkllm/status)."""
     async with session.get(f"{url}/v1/rkllm/status") as resp:
         body = await resp.json()
     return body.get("recent", [])[-n:], body.get("prompt_cache", {})
@@ -110,24 +118,23 @@ async def run_exo(args, name: str, env: dict[str, str], models: Path, tok) -> di
                 for _ in range(args.turns):
                     await alone.turn(s, exo.url, args.user_tokens, args.answer_tokens)
                     await asyncio.sleep(args.think)
-                out["alone"] = alone.ttfts
+                out["alone"] = {"client": alone.ttfts, "engine": alone.first_tokens}
             a = Conversation(tok, "A", system_prompt(tok, 40, "A"))
             b = Conversation(tok, "B", system_prompt(tok, 40, "B"))
-            records = []
             for _ in range(args.turns):
                 for conv in (a, b):
                     await conv.turn(s, exo.url, args.user_tokens, args.answer_tokens)
-                    records += (await recent(s, exo.url, 1))[0]
                     await asyncio.sleep(args.think)
-            out["interleaved"] = {"A": a.ttfts, "B": b.ttfts}
+            out["interleaved"] = {"client": {"A": a.ttfts, "B": b.ttfts},
+                                  "engine": {"A": a.first_tokens, "B": b.first_tokens}}
             out["answers"] = {"A": a.answers, "B": b.answers}
-            out["records"] = records
+            out["records"] = [r for pair in zip(a.records, b.records) for r in pair]
             long = system_prompt(tok, args.system_tokens, "S")
             firsts, sys_records = [], []
             for i in range(args.system_conversations + (1 if name == "on" else 0)):
                 conv = Conversation(tok, f"S{i}", long)
                 await conv.turn(s, exo.url, args.user_tokens, 4)
-                sys_records += (await recent(s, exo.url, 1))[0]
+                sys_records += conv.records
                 firsts.append(conv.ttfts[0])
             out["system"] = firsts[1:] if name == "on" else firsts  # the "on" run's first one saves the prompt
             out["system_saving"] = firsts[0] if name == "on" else None
@@ -169,20 +176,20 @@ async def main(argv: list[str] | None = None) -> int:
     except ExoUnavailable as exc:
         print(f"exo could not be started: {exc}")
         return 2
-    alone = on["alone"]
-    print("\nTTFT per turn, seconds (turn 1 .. N)")
-    print(f"  one conversation alone (live KV):      {row(alone)}")
-    for label, res in (("interleaved, saved states on ", on), ("interleaved, saved states off", off)):
-        for tag in ("A", "B"):
-            print(f"  {label} {tag}:     {row(res['interleaved'][tag])}")
-    print("\nratio of each interleaved turn (2..N) to the same turn alone")
-    ratios = {}
-    for label, res in (("on", on), ("off", off)):
-        r = [t / alone[i] for tag in ("A", "B") for i, t in enumerate(res["interleaved"][tag]) if i > 0]
-        ratios[label] = r
-        print(f"  saved states {label:3}: {fmt_median_range(r, unit='x')}  (max {max(r):.2f}x)")
-    later = [rec for rec in on["records"][2:]]
-    print(f"  engine counts, interleaved turns 2..N with states on: prefilled "
+    for clock, what in (("client", "request sent -> first chunk with text (client)"),
+                        ("engine", "request arrived -> first token (engine, from the status route)")):
+        alone = on["alone"][clock]
+        print(f"\nTTFT per turn, seconds (turn 1 .. {args.turns}): {what}")
+        print(f"  one conversation alone (live KV):      {row(alone)}")
+        for label, res in (("interleaved, saved states on ", on), ("interleaved, saved states off", off)):
+            for tag in ("A", "B"):
+                print(f"  {label} {tag}:     {row(res['interleaved'][clock][tag])}")
+        print(f"  ratio of each interleaved turn (2..{args.turns}) to the same turn alone:")
+        for label, res in (("on", on), ("off", off)):
+            r = [t / alone[i] for tag in ("A", "B") for i, t in enumerate(res["interleaved"][clock][tag]) if i > 0]
+            print(f"    saved states {label:3}: {fmt_median_range(r, unit='x')}  (max {max(r):.2f}x)")
+    later = on["records"][2:]
+    print(f"\nengine counts, interleaved turns 2..N with states on: prefilled "
           f"{fmt_median_range([r['prefilled'] for r in later], spec='.0f')}, restored "
           f"{fmt_median_range([r['restored'] for r in later], spec='.0f')} tokens; off: prefilled "
           f"{fmt_median_range([r['prefilled'] for r in off['records'][2:]], spec='.0f')}")
