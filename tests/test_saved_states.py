@@ -352,3 +352,40 @@ async def test_a_disk_that_fails_costs_the_saved_states_not_the_answers(demo_mod
         await stop_api(api)
     assert [a1, b1, b2] == await answers_without_caches(
         demo_models_dir, [conversation("A", 1, []), conversation("B", 1, []), conversation("B", 2, [b1])])
+
+
+async def test_a_runtime_whose_files_hold_something_else_is_never_trusted(demo_models_dir, tmp_path, caplog):
+    """rkllm.h does not say whether a saved prompt cache holds the answer too. A runtime that reads its files
+    otherwise than the scheduler saved them (here: its cache reports one token more after each load) gets
+    every restore refused, deleted and prefilled: never a wrong reuse."""
+    caplog.set_level(logging.WARNING)
+    api = await start_api(demo_models_dir, cache_dir=tmp_path / "states", cache_min_tokens=64)
+    sim = api.runtime.inner
+    loaded = {"n": None}
+    real_load, real_len = sim.load_prompt_cache, sim.kv_cache_len
+
+    async def load_prompt_cache(path):
+        await real_load(path)
+        loaded["n"] = real_len() + 1
+
+    def kv_cache_len():
+        return loaded["n"] if loaded["n"] is not None else real_len()
+
+    async def clear_kv_cache():
+        loaded["n"] = None
+        await type(sim).clear_kv_cache(sim)
+
+    sim.load_prompt_cache, sim.kv_cache_len, sim.clear_kv_cache = load_prompt_cache, kv_cache_len, clear_kv_cache
+    api.runtime.kv_cache_len = kv_cache_len
+    try:
+        answers, history = await interleave(api, turns=2)
+        assert [r.restored for r in history] == [0, 0, 0, 0]
+        assert "after loading it, not" in caplog.text
+        assert api.engine._scheduler.saved.describe()["refused"] >= 2
+    finally:
+        await stop_api(api)
+    plain = await start_api(demo_models_dir, prompt_cache=False, kv_reuse=False)
+    try:
+        assert (await interleave(plain, turns=2))[0] == answers
+    finally:
+        await stop_api(plain)
