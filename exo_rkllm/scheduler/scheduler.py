@@ -501,9 +501,9 @@ class Scheduler:
             state.finish(LoadStatus.FAILED, str(exc) or type(exc).__name__)
             raise
         self._kv, self._kv_next = [], None
-        await self.saved.open(spec)
         state.finish(LoadStatus.LOADED)
         log.info("%s ready in %.1f s", spec.model_id, state.as_dict()["elapsed_s"])
+        await self.saved.open(spec)  # its saved states, before the request that loaded it runs (device held)
 
     # -- lifecycle (exo_rkllm/scheduler/lifecycle.py drives these) ---------------------------------------
     _load: LoadState | None = None  # the last load or unload started
