@@ -15,6 +15,7 @@ import pytest
 
 from exo_rkllm.runtime.sim import SimTiming
 from api_harness import start_api, stop_api
+from support import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -317,8 +318,7 @@ async def test_while_conversations_take_turns_the_one_on_the_npu_is_saved_when_i
         assert leaving_saves() == []  # nobody else wanted the NPU: nothing saved
         a1 = await ask(api, conversation("A", 1, []))  # C leaves: saved as A arrives
         assert len(leaving_saves()) == 1
-        await asyncio.sleep(0.6)  # turn-taking has begun: A is saved while the NPU idles
-        assert len(leaving_saves()) == 2
+        await until(lambda: len(leaving_saves()) == 2)  # turn-taking has begun: A is saved while the NPU idles
         await ask(api, conversation("C", 4, alone))
         assert len(leaving_saves()) == 2  # C's turn restored at once: A was saved already, no save first
         assert list(api.engine._scheduler.history)[-1].restored > 0
