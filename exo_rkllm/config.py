@@ -124,7 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache_dir", "RKLLM_CACHE_DIR", _opt_path,
             "Folder of the saved KV states; default `<RKLLM_MODELS_DIR>/.rkllm-cache`."),
     Setting("cache_max_mb", "RKLLM_CACHE_MAX_MB", int,
-            "Most megabytes the saved KV states may take; beyond it the least recently used are deleted."),
+            "Most megabytes the saved KV states may take; beyond it the least recently used are deleted. 0: "
+            "none are saved (as RKLLM_PROMPT_CACHE=0)."),
     Setting("cache_max_age", "RKLLM_CACHE_MAX_AGE", _duration,
             "Saved KV states not used for this long are deleted: seconds or a duration (`30m`, `48h`); "
             "negative: never by age."),

@@ -111,6 +111,17 @@ async def test_a_shared_system_prompt_is_saved_once_and_restored_for_new_convers
         await stop_api(api)
 
 
+async def test_no_room_for_saved_states_means_none_are_saved(demo_models_dir, tmp_path):
+    api = await start_api(demo_models_dir, cache_dir=tmp_path / "states", cache_min_tokens=64, cache_max_mb=0)
+    try:
+        for tag in ("A", "B", "A"):
+            await ask(api, conversation(tag, 1, []))
+        assert not [i for i in api.runtime.inputs if i.save_prompt_cache]  # no NPU time spent on saves
+        assert api.engine._scheduler.saved.describe() == {"enabled": False, "why": "RKLLM_CACHE_MAX_MB=0"}
+    finally:
+        await stop_api(api)
+
+
 async def test_a_short_conversation_is_not_worth_a_file(demo_models_dir, tmp_path):
     api = await start_api(demo_models_dir, cache_dir=tmp_path / "states")  # RKLLM_CACHE_MIN_TOKENS=128
     try:

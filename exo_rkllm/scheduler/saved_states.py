@@ -56,6 +56,8 @@ class SavedStates:
         self.store: PromptCacheStore | None = None
         if not config.prompt_cache:
             self.off_because = "RKLLM_PROMPT_CACHE=0"
+        elif config.cache_max_mb == 0:
+            self.off_because = "RKLLM_CACHE_MAX_MB=0"
         elif not (caps.prompt_cache and caps.token_input and caps.keep_history):
             self.off_because = (f"the {runtime_name} runtime cannot restore a saved KV state exactly (RKLLM "
                                 "1.2.1 or later is needed)")
@@ -63,7 +65,7 @@ class SavedStates:
             self.off_because = ""
             self.store = PromptCacheStore(config.prompt_cache_dir, config.cache_max_mb * 1024 * 1024,
                                           config.cache_max_age)
-        if self.off_because and config.prompt_cache:
+        if self.off_because and config.prompt_cache and config.cache_max_mb:
             log.warning("saved KV states are off: %s; a conversation that leaves the NPU is prefilled in full when "
                         "it comes back", self.off_because)
 
