@@ -417,6 +417,23 @@ class NativeSession:
         self.closed = True
 
     # -- generation -----------------------------------------------------------------------------------
+    def _run_inputs(self, token_ids: Sequence[int], mode: int, keep_history: bool, *,
+                    empty: str) -> tuple[Any, Any, Any]:
+        """(ids, RKLLMInput, RKLLMInferParam) of one rkllm_run in `mode`, after the checks every run makes
+        (a model loaded, some tokens: `empty` says what is missing). The caller holds the run lock and
+        keeps all three alive until rkllm_run returns."""
+        if not self._handle.value or self.spec is None:
+            raise GenerationError("no model is loaded")
+        if not token_ids:
+            raise GenerationError(empty)
+        thinking = mode == abi.RKLLM_INFER_GENERATE and _option_bool(self.spec.options, "ENABLE_THINKING", False)
+        ids, rin = self._token_input(token_ids, thinking)
+        infer = self.layout.RKLLMInferParam()
+        infer.mode = mode
+        if self.layout.HAS_KEEP_HISTORY:
+            infer.keep_history = 1 if keep_history else 0
+        return ids, rin, infer
+
     def _token_input(self, token_ids: Sequence[int], enable_thinking: bool) -> tuple[Any, Any]:
         """(the id array, the RKLLMInput pointing at it): token input, so no chat template is applied
         a second time. The caller keeps both alive until rkllm_run returns."""
@@ -437,16 +454,9 @@ class NativeSession:
         if not self._run_lock.acquire(blocking=False):
             raise GenerationError("the runtime is busy: one generation at a time per context")
         try:
-            if not self._handle.value or self.spec is None:
-                raise GenerationError("no model is loaded")
-            if not inp.token_ids:
-                raise GenerationError("empty prompt")
+            ids, rin, infer = self._run_inputs(inp.token_ids, abi.RKLLM_INFER_GENERATE, inp.keep_history,
+                                               empty="empty prompt")
             layout = self.layout
-            ids, rin = self._token_input(inp.token_ids, _option_bool(self.spec.options, "ENABLE_THINKING", False))
-            infer = layout.RKLLMInferParam()
-            infer.mode = abi.RKLLM_INFER_GENERATE
-            if layout.HAS_KEEP_HISTORY:
-                infer.keep_history = 1 if inp.keep_history else 0
             limit, cap = 0, max(0, self._max_new_tokens)
             if inp.max_new_tokens > 0:
                 if layout.HAS_PER_RUN_MAX_NEW_TOKENS:
@@ -511,16 +521,9 @@ class NativeSession:
         if not self._run_lock.acquire(blocking=False):
             raise GenerationError("the runtime is busy: one run at a time per context")
         try:
-            if not self._handle.value or self.spec is None:
-                raise GenerationError("no model is loaded")
-            if not inp.token_ids:
-                raise GenerationError("nothing to embed: no tokens")
-            layout = self.layout
-            ids, rin = self._token_input(inp.token_ids, False)
-            infer = layout.RKLLMInferParam()
-            infer.mode = abi.RKLLM_INFER_GET_LAST_HIDDEN_LAYER
-            if layout.HAS_KEEP_HISTORY:
-                infer.keep_history = 0  # the text alone, whatever the cache held
+            # keep_history off: the text alone, whatever the cache held
+            ids, rin, infer = self._run_inputs(inp.token_ids, abi.RKLLM_INFER_GET_LAST_HIDDEN_LAYER, False,
+                                               empty="nothing to embed: no tokens")
             run = _Run(lambda event: None, 0, hidden_mode=True)
             with self._state_lock:
                 self._run = run
