@@ -85,6 +85,18 @@ async def interleave(exo: ExoProcess, turns: range, answers: dict[str, list[str]
         return Run(answers, records, await status_of(session, exo))
 
 
+def interleaved_on_exo(workdir: Path, models_dir: Path, env: dict[str, str], turns: range,
+                       answers: dict[str, list[str]] | None = None) -> Run:
+    """`interleave` on an exo of its own, started with `env` and stopped after; its log kept in the Run."""
+    exo = start_exo(EXO_PYTHON, workdir, models_dir, env)
+    try:
+        run = asyncio.run(interleave(exo, turns, answers))
+    finally:
+        exo.stop()
+    run.log = exo.log_text()
+    return run
+
+
 def saved_states(folder: Path) -> list[dict[str, Any]]:
     """The sidecars of every saved state under `folder` (what a restarted exo may restore)."""
     return [json.loads(p.read_text()) for p in sorted(folder.rglob("*.json")) if p.name != "scope.json"]
@@ -98,27 +110,15 @@ def states(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def first(tmp_path_factory, demo_models_dir, states) -> Run:
     """An exo with saved KV states on: the two conversations interleaved for TURNS turns; then stopped."""
-    exo = start_exo(EXO_PYTHON, tmp_path_factory.mktemp("exo-saved-states"), demo_models_dir,
-                    {**CACHED, "RKLLM_CACHE_DIR": str(states)})
-    try:
-        run = asyncio.run(interleave(exo, range(1, TURNS + 1)))
-    finally:
-        exo.stop()
-    run.log = exo.log_text()
-    return run
+    return interleaved_on_exo(tmp_path_factory.mktemp("exo-saved-states"), demo_models_dir,
+                              {**CACHED, "RKLLM_CACHE_DIR": str(states)}, range(1, TURNS + 1))
 
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory, demo_models_dir) -> Run:
     """The same conversations, one turn further, on an exo with RKLLM_PROMPT_CACHE=0: the reference."""
-    exo = start_exo(EXO_PYTHON, tmp_path_factory.mktemp("exo-plain"), demo_models_dir,
-                    {**SIM, "RKLLM_PROMPT_CACHE": "0"})
-    try:
-        run = asyncio.run(interleave(exo, range(1, TURNS + 2)))
-    finally:
-        exo.stop()
-    run.log = exo.log_text()
-    return run
+    return interleaved_on_exo(tmp_path_factory.mktemp("exo-plain"), demo_models_dir,
+                              {**SIM, "RKLLM_PROMPT_CACHE": "0"}, range(1, TURNS + 2))
 
 
 def test_interleaved_conversations_restore_their_states_through_exo(first):
@@ -163,11 +163,8 @@ def test_a_restarted_exo_restores_what_the_last_one_saved(first, plain, states, 
             assert tag not in before, "one state per conversation (a later turn replaces the earlier ones)"
             before[tag] = meta["n"]
     assert set(before) == set(TAGS), saved_states(states)
-    exo = start_exo(EXO_PYTHON, tmp_path, demo_models_dir, {**CACHED, "RKLLM_CACHE_DIR": str(states)})
-    try:
-        again = asyncio.run(interleave(exo, range(TURNS + 1, TURNS + 2), first.answers))
-    finally:
-        exo.stop()
+    again = interleaved_on_exo(tmp_path, demo_models_dir, {**CACHED, "RKLLM_CACHE_DIR": str(states)},
+                               range(TURNS + 1, TURNS + 2), first.answers)
     (a_tag, _, a), (b_tag, _, b) = again.records
     assert (a_tag, b_tag) == TAGS
     # A left the NPU (to B's last turn) after its last turn: exactly that state, restored by a fresh process
@@ -177,7 +174,7 @@ def test_a_restarted_exo_restores_what_the_last_one_saved(first, plain, states, 
     assert b["restored"] == before["B"] and b["restored"] + b["prefilled"] == b["prompt_tokens"], b
     cache = again.status["prompt_cache"]
     assert cache["restores"] == 2 and cache["refused"] == 0, cache
-    assert "saved KV state(s) on disk" in exo.log_text() and "can be restored" in exo.log_text()
+    assert "saved KV state(s) on disk" in again.log and "can be restored" in again.log
     # and the answers are still those of an exo without caches
     for tag in TAGS:
         assert again.answers[tag] == plain.answers[tag], tag

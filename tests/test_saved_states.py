@@ -133,13 +133,11 @@ async def test_a_short_conversation_is_not_worth_a_file(demo_models_dir, tmp_pat
         await stop_api(api)
 
 
-async def test_states_survive_a_restart_and_are_tied_to_the_model_file(demo_models_dir, tmp_path, caplog):
+async def test_states_survive_a_restart_and_are_tied_to_the_model_file(demo_models_dir, tmp_path):
     states = tmp_path / "states"
-    answers: dict[str, list[str]] = {"A": [], "B": []}
     api = await start_api(demo_models_dir, cache_dir=states, cache_min_tokens=64)
     try:
-        for tag in ("A", "B"):
-            answers[tag].append(await ask(api, conversation(tag, 1, [])))
+        answers, _ = await interleave(api, turns=1)
         await ask(api, conversation("A", 2, answers["A"]))  # B leaves the NPU: saved
     finally:
         await stop_api(api)
@@ -155,11 +153,9 @@ async def test_states_survive_a_restart_and_are_tied_to_the_model_file(demo_mode
 
 async def test_a_corrupt_or_truncated_state_is_never_used(demo_models_dir, tmp_path, caplog):
     states = tmp_path / "states"
-    answers: dict[str, list[str]] = {"A": [], "B": []}
     api = await start_api(demo_models_dir, cache_dir=states, cache_min_tokens=64)
     try:
-        for tag in ("A", "B"):
-            answers[tag].append(await ask(api, conversation(tag, 1, [])))
+        answers, _ = await interleave(api, turns=1)
         # A's state was saved when B took the NPU; damage it in place, keeping its size and time
         (kv,) = [p for p in states.rglob("*.kv") if json.loads(p.with_suffix(".json").read_text())["kind"] == "conversation"]
         meta = json.loads(kv.with_suffix(".json").read_text())
