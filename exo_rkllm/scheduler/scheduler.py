@@ -645,9 +645,8 @@ class Scheduler:
         runtime then holds exactly its tokens; a refused one is dropped and the job planned again. Each
         step plans again on what the cache holds after it."""
         plan = self._plan(job)
-        if plan.displaces:
-            await self._save_leaving(plan.restore)
-            plan = self._plan(job)
+        if plan.displaces and await self._save_leaving(plan.restore):
+            plan = self._plan(job)  # the save ran the runtime: plan on what the cache holds now
         if plan.save_prefix:
             job.prefix_tried = True
             if plan.clear_first:
@@ -674,28 +673,35 @@ class Scheduler:
     def _idle_save_due(self) -> bool:
         """Conversations have been taking turns on the NPU lately, and the one it holds is not saved yet:
         save it while nobody waits, so the next conversation's turn does not wait for that."""
-        return (time.monotonic() - self._interleaved_at < INTERLEAVE_WINDOW_S and self._kv is not None
-                and self._kv_next is not None and self.saved.worth_saving(tuple(self._kv) + (self._kv_next,)))
+        return time.monotonic() - self._interleaved_at < INTERLEAVE_WINDOW_S and self._leaving_state() is not None
 
     async def _save_while_idle(self) -> None:
         async with self._device:
             if not self._closed and not any(j.open for j in self._queue) and self._running is None:
                 await self._save_leaving(idle=True)
 
-    async def _save_leaving(self, restoring: CacheEntry | None = None, *, idle: bool = False) -> None:
-        """Save the conversation the KV cache holds before it is lost, as its next turn would begin: what
-        the cache holds plus the token that follows (an answer's end of turn). Not when it is too short,
-        already saved, or continued by the state about to be restored."""
-        kv, following = self._kv, self._kv_next
-        if kv is None or following is None:
-            return
-        ids = tuple(kv) + (following,)
+    def _leaving_state(self, restoring: CacheEntry | None = None) -> tuple[int, ...] | None:
+        """The conversation the KV cache holds, as its next turn would begin (what the cache holds plus the
+        token that follows: an answer's end of turn), if it is worth saving: known, long enough, not
+        saved yet, and not continued by the state about to be restored."""
+        if self._kv is None or self._kv_next is None:
+            return None
+        ids = tuple(self._kv) + (self._kv_next,)
         if not self.saved.worth_saving(ids) or (restoring is not None and restoring.ids[:len(ids)] == ids):
-            return
+            return None
+        return ids
+
+    async def _save_leaving(self, restoring: CacheEntry | None = None, *, idle: bool = False) -> bool:
+        """Save the conversation the KV cache holds before it is lost (`_leaving_state`); True if a save
+        ran (the cache then holds that state, or nothing known)."""
+        ids = self._leaving_state(restoring)
+        if ids is None:
+            return False
         if not idle:
             self._interleaved_at = time.monotonic()
-        result = await self.saved.save((following,), True, ids, EntryKind.CONVERSATION)
+        result = await self.saved.save(ids[-1:], True, ids, EntryKind.CONVERSATION)
         self._kv, self._kv_next = result.kv, None
+        return True
 
     def _following(self, job: _Job, ran: Sequence[int], kind: FinishKind | None) -> int | None:
         """The token after what the cache holds in this conversation's next prompt: the first one the run
