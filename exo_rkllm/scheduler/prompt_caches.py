@@ -62,7 +62,6 @@ class CacheEntry:
     mtime_ns: int
     sha256: str
     last_used: float  # wall-clock seconds (the sidecar's modification time on disk)
-    restores: int = 0
 
     @property
     def meta_path(self) -> Path:
@@ -230,7 +229,6 @@ class CacheScope:
     def used_blocking(self, entry: CacheEntry) -> None:
         """Mark a restore: least recently used states are evicted first."""
         entry.last_used = time.time()
-        entry.restores += 1
         self.store.stats.restores += 1
         try:
             os.utime(entry.meta_path, (entry.last_used, entry.last_used))
