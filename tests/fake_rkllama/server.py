@@ -478,6 +478,17 @@ def create_app(state: FakeRkllama) -> web.Application:
         except ValueError:
             return None
 
+    async def switch_to(rec: Received, name: str, options: dict[str, str] | None) -> web.Response | None:
+        """Load `name` unless it is the current model, as the server does before a run; the 500 it answers
+        when the load fails, else None."""
+        if state.current is not None and state.current.name == name:
+            return None
+        error = await state.load(name, options)
+        if not error:
+            return None
+        rec.status = 500
+        return web.json_response({"error": f"Failed to load model '{name}': {error}"}, status=500)
+
     def html_500() -> web.Response:
         return web.Response(status=500, content_type="text/html",
                             text="<!doctype html>\n<html lang=en>\n<title>500 Internal Server Error</title>\n"
@@ -693,11 +704,9 @@ def create_app(state: FakeRkllama) -> web.Application:
         merged: dict[str, str] | None = None
         if api == "ollama":  # the older generations read no options at all
             merged = rec.applied_options = state.full_options(state.find(name), rec.options)
-        if state.current is None or state.current.name != name:
-            error = await state.load(name, merged)
-            if error:
-                rec.status = 500
-                return web.json_response({"error": f"Failed to load model '{name}': {error}"}, status=500)
+        refused = await switch_to(rec, name, merged)
+        if refused is not None:
+            return refused
         faults = state.faults.take()
         if faults.http_error:
             rec.status = faults.http_error[0]
@@ -820,11 +829,9 @@ def create_app(state: FakeRkllama) -> web.Application:
             return web.json_response({"error": "Missing input"}, status=400)
         rec.options = data.get("options")
         merged = rec.applied_options = state.full_options(state.find(name), rec.options)
-        if state.current is None or state.current.name != name:
-            error = await state.load(name, merged)
-            if error:
-                rec.status = 500
-                return web.json_response({"error": f"Failed to load model '{name}': {error}"}, status=500)
+        refused = await switch_to(rec, name, merged)
+        if refused is not None:
+            return refused
         started = time.monotonic()
         model = state.current
         assert model is not None
