@@ -109,11 +109,15 @@ def sp_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tools_dir(tmp_path_factory, demo_model_dir) -> Path:
     """The demo tokenizer with a tool-using template."""
-    folder = tmp_path_factory.mktemp("tools") / "qwen-tools"
+    return with_template(demo_model_dir, tmp_path_factory.mktemp("tools") / "qwen-tools", TOOL_TEMPLATE)
+
+
+def with_template(base: Path, folder: Path, template: str) -> Path:
+    """A new tokenizer folder `folder`: the tokenizer of `base` with another chat template."""
     folder.mkdir()
-    shutil.copy(demo_model_dir / "tokenizer.json", folder)
-    config = json.loads((demo_model_dir / "tokenizer_config.json").read_text())
-    config["chat_template"] = TOOL_TEMPLATE
+    shutil.copy(base / "tokenizer.json", folder)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 
