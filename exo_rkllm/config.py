@@ -170,6 +170,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sim_cache_io_ms", "RKLLM_SIM_CACHE_IO_MS", float,
             "Simulator: milliseconds per token to save or restore a KV state (0.08: about 30 KiB per token at "
             "400 MB/s)."),
+    Setting("ring_fault_s", "RKLLM_RING_FAULT_S", float,
+            "Several boards: seconds without a word from a node (each sends one every second) before it counts as "
+            "down: its requests end with an error on the node that took them, new ones go elsewhere."),
+    Setting("ring_affinity", "RKLLM_RING_AFFINITY", int,
+            "Several boards: a conversation goes back to the node holding its history unless that node has more "
+            "than this many requests above the least loaded node (then its new turn is prefilled elsewhere)."),
     Setting("log_level", "RKLLM_LOG_LEVEL", str, "Log level of exo-rkllm (DEBUG, INFO, WARNING)."),
     Setting("api_key", "RKLLM_API_KEY", str,
             "If set, every `/v1/` route and exo's control routes need `Authorization: Bearer <key>` (as vLLM's and "
@@ -223,6 +229,8 @@ class Config:
     sim_prefill_base_ms: float = 40.0
     sim_load_ms: float = 1500.0
     sim_cache_io_ms: float = 0.08
+    ring_fault_s: float = 3.0
+    ring_affinity: int = 2
     log_level: str = "INFO"
     api_key: str = ""
     cors_origins: str = ""
@@ -266,6 +274,10 @@ class Config:
             raise ConfigError("RKLLM_CACHE_MIN_TOKENS must be at least 1")
         if self.cache_max_age != self.cache_max_age:
             raise ConfigError("RKLLM_CACHE_MAX_AGE must be a number of seconds or a duration such as 48h")
+        if not self.ring_fault_s > 0:
+            raise ConfigError("RKLLM_RING_FAULT_S must be positive")
+        if self.ring_affinity < 0:
+            raise ConfigError("RKLLM_RING_AFFINITY must not be negative")
         for name in ("sim_decode_ms", "sim_prefill_ms", "sim_prefill_base_ms", "sim_load_ms", "sim_cache_io_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"RKLLM_{name.upper()} must not be negative")

@@ -83,6 +83,14 @@ class RequestCancelled(RKLLMError):
     http_status = 499
 
 
+class NodeLost(RKLLMError):
+    """The board of the ring running the request left it (stopped, crashed, unreachable) before the
+    answer ended. The other boards go on serving: sending the request again is safe."""
+
+    http_status = 503
+    _code = "node_lost"
+
+
 class ShuttingDown(RKLLMError):
     """exo is stopping: requests still running or waiting end with this, never as finished answers."""
 
@@ -94,3 +102,15 @@ class EmbeddingUnsupported(RKLLMError):
 
     http_status = 400
     _code = "embeddings_unsupported"
+
+
+def error_named(name: object, message: str) -> RKLLMError:
+    """The error a peer reported by its class name (so that it keeps its HTTP status and code on the
+    node answering the client); a plain RKLLMError for a name this version does not know."""
+    cls = globals().get(name) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, RKLLMError):
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return RKLLMError(message)

@@ -90,9 +90,12 @@ class TokenFeed:
             self._hint = ending
 
     def fail(self, error: RKLLMError) -> None:
-        """The node could not run the request at all (it raised before any token)."""
+        """The request cannot go on: the node could not run it (it raised), or the node running it was
+        lost. The engine's own word, when it came first, is the more precise error (in a ring exo
+        reports the runner's failure only as a gRPC error)."""
         if not self.ended:
-            self._add(Update((), Ending("error", error)))
+            hinted = self._hint.error if self._hint is not None else None
+            self._add(Update((), Ending("error", hinted or error)))
 
     def _add(self, update: Update) -> None:
         self._updates.append(update)

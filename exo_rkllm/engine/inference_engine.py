@@ -38,6 +38,7 @@ import numpy as np
 from exo_rkllm.models.catalog import Catalog, ModelEntry
 from exo_rkllm.config import Config
 from exo_rkllm.engine.embeddings import EmbeddingResult, embedding_vector, pooling_method, text_ids, tokenizer_framing
+from exo_rkllm.placement.node_state import NodeActivity
 from exo_rkllm.errors import GenerationError, ModelLoadError, ModelUnavailable, RequestCancelled, RKLLMError
 from exo_rkllm.scheduler.lifecycle import Lifecycle, ModelStatus, model_status
 from exo_rkllm.scheduler.model_cache import ModelCache
@@ -361,6 +362,20 @@ class RKLLMInferenceEngine:
                 raise ValueError(f"input {i} must be a string or a list of token ids")
             items.append(EmbeddingInput(f"{base}-{i}", tuple(ids), text))
         return items
+
+    def activity(self) -> NodeActivity:
+        """What this node has and does, for the ring's placement (exo_rkllm/placement): the models it can
+        run, the one on its NPU, the work running and waiting, the conversations whose state it holds.
+        Reads memory only (the catalog's last scan): it is called every heartbeat."""
+        serves = tuple(e.model_id for e in self.catalog.servable())
+        scheduler = self._scheduler
+        if scheduler is None:
+            return NodeActivity(serves=serves)
+        caps = scheduler.runtime.capabilities
+        loaded = scheduler.runtime.loaded
+        return NodeActivity(serves=serves, loaded=loaded.model_id if loaded else None, running=scheduler.on_npu,
+                            waiting=scheduler.waiting, backend=caps.backend, version=caps.version or "",
+                            held=scheduler.held())
 
     def active_requests(self) -> list[str]:
         return list(self._scheduler.streams) if self._scheduler else []

@@ -14,9 +14,11 @@ they are imported (exo_rkllm/exo_glue/autoload.py arranges that for a plain
   exo's Node; exo's timeout, open CORS and admin routes are replaced by the
   API's own settings (RKLLM_API_KEY, RKLLM_CORS_ORIGINS, RKLLM_ADMIN_ROUTES);
   tinychat starts on a model this engine serves.
-- cluster: cancellations and failures travel to the other nodes as exo
-  opaque-status messages, since the node running the model may not be the
-  node serving the HTTP request.
+- cluster: each request runs whole on one board, chosen per request
+  (exo_glue/ring.py: the node patches, the peer messages, the faults);
+  cancellations and failures travel between nodes as exo opaque-status
+  messages, since the node running the model may not be the node serving the
+  HTTP request.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from exo_rkllm.api.security import openai_json_errors, security_middlewares, str
 from exo_rkllm.models.catalog import ModelEntry
 from exo_rkllm.config import Config
 from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine, RequestContext, RequestEnding
-from exo_rkllm.errors import ModelNotFound, RequestCancelled, RKLLMError
+from exo_rkllm.errors import ModelNotFound, RequestCancelled, RKLLMError, error_named
+from exo_rkllm.exo_glue.ring import BEAT_STATUS, STATE_STATUS, Ring
 
 log = logging.getLogger("exo_rkllm.exo_glue.plugin")
 
@@ -87,18 +90,26 @@ def on_opaque_status(engine: RKLLMInferenceEngine, request_id: str, status: str)
         data = json.loads(status)
     except ValueError:
         return
+    if not isinstance(data, dict):
+        return
     kind = data.get("type")
     rid = data.get("request_id") or request_id
-    if kind == CANCEL_STATUS:
+    if _ring is not None and kind in (STATE_STATUS, BEAT_STATUS):
+        _ring.receive(data)
+    elif kind == CANCEL_STATUS:
         engine.cancel_request(rid, data.get("reason", "cancelled by a peer"))
     elif kind == CONTEXT_STATUS and isinstance(data.get("context"), dict):
         try:
             engine.set_request_context(rid, RequestContext.from_json(data["context"]))
         except ValueError as exc:
             log.warning("request %s: a peer sent a context this node cannot read (%s)", rid, exc)
+            return
+        if _ring is not None and isinstance(data.get("origin"), str):
+            _ring.run_for(rid, data["origin"])
     elif kind == ENDED_STATUS and rid in _feeds:
         reason = data.get("finish_reason")
-        error = RKLLMError(data.get("message") or "the request failed") if reason == "error" else None
+        error = (error_named(data.get("error_type"), data.get("message") or "the request failed")
+                 if reason == "error" else None)
         _feeds.hint(rid, RequestEnding("length" if reason == "length" else "error", error))
 
 
@@ -192,9 +203,12 @@ def on_engine_end(request_id: str, ending: RequestEnding) -> "asyncio.Future[Any
     node, and the other nodes (the HTTP request may be on another one). The engine awaits the
     message before it hands exo the last token, so it reaches the API node first."""
     _feeds.hint(request_id, ending)
-    return _broadcast(request_id, {"type": ENDED_STATUS, "request_id": request_id,
-                                   "finish_reason": ending.finish_reason,
-                                   "message": str(ending.error) if ending.error else None})
+    payload = {"type": ENDED_STATUS, "request_id": request_id, "finish_reason": ending.finish_reason,
+               "message": str(ending.error) if ending.error else None,
+               "error_type": type(ending.error).__name__ if ending.error else None}
+    if _ring is not None and _ring.runs_for(request_id):
+        return asyncio.ensure_future(_ring.tell_origin(request_id, json.dumps(payload)))
+    return _broadcast(request_id, payload)
 
 
 def _broadcast(request_id: str, payload: dict[str, Any]) -> "asyncio.Future[Any] | None":
@@ -209,6 +223,7 @@ def _broadcast(request_id: str, payload: dict[str, Any]) -> "asyncio.Future[Any]
 
 
 _node: Any = None
+_ring: Ring | None = None  # this node's part in the ring (exo_glue/ring.py), once exo's API is built
 
 
 # -- patches: exo.helpers ----------------------------------------------------------------------------
@@ -310,20 +325,50 @@ def _patch_node(module: types.ModuleType) -> None:
             return
         return await original_select(self)
 
+    original_shard = node_cls.get_current_shard
+    original_forward = node_cls.forward_tensor
+    original_broadcast = node_cls.broadcast_result
+
+    def get_current_shard(self, base_shard, index=None):
+        # RKLLM runs whole models: whichever node is asked to run a request runs every layer of it.
+        if _is_ours(self.inference_engine):
+            from exo.inference.shard import Shard
+
+            return Shard(base_shard.model_id, 0, base_shard.n_layers - 1, base_shard.n_layers)
+        return original_shard(self, base_shard, index)
+
+    async def forward_tensor(self, base_shard, tensor, request_id, target_index, inference_state=None):
+        # The next token of a request stays on the node running it: no hop per token.
+        if _is_ours(self.inference_engine):
+            return await self.process_tensor(base_shard, tensor, request_id, inference_state)
+        return await original_forward(self, base_shard, tensor, request_id, target_index, inference_state)
+
+    async def broadcast_result(self, request_id, result, is_finished):
+        # A token goes to the node whose API serves the request, not to every peer.
+        if _is_ours(self.inference_engine) and _ring is not None and _ring.runs_for(request_id):
+            return await _ring.send_result(request_id, [int(t) for t in result], is_finished)
+        return await original_broadcast(self, request_id, result, is_finished)
+
+    for name, patched, original in (("get_current_shard", get_current_shard, original_shard),
+                                    ("forward_tensor", forward_tensor, original_forward),
+                                    ("broadcast_result", broadcast_result, original_broadcast)):
+        patched.__wrapped__ = original  # type: ignore[attr-defined]
+        setattr(node_cls, name, patched)
     node_cls.get_supported_inference_engines = get_supported_inference_engines
     node_cls.select_best_inference_engine = select_best_inference_engine
 
 
 # -- the node port on exo's Node ----------------------------------------------------------------------
 class ExoNodePort:
-    """The handlers' port (exo_rkllm/api/port.py) on exo's real Node: a request goes to
-    `node.process_prompt` as exo's own handler would send it, with the engine's context beside it
-    (sent to the other nodes as a status message: the node running the model may be another one,
-    and exo's gRPC cannot carry a non-tensor inference_state on Linux); its tokens come back
+    """The handlers' port (exo_rkllm/api/port.py) on exo's real Node. A request runs whole on the node
+    the ring's placement picks (exo_glue/ring.py): this node, with `node.process_prompt`, as exo's own
+    handler would send it; or a peer, with exo's `send_prompt`, after the request's context (a status
+    message: exo's gRPC cannot carry a non-tensor inference_state on Linux). Its tokens come back
     through `node.on_token`, whichever node sampled them."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Any, ring: Ring) -> None:
         self.node = node
+        self.ring = ring
         self._tasks: set[asyncio.Task[Any]] = set()
         node.on_token.register("exo-rkllm-api").on_next(self._on_token)
 
@@ -332,19 +377,36 @@ class ExoNodePort:
 
         rid = submission.request_id
         feed = _feeds.open(rid, stop_ids)
-        engine = self.node.inference_engine
-        engine.set_request_context(rid, submission.context)
-        if self.node.peers:  # before the prompt: a peer running layer 0 must never encode exo's text instead
-            status = json.dumps({"type": CONTEXT_STATUS, "request_id": rid, "context": submission.context.to_json()})
-            try:
-                await self.node.broadcast_opaque_status(rid, status)
-            except Exception as exc:
-                log.warning("request %s: its context could not be sent to the other nodes: %r", rid, exc)
-        shard = build_base_shard(submission.model_id, ENGINE_CLASSNAME)
-        if shard is None:
+        base = build_base_shard(submission.model_id, ENGINE_CLASSNAME)
+        if base is None:
             feed.fail(ModelNotFound(f"exo has no model card for {submission.model_id!r}"))
             return feed
-        task = asyncio.ensure_future(self.node.process_prompt(shard, submission.prompt_text, rid))
+        shard = self.node.get_current_shard(base)  # the whole model (patched above)
+        tried: set[str] = set()
+        while True:
+            try:
+                placement = self.ring.choose(submission.model_id, submission.context.prompt_ids, exclude=tried)
+            except RKLLMError as exc:
+                feed.fail(exc)
+                return feed
+            target = placement.node_id
+            self.ring.view.place(rid, target)
+            if target == self.node.id:
+                log.debug("request %s runs here: %s", rid, placement.describe())
+                self.node.inference_engine.set_request_context(rid, submission.context)
+                self.ring.run_for(rid, self.node.id)
+                work = self.node.process_prompt(shard, submission.prompt_text, rid)
+                break
+            log.info("request %s goes to node %s", rid, placement.describe())
+            peer = self.ring.peer(target)
+            status = json.dumps({"type": CONTEXT_STATUS, "request_id": rid, "origin": self.node.id,
+                                 "context": submission.context.to_json()})
+            if peer is not None and await self.ring.send(peer, status, rid):
+                work = peer.send_prompt(shard, submission.prompt_text, request_id=rid)
+                break
+            tried.add(target)  # unreachable now: the next best node
+            self.ring.view.release(rid)
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._prompt_done(rid, t))
         return feed
@@ -375,6 +437,7 @@ class ExoNodePort:
 
     def release(self, request_id: str) -> None:
         _feeds.close(request_id)
+        self.ring.view.release(request_id)
         self.node.inference_engine.drop_request_context(request_id)
 
 
@@ -395,8 +458,10 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         engine = node.inference_engine
         if not _is_ours(engine):
             return
-        global _node
+        global _node, _ring
         _node = node
+        if _ring is None or _ring.node is not node:
+            _ring = Ring(node, engine, engine.config, on_lost=_lost)
         ids = _servable_ids(engine)
         if ids and self.default_model not in ids:
             self.default_model = ids[0]
@@ -405,7 +470,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         node.on_opaque_status.register("exo-rkllm").on_next(
             lambda rid, status: on_opaque_status(node.inference_engine, rid, status))
         self.token_callback.on_next(lambda *args: None)  # exo's own token queues: unused for our models
-        server = OpenAIServer(engine, ExoNodePort(node), engine.config, default_model=lambda: self.default_model,
+        server = OpenAIServer(engine, ExoNodePort(node, _ring), engine.config, default_model=lambda: self.default_model,
                               response_timeout=self.response_timeout,
                               system_prompt=getattr(self, "system_prompt", None), on_models_listed=register_model_cards)
         self._exo_rkllm_server = server
@@ -581,11 +646,22 @@ async def _status(engine: RKLLMInferenceEngine) -> Any:
                     recent=[asdict(r) for r in list(scheduler.history)[-5:]])
         if engine._lifecycle is not None:
             body.update(engine._lifecycle.status())
+    if _ring is not None:
+        body["ring"] = _ring.describe()
     return web.json_response(body)
 
 
 async def _on_api_startup(engine: RKLLMInferenceEngine) -> None:
     engine.start_lifecycle()
+    if _ring is not None:
+        _ring.start()
+
+
+def _lost(request_id: str, error: RKLLMError) -> None:
+    """The node running one of this node's API requests is down: its client gets `error` now."""
+    _feeds.fail(request_id, error)
+    if _engine is not None:  # in case it only looks down (a partition): stop it there too
+        _cancel_everywhere(_engine, request_id, str(error))
 
 
 async def _model_request(request: Any, required: bool) -> tuple[str | None, Any]:

@@ -189,6 +189,15 @@ class SavedStates:
         if self.store is not None:
             self.store.stats.refused += 1
 
+    def held(self) -> dict[str, list[tuple[int, ...]]]:
+        """Per model, the token ids of every saved state, most recently used first: what this node tells
+        the ring it holds (exo_rkllm/placement)."""
+        out: dict[str, list[tuple[int, ...]]] = {}
+        if self.store is not None:
+            for scope, entry in sorted(self.store.entries(), key=lambda se: -se[1].last_used):
+                out.setdefault(scope.model_id, []).append(entry.ids)
+        return out
+
     def describe(self) -> dict[str, object]:
         """The status route's `prompt_cache` object."""
         if self.store is None:

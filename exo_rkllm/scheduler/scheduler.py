@@ -360,6 +360,26 @@ class Scheduler:
     def kv_tokens(self) -> tuple[int, ...] | None:
         return tuple(self._kv) if self._kv is not None else None
 
+    @property
+    def on_npu(self) -> str | None:
+        """What runs on the NPU now: a request's id or an embedding batch's label."""
+        work = self._running or self._embedding
+        return work.label if work is not None else None
+
+    @property
+    def waiting(self) -> tuple[str, ...]:
+        """The requests (and embedding batches) waiting for the NPU, in arrival order."""
+        return tuple(j.label for j in self._queue if j.open)
+
+    def held(self) -> dict[str, list[tuple[int, ...]]]:
+        """Per model, the token sequences whose KV state this node holds: the live cache, then the
+        saved states (what a request extending one of them would not prefill again)."""
+        out = self.saved.held()
+        loaded = self.runtime.loaded
+        if loaded is not None and self._kv:
+            out[loaded.model_id] = [tuple(self._kv), *out.get(loaded.model_id, [])]
+        return out
+
     # -- priorities ------------------------------------------------------------------------------
     def _interactive(self, job: _Work, now: float) -> bool:
         """Ranks as interactive: asked as such, or a background request past the starvation bound."""

@@ -1,0 +1,201 @@
+"""Request-level placement on exo's ring: each request runs whole on one board.
+
+RKLLM cannot run a slice of a model's layers, so the unit of distribution is the request. For the
+rkllm engine:
+
+- every node treats a request it is asked to run as the whole model (exo's `get_current_shard`
+  answers layers 0..n-1), samples it and loops its tokens locally (`forward_tensor` does not hop);
+- the node whose API takes a request picks the node to run it (exo_rkllm/placement) and hands it the
+  prompt with exo's own `send_prompt`, after the request's context (a status message saying which
+  node asked); that node sends each token back to the asking node only (`broadcast_result` to one
+  peer), or to nobody when it is the asking node;
+- every node tells the others what it has and does (`NodeState`) as exo opaque-status messages, sent
+  peer by peer: the full state when it changes, a heartbeat every second otherwise. A node that does
+  not answer, or stays silent for RKLLM_RING_FAULT_S, is down: the requests it ran for this node end
+  with an error, new ones go elsewhere, and it is used again once it is heard from.
+
+Only exo's peer handles and status messages are used: no extra port."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from typing import Any, Callable, Collection
+
+from exo_rkllm.config import Config
+from exo_rkllm.errors import NodeLost, RKLLMError
+from exo_rkllm.placement.node_state import NodeState
+from exo_rkllm.placement.placement import Placement
+from exo_rkllm.placement.ring import HEARTBEAT_S, Lost, RingView
+
+log = logging.getLogger("exo_rkllm.exo_glue.ring")
+
+STATE_STATUS = "exo_rkllm_node"
+BEAT_STATUS = "exo_rkllm_beat"
+TICK_S = 0.25  # how often this node looks for a change of its state (and for lost nodes)
+SEND_TIMEOUT_S = 1.0  # a peer that takes longer to take a message counts as unreachable
+FULL_EVERY_S = 5.0  # the whole state, even unchanged, this often (a peer that missed one catches up)
+MAX_ORIGINS = 1024  # requests run here remembered with the node that asked (a request that never ran stays)
+
+
+class Ring:
+    """This node's part in the ring: its state sent to the peers, theirs received, the placement of this
+    node's API requests, and the requests this node runs for other nodes (by the node that asked)."""
+
+    def __init__(self, node: Any, engine: Any, config: Config,
+                 on_lost: Callable[[str, RKLLMError], None]) -> None:
+        self.node = node
+        self.engine = engine
+        self.view = RingView(node.id, config.ring_fault_s, config.ring_affinity)
+        # request id -> the node whose API took it, for the requests this node runs
+        self.origins: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._on_lost = on_lost
+        self._sent = ""  # the last state sent, as JSON
+        self._sent_to: frozenset[str] = frozenset()  # the peers it was sent to
+        self._full_at = 0.0  # when the state was last sent whole
+        self._sent_at = 0.0  # when anything was last sent
+        self._task: asyncio.Task[None] | None = None
+        self._failing: set[str] = set()  # peers whose last message failed (logged once until they answer)
+
+    # -- what this node is ---------------------------------------------------------------------------
+    def local_state(self) -> NodeState:
+        return NodeState.of(self.node.id, self.engine.activity())
+
+    def members(self) -> list[str]:
+        return [p.id() for p in self._peers()]
+
+    def _peers(self) -> list[Any]:
+        return list(getattr(self.node, "peers", None) or ())
+
+    def peer(self, node_id: str) -> Any:
+        return next((p for p in self._peers() if p.id() == node_id), None)
+
+    # -- placement of this node's API requests ------------------------------------------------------------
+    def choose(self, model_id: str, prompt_ids: Any, exclude: Collection[str] = ()) -> Placement:
+        members = [m for m in self.members() if m not in exclude]
+        return self.view.choose(model_id, tuple(prompt_ids or ()), self.local_state(), members)
+
+    # -- requests run here ------------------------------------------------------------------------------------
+    def run_for(self, request_id: str, origin: str) -> None:
+        """This node runs `request_id` for the node `origin` (itself, when its own API took it)."""
+        self.origins[request_id] = origin
+        while len(self.origins) > MAX_ORIGINS:
+            self.origins.popitem(last=False)
+
+    def runs_for(self, request_id: str) -> bool:
+        return request_id in self.origins
+
+    # -- the messages ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        log.debug("ring: telling the peers this node's state every %g s", HEARTBEAT_S)
+        while True:
+            try:
+                state = json.dumps({"type": STATE_STATUS, "node": self.local_state().to_json()})
+                now = loop.time()
+                members = frozenset(self.members())
+                if state != self._sent or members != self._sent_to or now - self._full_at >= FULL_EVERY_S:
+                    await self._send_all(state)
+                    self._sent, self._sent_to, self._full_at, self._sent_at = state, members, now, now
+                elif now - self._sent_at >= HEARTBEAT_S:
+                    await self._send_all(json.dumps({"type": BEAT_STATUS, "node_id": self.node.id}))
+                    self._sent_at = now
+                for lost in self.view.lost(self.members()):
+                    self._lose(lost)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the ring's state exchange failed; trying again")
+            await asyncio.sleep(TICK_S)
+
+    async def _send_all(self, message: str) -> None:
+        await asyncio.gather(*(self.send(p, message) for p in self._peers()))
+
+    async def send(self, peer: Any, message: str, request_id: str = "") -> bool:
+        """One status message to one peer; False (and the peer marked unreachable) if it failed."""
+        try:
+            await asyncio.wait_for(peer.send_opaque_status(request_id, message), SEND_TIMEOUT_S)
+        except Exception as exc:
+            why = "it did not take a message within %g s" % SEND_TIMEOUT_S if isinstance(
+                exc, asyncio.TimeoutError) else f"a message to it failed ({type(exc).__name__})"
+            if peer.id() not in self._failing:
+                self._failing.add(peer.id())
+                log.warning("ring: node %s is unreachable: %s", peer.id(), why)
+            self.view.unreachable(peer.id(), why)
+            return False
+        if peer.id() in self._failing:
+            self._failing.discard(peer.id())
+            log.info("ring: node %s answers again", peer.id())
+        self.view.heartbeat(peer.id())
+        return True
+
+    def receive(self, data: dict[str, Any]) -> None:
+        """A ring message from a peer (plugin.on_opaque_status routes them here)."""
+        kind = data.get("type")
+        if kind == STATE_STATUS:
+            try:
+                state = NodeState.from_json(data.get("node"))
+            except ValueError as exc:
+                log.debug("ring: a node sent a state this node cannot read (%s)", exc)
+                return
+            if state.node_id != self.node.id:
+                self.view.heard(state)
+        elif kind == BEAT_STATUS and isinstance(data.get("node_id"), str) and data["node_id"] != self.node.id:
+            self.view.heartbeat(data["node_id"])
+
+    def _lose(self, lost: Lost) -> None:
+        log.warning("ring: node %s is down (%s); %d request(s) it was running for this node end with an error, "
+                    "new requests go to the other nodes", lost.node_id, lost.why, len(lost.requests))
+        for rid in lost.requests:
+            self._on_lost(rid, NodeLost(f"the node running this request ({lost.node_id}) left the ring before the "
+                                        f"answer ended: {lost.why}; the other nodes still serve, send it again"))
+
+    # -- tokens of requests run here ------------------------------------------------------------------------
+    async def send_result(self, request_id: str, tokens: list[int], is_finished: bool) -> None:
+        """exo's broadcast_result for a request run here: to the node that asked only."""
+        origin = self.origins.get(request_id)
+        if is_finished:
+            self.origins.pop(request_id, None)
+            buffered = getattr(self.node, "buffered_token_output", None)
+            if isinstance(buffered, dict) and origin != self.node.id:
+                buffered.pop(request_id, None)  # exo keeps every request's tokens otherwise
+        if origin is None or origin == self.node.id:
+            return
+        peer = self.peer(origin)
+        if peer is None:
+            log.warning("request %s: the node that asked for it (%s) is gone; stopping it", request_id, origin)
+            self.engine.cancel_request(request_id, f"the node that asked for it ({origin}) left the ring")
+            return
+        try:
+            await asyncio.wait_for(peer.send_result(request_id, tokens, is_finished), 15.0)
+        except Exception as exc:
+            log.warning("request %s: its tokens could not reach node %s (%r); stopping it", request_id, origin, exc)
+            self.engine.cancel_request(request_id, f"the node that asked for it ({origin}) is unreachable")
+
+    async def tell_origin(self, request_id: str, message: str) -> bool:
+        """A status message about a request run here, to the node that asked for it; False if this node
+        does not know that node (then the caller broadcasts)."""
+        origin = self.origins.get(request_id)
+        if origin is None:
+            return False
+        if origin == self.node.id:
+            self.node.on_opaque_status.trigger_all(request_id, message)
+            return True
+        peer = self.peer(origin)
+        if peer is not None:
+            await self.send(peer, message, request_id)
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return self.view.describe(self.local_state(), self.members())
