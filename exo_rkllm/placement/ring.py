@@ -115,7 +115,7 @@ def _row(state: NodeState, load: int, *, up: bool, age: float, here: bool = Fals
                            "serves": list(state.serves), "routes": list(state.routes), "loaded": state.loaded,
                            "running": state.running, "waiting": list(state.waiting), "load": load,
                            "runtime": " ".join(p for p in (state.backend, state.version) if p),
-                           "conversations": {m: len(h) for m, h in state.prefixes.items()}}
+                           "held_prefix_hashes": {m: len(h) for m, h in state.prefixes.items()}}
     if why:
         row["down_because"] = why
     return row
