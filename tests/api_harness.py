@@ -114,8 +114,8 @@ def _parse(raw: bytes, content_type: str) -> Any:
 async def start_api(models_dir: Path, timing: SimTiming | None = None, *, release: str | None = None,
                     response_timeout: float | None = None, system_prompt: str | None = None, nodes: int = 1,
                     api_node: int = 0, **config: Any) -> Api:
-    """The handlers over a ring of `nodes` engines (node 0 holds layer 0 and runs the model), serving
-    HTTP on `api_node`. `runtime` is node 0's."""
+    """The handlers over a ring of `nodes` engines, serving HTTP on `api_node`; placement picks the
+    node that runs each request (exo_rkllm/placement). `runtime` is node 0's."""
     built = [make_engine(models_dir, timing, **config) for _ in range(nodes)]
     engines = [engine for engine, _ in built]
     engine, runtime = engines[api_node], built[0][1]

@@ -1,14 +1,19 @@
 """An exo-contract driver: runs engines the way legacy exo's Node does, without exo.
 
-It follows legacy exo's Node (exo/orchestration/node.py at 5f18faec1) step by step: the node holding layer 0 calls
-`infer_prompt`; `process_inference_result` on the node holding the last layer
-calls `sample(result, temp=...)`, appends `token.item()`, decides
-`is_finished` (eos of `engine.tokenizer`, or max_generate_tokens), fires
-on_token on every node, and unless finished forwards the token (shape (1, 1))
-to the next partition, whose `infer_tensor` gets it. Layers are split over a
-ring of nodes; each node has its own engine. The on_token hook the real plugin
-installs (exo_rkllm.exo_glue.plugin.on_token) is installed here too, so this driver
-exercises the very code that tells the engine a request is over.
+It follows legacy exo's Node (exo/orchestration/node.py at 5f18faec1) step by step, as the plugin
+patches it for this engine (exo_rkllm/exo_glue/ring.py): the node asked to run a request holds
+every layer (get_current_shard), calls `infer_prompt`; `process_inference_result` calls
+`sample(result, temp=...)`, appends `token.item()`, decides `is_finished` (eos of
+`engine.tokenizer`, or max_generate_tokens), fires on_token on that node and on the node
+whose API took the request (broadcast_result to that one peer), and unless finished feeds the
+token (shape (1, 1)) to its own `infer_tensor` (forward_tensor stays local). Each node has its
+own engine. The on_token hook the real plugin installs (exo_rkllm.exo_glue.plugin.on_token) is
+installed here too, so this driver exercises the very code that tells the engine a request is over.
+
+Placement is modelled with the project's own code (exo_rkllm/placement): the handlers' port asks a
+RingView fed with every live node's `engine.activity()`, as the peers' state messages would feed
+it, and sends the request to the chosen node. `kill(node)` stops a node: it is never stepped again,
+and the next `watch()` reports its requests lost, as the plugin's heartbeat check does.
 
 The API side comes in two forms. `chat()` mirrors exo's own request flow (the
 prompt as templated text, which the engine encodes) and reads the answer through
@@ -31,6 +36,9 @@ from exo_rkllm.exo_glue import plugin
 from exo_rkllm.api.port import Ending, Submission, TokenFeed
 from exo_rkllm.errors import RequestCancelled
 from exo_rkllm.models.detok import IncrementalDetokenizer
+from exo_rkllm.placement.node_state import NodeState
+from exo_rkllm.placement.placement import Placement
+from exo_rkllm.placement.ring import RingView
 
 
 @dataclass(frozen=True)
@@ -47,12 +55,6 @@ class Shard:
 
     def is_last_layer(self) -> bool:
         return self.end_layer == self.n_layers - 1
-
-
-def split_layers(n_layers: int, n_nodes: int, model_id: str) -> list[Shard]:
-    """Contiguous layer ranges, like exo's partitioning (equal memory weights)."""
-    bounds = [round(i * n_layers / n_nodes) for i in range(n_nodes + 1)]
-    return [Shard(model_id, bounds[i], bounds[i + 1] - 1, n_layers) for i in range(n_nodes)]
 
 
 @dataclass
@@ -97,6 +99,9 @@ class ExoRing:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.lost: set[str] = set()  # requests exo "forgets" (a peer died): never stepped again
         self.feeds: dict[str, TokenFeed] = {}  # requests of the handlers' port (port())
+        self.origin: dict[str, int] = {}  # request id -> the node whose API took it
+        self.ran_on: dict[str, int] = {}  # request id -> the node that ran it
+        self.dead: set[int] = set()  # nodes stopped by kill()
         for engine in engines:  # what the plugin's make_engine does
             engine.add_end_listener(plugin.on_engine_end)
 
@@ -112,6 +117,7 @@ class ExoRing:
         self.feeds[request_id] = plugin._feeds.open(request_id, engine.model_for(model_id).stop_ids)
         self._texts[request_id] = IncrementalDetokenizer(tokenizer)
         self._share_messages(api_node, request_id, messages)
+        self.origin[request_id] = api_node
         base = Shard(model_id, 0, 0, n_layers)
         try:
             await self.process_prompt(api_node, base, prompt, request_id)
@@ -127,14 +133,12 @@ class ExoRing:
 
     # -- the node ----------------------------------------------------------------------------------
     def shard_of(self, node: int, base: Shard) -> Shard:
-        return split_layers(base.n_layers, len(self.engines), base.model_id)[node]
+        """The plugin's get_current_shard: whichever node runs a request holds all its layers."""
+        return Shard(base.model_id, 0, base.n_layers - 1, base.n_layers)
 
     async def process_prompt(self, node: int, base: Shard, prompt: str, request_id: str) -> None:
         shard = self.shard_of(node, base)
-        if not shard.is_first_layer():
-            self.outstanding[request_id] = "waiting"
-            await self.process_prompt(0, base, prompt, request_id)  # forward_prompt to partition 0
-            return
+        self.ran_on[request_id] = node
         self.outstanding[request_id] = "processing"
         result, state = await self.engines[node].infer_prompt(request_id, shard, prompt, None)
         await self.process_inference_result(node, shard, result, request_id, state)
@@ -168,18 +172,20 @@ class ExoRing:
             forward = result
         if shard.is_last_layer():
             eos = engine.tokenizer.eos_token_id
-            for other in self.engines:  # trigger_on_token_callbacks + broadcast_result
-                if self._hook is not None:
-                    self._hook(other, request_id, intermediate, is_finished)
-            self._api_on_token(request_id, intermediate, is_finished, engine.tokenizer, eos)
+            origin = self.origin.get(request_id, node)
+            # trigger_on_token_callbacks here, and broadcast_result to the node that asked (patched)
+            for other in {node, origin}:
+                if self._hook is not None and other not in self.dead:
+                    self._hook(self.engines[other], request_id, intermediate, is_finished)
+            if origin not in self.dead:
+                self._api_on_token(request_id, intermediate, is_finished, engine.tokenizer, eos)
         if is_finished:
             self.outstanding.pop(request_id, None)
             self.buffered.pop(request_id, None)  # (exo keeps it; we do not need to)
-        elif request_id not in self.lost:
+        elif request_id not in self.lost and node not in self.dead:
             self.outstanding[request_id] = "waiting"
-            nxt = (node + 1) % len(self.engines)
             base = Shard(shard.model_id, 0, 0, shard.n_layers)
-            task = asyncio.create_task(self.process_tensor(nxt, base, forward, request_id, state))
+            task = asyncio.create_task(self.process_tensor(node, base, forward, request_id, state))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -215,15 +221,10 @@ class ExoRing:
         return DriverPort(self, api_node)
 
     def _share_messages(self, api_node: int, request_id: str, messages: list[dict[str, Any]]) -> None:
-        """What the plugin does with a request's context: keep it on the API node, and send it to
-        the other nodes as an exo status message, which arrives a little after the prompt."""
+        """What exo's own flow leaves the engine: the request's messages, on the API node, which runs it."""
         from exo_rkllm.engine.inference_engine import RequestContext, messages_from_openai
 
-        context = RequestContext(messages_from_openai(messages))
-        self.engines[api_node].set_request_context(request_id, context)
-        status = json.dumps({"type": plugin.CONTEXT_STATUS, "request_id": request_id, "context": context.to_json()})
-        self._later(0.05, lambda: [plugin.on_opaque_status(e, request_id, status)
-                                   for i, e in enumerate(self.engines) if i != api_node])
+        self.engines[api_node].set_request_context(request_id, RequestContext(messages_from_openai(messages)))
 
     def _spawn(self, coro: Any) -> "asyncio.Task[Any]":
         task = asyncio.ensure_future(coro)
@@ -237,6 +238,13 @@ class ExoRing:
             fn()
 
         self._spawn(run())
+
+    def kill(self, node: int) -> None:
+        """The node stops (its process dies): it steps no request again and sends nothing more."""
+        self.dead.add(node)
+
+    def node_id(self, node: int) -> str:
+        return f"node{node}"
 
     def abandon(self, request_id: str, reason: str = "client disconnected") -> None:
         """What the handlers do when the HTTP client goes away: cancel on every node and release the
@@ -255,36 +263,70 @@ class ExoRing:
 
 class DriverPort:
     """The OpenAI handlers' node port (exo_rkllm/api/port.py) on this driver: what ExoNodePort does
-    on exo's Node, step for step: the context to the engine and to the other nodes (a status
-    message, awaited), then the prompt to process_prompt, the tokens back through on_token,
-    cancel on every node."""
+    on exo's Node, step for step: the ring's placement picks the node, the context goes to that
+    node (a status message naming this node as the one that asked, awaited), then the prompt to
+    its process_prompt; the tokens come back through on_token, cancel goes to every node."""
 
-    def __init__(self, ring: ExoRing, api_node: int = 0) -> None:
+    def __init__(self, ring: ExoRing, api_node: int = 0, *, fault_s: float = 3.0, affinity_slack: int = 2) -> None:
         self.ring = ring
         self.api_node = api_node
         self.submitted: list[Submission] = []
+        self.placements: dict[str, Placement] = {}
+        self.view = RingView(ring.node_id(api_node), fault_s, affinity_slack)
+
+    def _heard(self) -> None:
+        """Every live peer's state, as its last message gave it (here: always up to date)."""
+        for i, engine in enumerate(self.ring.engines):
+            if i != self.api_node and i not in self.ring.dead:
+                self.view.heard(NodeState.of(self.ring.node_id(i), engine.activity()))
+
+    def _members(self) -> list[str]:
+        return [self.ring.node_id(i) for i in range(len(self.ring.engines))
+                if i != self.api_node and i not in self.ring.dead]
+
+    def served_elsewhere(self) -> frozenset[str]:
+        self._heard()
+        return frozenset(m for s in self.view.up(self._members()) for m in s.serves)
 
     async def submit(self, submission: Submission, stop_ids: frozenset[int]) -> TokenFeed:
         ring = self.ring
         rid = submission.request_id
         self.submitted.append(submission)
         feed = ring.feeds[rid] = plugin._feeds.open(rid, stop_ids)
-        ring.engines[self.api_node].set_request_context(rid, submission.context)
-        status = json.dumps({"type": plugin.CONTEXT_STATUS, "request_id": rid, "context": submission.context.to_json()})
-        await asyncio.sleep(0.01)  # the plugin awaits this broadcast before it sends the prompt
-        for i, engine in enumerate(ring.engines):
-            if i != self.api_node:
-                plugin.on_opaque_status(engine, rid, status)
+        self._heard()
+        local = NodeState.of(ring.node_id(self.api_node), ring.engines[self.api_node].activity())
+        try:
+            placement = self.view.choose(submission.model_id, submission.context.prompt_ids or (), local,
+                                         self._members())
+        except plugin.RKLLMError as exc:
+            feed.fail(exc)
+            return feed
+        self.placements[rid] = placement
+        self.view.place(rid, placement.node_id)
+        target = int(placement.node_id.removeprefix("node"))
+        ring.origin[rid] = self.api_node
+        if target == self.api_node:
+            ring.engines[target].set_request_context(rid, submission.context)
+        else:
+            status = json.dumps({"type": plugin.CONTEXT_STATUS, "request_id": rid, "context": submission.context.to_json()})
+            await asyncio.sleep(0.01)  # the plugin awaits this message before it sends the prompt
+            plugin.on_opaque_status(ring.engines[target], rid, status)
         base = Shard(submission.model_id, 0, 0, submission.n_layers)
 
         async def run() -> None:
             try:
-                await ring.process_prompt(self.api_node, base, submission.prompt_text, rid)
+                await ring.process_prompt(target, base, submission.prompt_text, rid)
             except Exception as exc:  # exo's handler would answer with it
                 plugin._feeds.fail(rid, exc if isinstance(exc, plugin.RKLLMError) else plugin.RKLLMError(repr(exc)))
 
         ring._spawn(run())
         return feed
+
+    def watch(self) -> None:
+        """The plugin's heartbeat check: a node that stopped is down, its requests end with NodeLost."""
+        for lost in self.view.lost(self._members()):
+            for rid in lost.requests:
+                plugin._feeds.fail(rid, lost.error())
 
     def cancel(self, request_id: str, reason: str) -> None:
         for engine in self.ring.engines:
@@ -292,6 +334,7 @@ class DriverPort:
 
     def release(self, request_id: str) -> None:
         self.ring.feeds.pop(request_id, None)
+        self.view.release(request_id)
         plugin._feeds.close(request_id)
         for engine in self.ring.engines:
             engine.drop_request_context(request_id)

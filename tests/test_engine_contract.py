@@ -65,10 +65,8 @@ async def test_ring_gives_the_same_text_as_one_node(demo_models_dir, n_nodes):
         assert answer.streamed_text == one.streamed_text
         assert answer.tokens == one.tokens and answer.finish_reason == "stop"
     assert not ring.errors
-    assert len(runtimes[0].inputs) == n_nodes
-    assert all(not r.inputs for r in runtimes[1:]), "only the layer-0 node may run the model"
-    for e in engines[1:]:
-        assert e.tokenizer is not None  # pass-through nodes still know the tokenizer (exo reads eos)
+    # exo's own request flow (process_prompt on the API node): that node runs the whole model
+    assert [len(r.inputs) for r in runtimes] == [1] * n_nodes
 
 
 async def test_sample_passes_the_runtime_token_through(demo_models_dir):
@@ -271,8 +269,8 @@ async def test_messages_backend_gets_the_original_messages_from_any_api_node(dem
 
     cfg = Config(backend="sim", models_dir=demo_models_dir)
     runtime = MessagesRuntime(SimRuntime(SimTiming.instant()), demo_tokenizer)
-    engines = [RKLLMInferenceEngine(config=cfg, runtime=runtime)] + [make_engine(demo_models_dir)[0]
-                                                                     for _ in range(n_nodes - 1)]
+    engines = [make_engine(demo_models_dir)[0] for _ in range(n_nodes)]
+    engines[api_node] = RKLLMInferenceEngine(config=cfg, runtime=runtime)  # exo's own flow runs it there
     ring = ExoRing(engines)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "[[sim:text=Só 一次 ✅]]"}]
     answer = await ring.complete(DEMO_ID, messages, DEMO_LAYERS, api_node=api_node)

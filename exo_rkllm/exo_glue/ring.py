@@ -24,7 +24,7 @@ import logging
 from typing import Any, Callable, Collection
 
 from exo_rkllm.config import Config
-from exo_rkllm.errors import NodeLost, RKLLMError
+from exo_rkllm.errors import RKLLMError
 from exo_rkllm.placement.node_state import NodeState
 from exo_rkllm.placement.placement import Placement
 from exo_rkllm.placement.ring import HEARTBEAT_S, Lost, RingView
@@ -158,8 +158,7 @@ class Ring:
         log.warning("ring: node %s is down (%s); %d request(s) it was running for this node end with an error, "
                     "new requests go to the other nodes", lost.node_id, lost.why, len(lost.requests))
         for rid in lost.requests:
-            self._on_lost(rid, NodeLost(f"the node running this request ({lost.node_id}) left the ring before the "
-                                        f"answer ended: {lost.why}; the other nodes still serve, send it again"))
+            self._on_lost(rid, lost.error())
 
     # -- tokens of requests run here ------------------------------------------------------------------------
     async def send_result(self, request_id: str, tokens: list[int], is_finished: bool) -> None:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from exo_rkllm.errors import NodeLost
 from exo_rkllm.placement.node_state import NodeState
 from exo_rkllm.placement.placement import Candidate, Placement, place
 from exo_rkllm.placement.prefixes import block_hashes
@@ -32,6 +33,11 @@ class Lost:
     node_id: str
     why: str
     requests: tuple[str, ...]
+
+    def error(self) -> NodeLost:
+        """What the client of each lost request reads."""
+        return NodeLost(f"the node running this request ({self.node_id}) left the ring before the answer ended: "
+                        f"{self.why}; the other nodes still serve, send it again")
 
 
 @dataclass
