@@ -303,6 +303,7 @@ class DriverPort:
             return feed
         self.placements[rid] = placement
         self.view.place(rid, placement.node_id)
+        feed.node = placement.node_id
         target = int(placement.node_id.removeprefix("node"))
         ring.origin[rid] = self.api_node
         if target == self.api_node:

@@ -36,6 +36,9 @@ async def test_six_concurrent_clients_run_two_per_node_each_with_its_own_text(de
             assert status == 200 and content_of(items) == text and finish_of(items) == "stop"
         ran = collections.Counter(api.ring.ran_on[s.request_id] for s in api.port.submitted)
         assert ran == {0: 2, 1: 2, 2: 2}, ran
+        status, body, headers = await api.post("/v1/chat/completions", api.chat(user(sim_text("which node?"))))
+        assert status == 200 and body["choices"][0]["message"]["content"] == "which node?"
+        assert headers["X-RKLLM-Node"] == f"node{api.ring.ran_on[api.port.submitted[-1].request_id]}"
         assert not api.port.view.placed, "every placement is released with its request"
     finally:
         await stop_api(api)

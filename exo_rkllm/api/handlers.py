@@ -172,6 +172,8 @@ class OpenAIServer:
     async def _serve(self, request: web.Request, job: _Job) -> web.StreamResponse:
         submission = Submission(job.request_id, job.model_id, job.n_layers, job.prompt.text, job.context)
         feed = await self.port.submit(submission, job.stop_ids)
+        if feed.node:  # which board runs it: for a client or an operator following the ring's placement
+            job.headers[NODE_HEADER] = feed.node
         gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         watcher = asyncio.ensure_future(_watch_disconnect(request, gone))
         try:
@@ -511,6 +513,7 @@ class OpenAIServer:
 
 
 _FINGERPRINT = "exo-rkllm"
+NODE_HEADER = "X-RKLLM-Node"
 
 
 def _dumps(obj: Any) -> str:

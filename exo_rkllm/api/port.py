@@ -68,6 +68,7 @@ class TokenFeed:
         self._hint: RequestEnding | None = None
         self.ended = False
         self.generated = 0  # tokens of the answer (end-of-turn tokens not counted)
+        self.node: str | None = None  # the node of the ring running it, once placed (the X-RKLLM-Node header)
 
     def push(self, tokens: Sequence[int], finished: bool) -> None:
         """exo's on_token: `tokens` are the new ids; `finished` once exo considers the request over."""

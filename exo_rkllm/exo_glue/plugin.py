@@ -391,6 +391,7 @@ class ExoNodePort:
                 return feed
             target = placement.node_id
             self.ring.view.place(rid, target)
+            feed.node = target
             if target == self.node.id:
                 log.debug("request %s runs here: %s", rid, placement.describe())
                 self.node.inference_engine.set_request_context(rid, submission.context)
