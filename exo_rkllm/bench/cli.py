@@ -4,6 +4,7 @@
     exo-rkllm bench                            # a running exo at http://localhost:52415
     exo-rkllm bench --compare --start-exo      # on a board: raw runtime, then exo started for the run
     exo-rkllm bench --target rkllama --url http://localhost:8080 --model qwen2.5:3b
+    exo-rkllm bench --sim --ring 3 --clients 6  # also a private ring of 3 nodes: concurrency, ring vs one node
 
 Defaults: 1 warm-up then 3 repetitions of each prompt, a 10-turn conversation,
 4 parallel clients. Answers are capped at 10 tokens with --sim (so the whole
@@ -26,9 +27,9 @@ from exo_rkllm.config import Config
 from exo_rkllm.errors import RKLLMError
 from exo_rkllm.bench import report as report_mod
 from exo_rkllm.bench import results
-from exo_rkllm.bench.exo_process import ExoProcess, ExoUnavailable, default_python
+from exo_rkllm.bench.exo_process import ExoProcess, ExoRing, ExoUnavailable, default_python
 from exo_rkllm.bench.prompts import STANDARD_PROMPTS, PromptFileError, load_prompt_file
-from exo_rkllm.bench.runner import BenchSettings, Progress, describe_host, now_iso, run_target
+from exo_rkllm.bench.runner import BenchSettings, Progress, describe_host, now_iso, run_ring, run_target
 from exo_rkllm.bench.targets import (ExoApiTarget, LocalModel, RkllamaTarget, RuntimeTarget, TargetError, TokenCounter,
                       resolve_local_model)
 
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help=f"exo API URL (default {DEFAULT_EXO_URL}) or rkllama URL (default RKLLM_SERVER_URL)")
     p.add_argument("--start-exo", action="store_true",
                    help="start a private exo node with the rkllm engine for the run, and stop it afterwards")
+    p.add_argument("--ring", type=int, default=0, metavar="N",
+                   help="with --start-exo: also start a private ring of N exo nodes on loopback (same settings, "
+                        "one discovery file listing all of them) and run the concurrency part through node 0's "
+                        "API, reported next to the one node (aggregate tokens/s, wall time, TTFT). Off by default")
     p.add_argument("--exo-python", default=None,
                    help="interpreter that has exo installed, for --start-exo (default: this one)")
     p.add_argument("--model", help="model name in the models folder (or exo's model id for a remote exo)")
@@ -157,15 +162,8 @@ async def _run(args: argparse.Namespace, config: Config, local: LocalModel | Non
             url = args.url or DEFAULT_EXO_URL
             label = "exo API"
             if args.start_exo:
-                env = {"RKLLM_BACKEND": config.backend, "RKLLM_MODELS_DIR": str(config.models_dir),
-                       "RKLLM_MAX_NEW_TOKENS": str(settings.max_new_tokens or 0),
-                       "RKLLM_SIM_DECODE_MS": str(config.sim_decode_ms), "RKLLM_SIM_PREFILL_MS": str(config.sim_prefill_ms),
-                       "RKLLM_SIM_PREFILL_BASE_MS": str(config.sim_prefill_base_ms),
-                       "RKLLM_SIM_LOAD_MS": str(config.sim_load_ms)}
-                if config.tokenizer_dir:
-                    env["RKLLM_TOKENIZER_DIR"] = str(config.tokenizer_dir)
-                proc = ExoProcess(args.exo_python or default_python(), env, out_dir / f"exo-{stamp}.log",
-                                  default_model=model_id)
+                proc = ExoProcess(args.exo_python or default_python(), _engine_env(config, settings),
+                                  out_dir / f"exo-{stamp}.log", default_model=model_id)
                 progress.say(f"starting exo with the rkllm engine ({config.backend} backend) under {proc.python} ...")
                 try:
                     url = await proc.start(args.exo_start_timeout)
@@ -197,6 +195,62 @@ async def _run(args: argparse.Namespace, config: Config, local: LocalModel | Non
     return sections
 
 
+def _engine_env(config: Config, settings: BenchSettings) -> dict[str, str]:
+    """The engine's settings for an exo the bench starts (one node or every node of a ring): this run's."""
+    env = {"RKLLM_BACKEND": config.backend, "RKLLM_MODELS_DIR": str(config.models_dir),
+           "RKLLM_MAX_NEW_TOKENS": str(settings.max_new_tokens or 0),
+           "RKLLM_SIM_DECODE_MS": str(config.sim_decode_ms), "RKLLM_SIM_PREFILL_MS": str(config.sim_prefill_ms),
+           "RKLLM_SIM_PREFILL_BASE_MS": str(config.sim_prefill_base_ms),
+           "RKLLM_SIM_LOAD_MS": str(config.sim_load_ms)}
+    if config.tokenizer_dir:
+        env["RKLLM_TOKENIZER_DIR"] = str(config.tokenizer_dir)
+    return env
+
+
+async def _run_ring(args: argparse.Namespace, config: Config, model_id: str, counter: TokenCounter | None,
+                    settings: BenchSettings, one_node: dict[str, Any], out_dir: Path, stamp: str,
+                    progress: Progress) -> dict[str, Any]:
+    """`--ring N`: start N nodes, run the concurrency part through node 0's API, stop them all.
+
+    Run after the one node has been stopped, so the ring does not share the host with it, and with the
+    one node's standard answers as the references of the own-answer check (the same prompts)."""
+    n = args.ring
+    label = f"ring of {n} exo nodes (started by the bench)"
+    ring = ExoRing(args.exo_python or default_python(), _engine_env(config, settings), out_dir, n,
+                   default_model=model_id, log_prefix=f"exo-{stamp}-ring")
+    if one_node.get("status") != "measured":
+        return {"label": label, "kind": "exo", "nodes": n, "status": "not measured",
+                "reason": "the one-node exo run was not measured, so there is nothing to compare the ring with"}
+    progress.say(f"starting a ring of {n} exo nodes ({config.backend} backend) under {ring.python} ...")
+    try:
+        url = await ring.start(args.exo_start_timeout)
+    except ExoUnavailable as exc:
+        progress.say(f"ring NOT measured: {exc}")
+        return {"label": label, "kind": "exo", "nodes": n, "status": "not measured", "reason": str(exc),
+                "meta": {"python": ring.python, "logs": [str(node.log_path) for node in ring.nodes]}}
+    progress.say(f"the ring is up after {ring.started_s:.1f} s: node 0 at {url} (logs: "
+                 f"{', '.join(str(node.log_path) for node in ring.nodes)})")
+    target = ExoApiTarget(url, model_id, counter, label=label, status_urls=ring.urls)
+    target.extra = {"started_by_bench": True, "python": ring.python, "start_s": ring.started_s,
+                    "start_attempts": ring.attempts, "plugin_installed": ring.probe.has_plugin if ring.probe else None,
+                    "engine_env": ring.env, "nodes": [{"node_id": node.node_id, "url": node.url,
+                                                      "log": str(node.log_path)} for node in ring.nodes]}
+    node_targets = [ExoApiTarget(node.url, model_id, counter, label=f"{label}, node {k}", status_urls=ring.urls)
+                    for k, node in enumerate(ring.nodes)]
+    try:
+        section = await run_ring(target, node_targets, settings, counter, one_node.get("standard") or [], progress,
+                                 settle=lambda: ring.wait_idle(model_id))
+    finally:
+        ended = {node.node_id: node.proc.poll() for node in ring.nodes if node.proc is not None}
+        await ring.stop()
+    for node_id, code in ended.items():
+        if code is not None:
+            section["errors"].append(f"exo node {node_id} ended during the run (exit code {code}); see its log")
+    if section.get("status") != "measured" or any(c is not None for c in ended.values()):
+        section["exo_log_tails"] = ring.log_tails(30)
+    return section
+
+
 def _notes(report: dict[str, Any], config: Config, settings: BenchSettings) -> list[str]:
     notes = []
     env = report["environment"]
@@ -208,6 +262,10 @@ def _notes(report: dict[str, Any], config: Config, settings: BenchSettings) -> l
     if load is not None and env.get("cpus") and load > 0.5 * env["cpus"]:
         notes.append(f"the host was busy (load average {load} on {env['cpus']} CPUs): timings are noisy, trust "
                      "medians over single runs and ignore differences smaller than the spread")
+    ring = report.get("ring") or {}
+    if ring.get("nodes") and settings.clients < ring["nodes"]:
+        notes.append(f"--clients {settings.clients} is fewer than the ring's {ring['nodes']} nodes: at most "
+                     f"{settings.clients} of them work at once, so the ring cannot show its full throughput")
     t = report["targets"]
     rk = t.get("rkllama") or {}
     if rk.get("status") == "measured" and settings.max_new_tokens and not (rk.get("meta") or {}).get("max_new_tokens"):
@@ -270,6 +328,14 @@ def _main(args: argparse.Namespace, t0: float) -> int:
         args.start_exo = True
     if args.start_exo and args.url:
         raise TargetError("--start-exo picks its own URL: drop --url")
+    if args.ring:
+        if args.ring < 2:
+            raise TargetError("--ring N starts N exo nodes to compare with one: N must be at least 2")
+        if "exo" not in kinds or not args.start_exo:
+            raise TargetError("--ring compares a ring the bench starts with one exo node it starts: "
+                              "add --start-exo (or --sim), and measure exo (not --target runtime or rkllama)")
+        if not args.clients:
+            raise TargetError("--ring measures the concurrency run: --clients must be at least 1")
 
     prompts = load_prompt_file(args.prompts) if args.prompts else STANDARD_PROMPTS
     settings = BenchSettings(prompts=prompts, prompts_source=str(args.prompts) if args.prompts else "standard",
@@ -292,6 +358,10 @@ def _main(args: argparse.Namespace, t0: float) -> int:
     progress = Progress(enabled=not args.quiet)
     env = describe_host()
     sections = asyncio.run(_run(args, config, local, counter, kinds, settings, out_dir, stamp, progress))
+    ring_section = None
+    if args.ring:
+        ring_section = asyncio.run(_run_ring(args, config, local.model_id if local else args.model, counter, settings,
+                                             sections.get("exo") or {}, out_dir, stamp, progress))
 
     pacing, pacing_by_target = _pacing(sections, config, env)
     report: dict[str, Any] = {
@@ -322,8 +392,15 @@ def _main(args: argparse.Namespace, t0: float) -> int:
             report["comparison_reason"] = f"{' and '.join(missing)} not measured: " + "; ".join(
                 str(s.get("reason") or "; ".join(s.get("errors", []))) for k, s in (("runtime", rt), ("exo", exo))
                 if k in missing)
+    if ring_section is not None:
+        report["ring"] = ring_section
+        report["ring_comparison"] = results.ring_comparison(
+            (sections.get("exo") or {}).get("concurrency"), ring_section.get("concurrency"), args.ring,
+            ring_section.get("served_by"))
     report["integrity"] = {k: report_mod.integrity_line(s.get("integrity")) for k, s in sections.items()
                            if s.get("status") == "measured"}
+    if ring_section is not None and ring_section.get("integrity"):
+        report["integrity"]["ring"] = report_mod.integrity_line(ring_section["integrity"])
     report["notes"] = _notes(report, config, settings)
     report["duration_s"] = time.monotonic() - t0
 
@@ -335,7 +412,7 @@ def _main(args: argparse.Namespace, t0: float) -> int:
     print(f"wrote {md_path}\nwrote {json_path}")
     print(f"PNG: {png_msg}" if png_msg else f"wrote {base.with_suffix('.png')}")
     measured = [k for k, s in sections.items() if s.get("status") == "measured"]
-    for k, s in sections.items():
+    for k, s in [*sections.items(), *([("ring", ring_section)] if ring_section is not None else [])]:
         if s.get("status") != "measured":
             print(f"{k}: NOT MEASURED: {s.get('reason') or '; '.join(s.get('errors', []))}", file=sys.stderr)
     return 0 if measured else 1

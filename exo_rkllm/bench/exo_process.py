@@ -14,6 +14,11 @@ fails on a taken port is retried on fresh ports, a few times. A failed bind
 shows as "address already in use" in exo's log (legacy exo then stays up
 without its API: the error is in a task nobody awaits), or as the port
 answering from a process that is not the exo we started.
+
+`ExoRing` starts N such nodes that know each other (`--ring N`): one discovery file lists them
+all, each keeps its own folder (EXO_HOME) and saved KV states (RKLLM_CACHE_DIR, per board as on
+real boards), and a port taken on any node restarts the whole ring on fresh ports, since every
+node's discovery file names every port.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import exo_rkllm
 from exo_rkllm.exo_glue.exo_env import probe_command
@@ -75,6 +81,15 @@ def probe_python(python: str, timeout_s: float = 60.0) -> ExoProbe:
         raise ExoUnavailable(f"{python} failed: {out.stderr.strip()[-300:]}")
     data = json.loads(out.stdout.strip().splitlines()[-1])
     return ExoProbe(python, bool(data["exo"]), bool(data["hooked"]), data.get("python", ""))
+
+
+def discovery_config(peers: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """exo's manual-discovery file for nodes on loopback: each (node id, node port). Memory falls by
+    1000 MB per node from 16000, so exo orders the nodes the same way on every node (the listing's)."""
+    return {"peers": {node_id: {"address": "127.0.0.1", "port": port,
+                                "device_capabilities": {"model": "bench", "chip": "bench", "memory": 16000 - 1000 * k,
+                                                        "flops": {"fp32": 0, "fp16": 0, "int8": 0}}}
+                      for k, (node_id, port) in enumerate(peers)}}
 
 
 def free_port() -> int:
@@ -150,6 +165,10 @@ class ExoProcess:
     # PYTHONPATH, so it only works with a python that has exo but not exo-rkllm installed:
     # an installed exo-rkllm's start-up hook would load that one instead.
     source_root: Path | None = None
+    # A discovery file listing other nodes too (a ring); None: a one-peer file naming this node.
+    config_path: Path | None = None
+    # This node's own folder (its cwd; EXO_HOME in it); None: a new temporary folder per start.
+    work_dir: Path | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
     started_s: float | None = None
     probe: ExoProbe | None = None
@@ -214,12 +233,15 @@ class ExoProcess:
                     raise ExoUnavailable(f"{exc} (after {self.attempts} start(s))") from None
 
     async def _start_once(self, probe: ExoProbe, timeout_s: float) -> str:
-        work = Path(tempfile.mkdtemp(prefix="exo-rkllm-bench-"))
-        config_path = work / "peers.json"
-        config_path.write_text(json.dumps({"peers": {self.node_id: {
-            "address": "127.0.0.1", "port": self.node_port,
-            "device_capabilities": {"model": "bench", "chip": "bench", "memory": 16000,
-                                    "flops": {"fp32": 0, "fp16": 0, "int8": 0}}}}}))
+        if self.work_dir is not None:
+            work = Path(self.work_dir)
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(tempfile.mkdtemp(prefix="exo-rkllm-bench-"))
+        config_path = self.config_path
+        if config_path is None:
+            config_path = work / "peers.json"
+            config_path.write_text(json.dumps(discovery_config([(self.node_id, self.node_port)])))
         env = self.environment(probe, work)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb" if self.attempts <= 1 else "ab")
@@ -290,6 +312,191 @@ class ExoProcess:
     async def stop(self, grace_s: float = 15.0) -> None:
         """SIGINT first (exo shuts its node down cleanly on it), then SIGTERM, then SIGKILL."""
         await stop_process_group(self.proc, grace_s)
+
+
+RING_NODE_ID = "exo-rkllm-bench-{k}"
+
+
+@dataclass
+class ExoRing:
+    """N exo nodes on loopback that know each other, running our engine with the same settings.
+
+    Each node gets the same `env` (RKLLM_* settings) plus its own RKLLM_CACHE_DIR (saved KV states
+    belong to a board: shared, a node could restore another's states and placement would measure
+    nothing real), its own folder and EXO_HOME, free ports, and the one discovery file that lists
+    all N nodes. They start together; the ring is up once every node's API answers and every node
+    sees the N nodes up (the `ring` of /v1/rkllm/status, or /v1/topology for an engine without
+    one). If any node fails, every node is stopped; a port taken on any node restarts the whole
+    ring on fresh ports. Requests go to node 0's API (`url`)."""
+
+    python: str
+    env: dict[str, str]
+    log_dir: Path
+    size: int
+    default_model: str | None = None
+    source_root: Path | None = None  # as ExoProcess.source_root, for every node
+    log_prefix: str = "exo-ring"
+    nodes: list[ExoProcess] = field(default_factory=list)
+    config_path: Path | None = None
+    started_s: float | None = None
+    probe: ExoProbe | None = None
+    attempts: int = 0
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def plan(self, work: Path) -> list[ExoProcess]:
+        """The nodes of one start: fresh distinct ports, a folder each, and the discovery file in `work`."""
+        ports: list[int] = []
+        while len(ports) < 2 * self.size:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        ids = [RING_NODE_ID.format(k=k) for k in range(self.size)]
+        work.mkdir(parents=True, exist_ok=True)
+        self.config_path = work / "peers.json"
+        self.config_path.write_text(json.dumps(discovery_config(
+            [(node_id, ports[2 * k + 1]) for k, node_id in enumerate(ids)])))
+        return [ExoProcess(self.python, {**self.env, "RKLLM_CACHE_DIR": str(work / f"node{k}" / "kv-states")},
+                           self.log_dir / f"{self.log_prefix}-node{k}.log", default_model=self.default_model,
+                           api_port=ports[2 * k], node_port=ports[2 * k + 1], node_id=node_id,
+                           source_root=self.source_root, config_path=self.config_path, work_dir=work / f"node{k}")
+                for k, node_id in enumerate(ids)]
+
+    async def start(self, timeout_s: float = 240.0, attempts: int = START_ATTEMPTS) -> str:
+        """Start the N nodes and wait until they form the ring; returns node 0's URL.
+
+        Raises ExoUnavailable (every node stopped) when a node cannot start, or the ring does not
+        form within `timeout_s`."""
+        if self.size < 1:
+            raise ValueError("a ring has at least one node")
+        probe = self.probe = await asyncio.to_thread(probe_python, self.python)
+        if not probe.has_exo:
+            raise ExoUnavailable(f"{self.python} cannot import exo (legacy exo-explore/exo): install it there, or "
+                                 "point --exo-python at the interpreter of the virtualenv that has it")
+        t0 = time.monotonic()
+        self.attempts = 0
+        while True:
+            self.attempts += 1
+            self.nodes = self.plan(Path(tempfile.mkdtemp(prefix="exo-rkllm-ring-")))
+            for node in self.nodes:
+                node.probe, node.attempts = probe, self.attempts  # a retry appends to each node's log
+            try:
+                await self._start_nodes(probe, timeout_s)
+                await self._wait_ring(time.monotonic() + timeout_s)
+            except PortTaken as exc:
+                await self.stop()
+                if self.attempts >= attempts:
+                    raise ExoUnavailable(f"{exc} (after {self.attempts} start(s) of the ring)") from None
+                continue
+            except BaseException:
+                await self.stop()
+                raise
+            self.started_s = time.monotonic() - t0
+            return self.url
+
+    async def _start_nodes(self, probe: ExoProbe, timeout_s: float) -> None:
+        """Start every node at once; the first failure stops waiting for the others (the caller stops them)."""
+        tasks = [asyncio.ensure_future(node._start_once(probe, timeout_s)) for node in self.nodes]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # a cancelled node stops itself
+        failed = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+        if failed:
+            taken = [e for e in failed if isinstance(e, PortTaken)]
+            raise (taken or failed)[0]  # type: ignore[misc]
+
+    async def _wait_ring(self, deadline: float) -> None:
+        """Until every node sees the N nodes up: exo connects its peers a moment after its API is up."""
+        import aiohttp
+
+        if self.size == 1:
+            return
+        seen: list[int] = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while True:
+                seen = [await self._nodes_seen(session, node) for node in self.nodes]
+                if all(n >= self.size for n in seen):
+                    return
+                for node in self.nodes:
+                    if node.proc is not None and node.proc.poll() is not None:
+                        raise ExoUnavailable(f"exo node {node.node_id} exited with code {node.proc.returncode} "
+                                             f"while the ring formed; last log lines ({node.log_path}):\n"
+                                             f"{node.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise ExoUnavailable(f"the ring of {self.size} did not form: the nodes see {seen} nodes up; "
+                                         f"last log lines of node 0 ({self.nodes[0].log_path}):\n"
+                                         f"{self.nodes[0].log_tail()}")
+                await asyncio.sleep(0.5)
+
+    @staticmethod
+    async def _nodes_seen(session: Any, node: ExoProcess) -> int:
+        """How many nodes `node` sees up: its engine's ring rows, else exo's topology; 0 if it does not say."""
+        import aiohttp
+
+        try:
+            async with session.get(f"{node.url}/v1/rkllm/status") as resp:
+                status = await resp.json(content_type=None) if resp.status == 200 else {}
+            ring = status.get("ring") if isinstance(status, dict) else None
+            if isinstance(ring, dict):
+                return sum(1 for row in ring.get("nodes") or [] if isinstance(row, dict) and row.get("up"))
+            async with session.get(f"{node.url}/v1/topology") as resp:
+                topology = await resp.json(content_type=None) if resp.status == 200 else {}
+            return len((topology or {}).get("nodes") or {}) if isinstance(topology, dict) else 0
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return 0
+
+    async def wait_idle(self, model_id: str | None = None, timeout_s: float = 15.0) -> float | None:
+        """Until every node sees every node idle (nothing running or waiting) with `model_id` loaded:
+        the seconds it took, or None if it did not within `timeout_s`.
+
+        A node hears of the others' states a moment after they change (exo_rkllm/exo_glue/ring.py), and
+        places requests on what it has heard: right after requests end it still counts them, and would
+        stack new ones where it knows best (itself). A measurement of an idle ring waits for this first."""
+        import aiohttp
+
+        t0 = time.monotonic()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while True:
+                views = [await self._ring_rows(session, node) for node in self.nodes]
+                if all(len(rows) >= self.size and all(_idle(row, model_id) for row in rows) for rows in views):
+                    return time.monotonic() - t0
+                if time.monotonic() - t0 > timeout_s:
+                    return None
+                await asyncio.sleep(0.1)
+
+    @staticmethod
+    async def _ring_rows(session: Any, node: ExoProcess) -> list[dict[str, Any]]:
+        import aiohttp
+
+        try:
+            async with session.get(f"{node.url}/v1/rkllm/status") as resp:
+                status = await resp.json(content_type=None) if resp.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return []
+        ring = status.get("ring") if isinstance(status, dict) else None
+        return [row for row in (ring or {}).get("nodes") or [] if isinstance(row, dict)]
+
+    async def stop(self, grace_s: float = 15.0) -> None:
+        """Stop every node (at once), started or not."""
+        await asyncio.gather(*(node.stop(grace_s) for node in self.nodes))
+
+    def log_tails(self, lines: int = 15) -> dict[str, str]:
+        return {node.node_id: node.log_tail(lines) for node in self.nodes}
+
+
+def _idle(row: dict[str, Any], model_id: str | None) -> bool:
+    """A ring row (GET /v1/rkllm/status, `ring.nodes`) of a node that is up, idle, and holds `model_id`."""
+    return bool(row.get("up")) and not row.get("load") and not row.get("running") and not row.get("waiting") \
+        and (model_id is None or row.get("loaded") == model_id)
 
 
 async def stop_process_group(proc: subprocess.Popen | None, grace_s: float = 15.0) -> None:

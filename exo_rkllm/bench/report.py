@@ -115,6 +115,65 @@ def _count_cell(value: Any, estimated: bool) -> str:
     return f"~{value}" if estimated else str(value)
 
 
+def _own_check(c: Mapping[str, Any]) -> str:
+    """The own-answer check of a concurrency run, as a cell: `4/4 own ✅`."""
+    check = (f"{c['own_answers']}/{c['clients']} own" + (f", {c['cross_talk']} CROSSED" if c["cross_talk"] else "")
+             + (f", {c['incomplete']} incomplete" if c["incomplete"] else "")
+             + (f", {c['unverified']} unverified" if c["unverified"] else ""))
+    return check + (" ✅" if c.get("passed") else " ❌")
+
+
+def _served(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{node} {n}" for node, n in counts.items()) or NOT_MEASURED
+
+
+def ring_lines(report: Mapping[str, Any]) -> list[str]:
+    """`--ring N`: the concurrency run through a ring of N exo nodes next to the same run on one node."""
+    ring: Mapping[str, Any] = report.get("ring") or {}
+    n = ring.get("nodes", "?")
+    lines = [f"## Ring of {n} exo nodes vs one node", ""]
+    if ring.get("status") != "measured":
+        reason = ring.get("reason") or "; ".join(ring.get("errors", [])) or "no data"
+        return lines + [f"**{NOT_MEASURED}**: {reason}", ""]
+    one = ((report.get("targets") or {}).get("exo") or {}).get("concurrency")
+    rows = []
+    for label, nodes, c in (("one node", "1", one), (f"ring of {n}", str(n), ring.get("concurrency"))):
+        if not c:
+            rows.append([label, nodes] + [NOT_MEASURED] * 8)
+            continue
+        rows.append([label, nodes, str(c["clients"]), _s(c.get("wall_s")), _num(c.get("throughput_tps"), ".2f"),
+                     _ms(c.get("ttft_p50_s")), _ms(c.get("ttft_p95_s")), _s(c.get("latency_p50_s")),
+                     _s(c.get("latency_p95_s")), _own_check(c)])
+    lines += _table(["Where", "Nodes", "Clients", "Wall time", "Aggregate tok/s", "p50 TTFT", "p95 TTFT",
+                     "p50 latency", "p95 latency", "Own answer check"], rows)
+    lines.append("")
+    comp = report.get("ring_comparison")
+    if comp and comp.get("throughput_ratio") is not None and comp.get("wall_ratio") is not None:
+        lines.append(f"- Ring of {n} ÷ one node, the same {comp['clients']} clients: aggregate tokens/s "
+                     f"**{comp['throughput_ratio']:.2f}×**, wall time **{comp['wall_ratio']:.2f}×** "
+                     f"(each request runs whole on one board: at best {comp['best_speedup']}× the tokens/s).")
+    elif one is None:
+        lines.append("- one node: not measured (the one-node exo run has no concurrency figures), so no ratio.")
+    lines.append(f"- Requests run per node (each node's `/v1/rkllm/status`): {_served(ring.get('served_by') or {})}; "
+                 f"all sent to node 0's API.")
+    warm = ring.get("warmup") or []
+    if warm:
+        settled = ring.get("settle_s")
+        wait = (f"; then {settled:.2f} s until every node had heard that the others were idle" if settled is not None
+                else "")
+        lines.append(f"- Before the clock: one warm-up request through each node's own API (it loads the model "
+                     f"there), run by: {', '.join(str(w.get('node_id') or 'unknown') for w in warm)}{wait}.")
+    meta = ring.get("meta") or {}
+    if meta.get("start_s") is not None:
+        lines.append(f"- The bench started the {n} nodes on loopback in {meta['start_s']:.1f} s (same settings, "
+                     "one discovery file listing all of them, a saved-states folder each).")
+    lines.append(f"- {integrity_line(ring.get('integrity'))}.")
+    for err in ring.get("errors", []):
+        lines.append(f"- error: {err}")
+    lines.append("")
+    return lines
+
+
 def standard_table(section: Mapping[str, Any]) -> list[str]:
     rows = []
     for row in section.get("standard", []):
@@ -255,12 +314,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if cc:
         rows = []
         for k, c in cc.items():
-            check = (f"{c['own_answers']}/{c['clients']} own" + (f", {c['cross_talk']} CROSSED" if c["cross_talk"] else "")
-                     + (f", {c['incomplete']} incomplete" if c["incomplete"] else "")
-                     + (f", {c['unverified']} unverified" if c["unverified"] else ""))
             rows.append([k, str(c["clients"]), _num(c.get("throughput_tps"), ".2f"), _s(c.get("latency_p50_s")),
                          _s(c.get("latency_p95_s")), _ms(c.get("ttft_p50_s")), _ms(c.get("ttft_p95_s")),
-                         check + (" ✅" if c.get("passed") else " ❌")])
+                         _own_check(c)])
         lines += _table(["Target", "Clients", "Throughput (tok/s)", "p50 latency", "p95 latency", "p50 TTFT",
                          "p95 TTFT", "Own answer check"], rows)
         lines.append("")
@@ -282,6 +338,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "no target that serves concurrent clients was measured (in --compare, only exo runs this part)"
         lines.append(f"{NOT_MEASURED}: {why}")
     lines.append("")
+    if report.get("ring") is not None:
+        lines += ring_lines(report)
     lines.append("## How these numbers were measured")
     lines.append("")
     for key, text in DEFINITIONS.items():

@@ -133,6 +133,43 @@ def concurrency_baseline(runtime: Sequence[Mapping[str, Any]], concurrency: Mapp
             "delta_s": None if wall is None else wall - serial}
 
 
+RING_FIGURES = ("clients", "wall_s", "completion_tokens", "throughput_tps", "ttft_p50_s", "ttft_p95_s",
+                "latency_p50_s", "latency_p95_s", "own_answers", "passed")
+
+
+def served_by(clients: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many of the clients each node ran (`node_id` of each row; "unknown" where no node had its record)."""
+    counts: dict[str, int] = {}
+    for c in clients:
+        if c.get("error"):
+            continue
+        node = c.get("node_id") or "unknown"
+        counts[node] = counts.get(node, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def ring_comparison(one_node: Mapping[str, Any] | None, ring: Mapping[str, Any] | None, nodes: int,
+                    served: Mapping[str, int] | None = None) -> dict[str, Any] | None:
+    """The same concurrency run on one node and through a ring of `nodes` nodes, side by side.
+
+    Each request runs whole on one board, so N boards run up to N generations at once: with at
+    least N clients of equal answers, the ring's aggregate tokens/s can reach N times one node's
+    (`best_speedup`, min(nodes, clients)), its wall time 1/N of it. The ratios are ring / one node."""
+    if not one_node or not ring:
+        return None
+    clients = int(ring.get("clients") or 0)
+    return {
+        "nodes": nodes,
+        "clients": clients,
+        "one_node": {k: one_node.get(k) for k in RING_FIGURES},
+        "ring": {k: ring.get(k) for k in RING_FIGURES},
+        "throughput_ratio": metrics.ratio(ring.get("throughput_tps"), one_node.get("throughput_tps")),
+        "wall_ratio": metrics.ratio(ring.get("wall_s"), one_node.get("wall_s")),
+        "best_speedup": min(nodes, clients) if clients else None,
+        "served_by": dict(served or {}),
+    }
+
+
 def multi_turn_section(turns: Sequence[Mapping[str, Any]], *, prefill_visible: bool, note: str = "") -> dict[str, Any]:
     """Per turn: the context the prompt had, what was actually prefilled, TTFT; plus how much the cache saved."""
     rows = [dict(t) for t in turns]

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TextIO
 
 from exo_rkllm.bench import results
 from exo_rkllm.bench.prompts import MULTI_TURN_SCRIPT, STANDARD_PROMPTS, BenchPrompt
@@ -239,6 +239,81 @@ async def _concurrency(target: Target, settings: BenchSettings, count_text: Call
                        "this is the serial baseline")
     progress.step(f"concurrency x{settings.clients}", None)
     return out
+
+
+async def run_ring(target: Target, node_targets: Sequence[Target], settings: BenchSettings,
+                   counter: TokenCounter | None, references: Sequence[Mapping[str, Any]],
+                   progress: Progress | None = None,
+                   settle: Callable[[], Awaitable[float | None]] | None = None) -> dict[str, Any]:
+    """The concurrency run against a ring of exo nodes, through one node's API (`target`), as a section
+    of the report (`ring`): what `--ring N` compares with the same run on one node.
+
+    Each node first gets one warm-up request through its own API (`node_targets`, one per node): an
+    idle ring runs a request where it arrives, so every node loads the model before the clock runs,
+    as the one node's warm-up did. Then `settle` (ExoRing.wait_idle) waits until every node has heard
+    that the others are idle: the clients start on an idle ring, as the one node's did. The clients'
+    answers are checked against `references`, the one node's standard section (the same prompts, run alone there). Each client's record says which node
+    ran it (`node_id`, from that node's status route), and `served_by` counts them."""
+    progress = progress or Progress(enabled=False)
+    count_text = counter.count_text if counter else None
+    section: dict[str, Any] = {"label": target.label, "kind": target.kind, "status": "not measured", "errors": [],
+                               "standard": [], "warmup": [], "multi_turn": None, "concurrency": None,
+                               "nodes": len(node_targets), "served_by": {}}
+    try:
+        await target.open()
+    except TargetError as exc:
+        section["reason"] = str(exc)
+        section["meta"] = target.describe()
+        return section
+    progress.start(target.label, len(node_targets) + 1)
+    t_run = time.monotonic()
+    opened: list[Target] = []
+    try:
+        for node in node_targets:
+            await node.open()
+            opened.append(node)
+        prompts = [settings.prompts[i % len(settings.prompts)] for i in range(len(node_targets))]
+        outcomes = await asyncio.gather(*(node.chat(_messages(p.prompt)) for node, p in zip(node_targets, prompts)),
+                                        return_exceptions=True)
+        for k, (p, out) in enumerate(zip(prompts, outcomes)):
+            if isinstance(out, BaseException):
+                section["errors"].append(f"warm-up through node {k}'s API: {out}")
+                continue
+            s = results.sample_from_result(out, category=p.category, rep=0, count_text=count_text)
+            s["node_id"] = _served_by(s)
+            section["warmup"].append(s)
+            progress.step(f"warm-up node {k}", s)
+        if settle is not None:
+            section["settle_s"] = waited = await settle()
+            if waited is None:
+                section["errors"].append("the nodes did not all report each other idle with the model loaded "
+                                         "after the warm-ups: the clients started anyway")
+        refs = {"standard": list(references), "errors": section["errors"]}  # _concurrency's errors go to ours
+        conc = await _concurrency(target, settings, count_text, progress, refs)
+        if conc is not None:
+            for row in conc["results"]:
+                row["node_id"] = _served_by(row)
+            section["served_by"] = results.served_by(conc["results"])
+            section["concurrency"] = conc
+            section["status"] = "measured" if any(r.get("finish_reason") for r in conc["results"]) else "not measured"
+    except TargetError as exc:
+        section["errors"].append(str(exc))
+        progress.say(f"[{target.label}] stopped: {exc}")
+    finally:
+        section["run_s"] = time.monotonic() - t_run
+        section["meta"] = target.describe()
+        for node in opened:
+            await node.close()
+        await target.close()
+    if section["status"] != "measured":
+        section.setdefault("reason", "; ".join(section["errors"]) or "no client got an answer")
+    section["integrity"] = check_section(section, counter, settings.max_new_tokens)
+    return section
+
+
+def _served_by(sample: Mapping[str, Any]) -> str | None:
+    """The node that ran a request, as ExoApiTarget found its record (None: not found)."""
+    return ((sample.get("server") or {}).get("engine") or {}).get("node_id")
 
 
 def describe_host() -> dict[str, Any]:

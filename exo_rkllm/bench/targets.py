@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from exo_rkllm.models.catalog import Catalog
 from exo_rkllm.config import Config
@@ -328,9 +328,12 @@ def parse_sse_line(line: bytes | str) -> dict[str, Any] | str | None:
     return data if isinstance(data, dict) else None
 
 
-async def stream_chat(session: Any, url: str, body: Mapping[str, Any]) -> tuple[float, str]:
+async def stream_chat(session: Any, url: str, body: Mapping[str, Any],
+                      on_chunk: Callable[[Mapping[str, Any]], None] | None = None) -> tuple[float, str]:
     """One streamed chat request, as the benchmark scripts time it: (seconds from sending it to the first
-    chunk with text, NaN if none came; the whole text). `session` is an aiohttp.ClientSession."""
+    chunk with text, NaN if none came; the whole text). `session` is an aiohttp.ClientSession;
+    `on_chunk` sees every JSON chunk (its `id` is `chatcmpl-` + exo's request id, which the engine's
+    status route records the run under)."""
     t0 = time.monotonic()
     first, text = None, ""
     async with session.post(f"{url}/v1/chat/completions", json={**body, "stream": True}) as resp:
@@ -339,6 +342,8 @@ async def stream_chat(session: Any, url: str, body: Mapping[str, Any]) -> tuple[
             chunk = parse_sse_line(raw)
             if not isinstance(chunk, dict):
                 continue
+            if on_chunk is not None:
+                on_chunk(chunk)
             piece = ((chunk.get("choices") or [{}])[0].get("delta") or {}).get("content") or ""
             if piece and first is None:
                 first = time.monotonic() - t0
@@ -411,8 +416,11 @@ class ExoApiTarget:
     kind = "exo"
 
     def __init__(self, url: str, model_id: str, counter: TokenCounter | None, *, timeout_s: float = 600.0,
-                 label: str | None = None) -> None:
+                 label: str | None = None, status_urls: Sequence[str] = ()) -> None:
         self.url = url.rstrip("/")
+        # A ring's nodes (this API's node included): a request may run on any of them, and only the
+        # node that ran it has its record (GET /v1/rkllm/status, `recent`).
+        self.status_urls = [u.rstrip("/") for u in status_urls]
         self.model_id = model_id
         self.counter = counter
         self.timeout_s = timeout_s
@@ -444,11 +452,11 @@ class ExoApiTarget:
                               f"({len(ids)} models listed); pass the id it uses with --model")
         self.engine_status = await self._status()
 
-    async def _status(self) -> dict[str, Any] | None:
-        """exo-rkllm's status route: with it, per-request engine stats (tokens actually prefilled)
-        become visible through exo; plain exo has no such route and that is fine."""
+    async def _status(self, url: str | None = None) -> dict[str, Any] | None:
+        """exo-rkllm's status route (of this API's node, or of `url`): with it, per-request engine stats
+        (tokens actually prefilled) become visible through exo; plain exo has no such route and that is fine."""
         try:
-            async with self._session.get(f"{self.url}/v1/rkllm/status") as resp:
+            async with self._session.get(f"{url or self.url}/v1/rkllm/status") as resp:
                 if resp.status == 200:
                     data = await resp.json(content_type=None)
                     return data if isinstance(data, dict) else None
@@ -457,14 +465,20 @@ class ExoApiTarget:
         return None
 
     async def _engine_run(self, request_id: str) -> dict[str, Any] | None:
-        """The engine's summary of one finished request (matched by exo's request id)."""
+        """The engine's summary of one finished request (matched by exo's request id). On a ring it
+        is looked for on every node, and says which ran it (`node_id`, the node's own ring id)."""
         for attempt in range(3):
             status = await self._status()
             if status is not None:
                 self.engine_status = status  # the latest: runtime and version are known once a model ran
-            for run in (status or {}).get("recent") or []:
-                if isinstance(run, dict) and run.get("request_id") == request_id:
-                    return run
+            for url in [self.url, *(u for u in self.status_urls if u != self.url)]:
+                node_status = status if url == self.url else await self._status(url)
+                for run in (node_status or {}).get("recent") or []:
+                    if isinstance(run, dict) and run.get("request_id") == request_id:
+                        if self.status_urls:
+                            ring = (node_status or {}).get("ring") or {}
+                            run = {**run, "node_id": ring.get("node_id") or url}
+                        return run
             if status is None:
                 return None
             await asyncio.sleep(0.05 * (attempt + 1))
@@ -473,7 +487,7 @@ class ExoApiTarget:
     def describe(self) -> dict[str, Any]:
         out = {"kind": self.kind, "url": self.url, "model_id": self.model_id,
                "system_fingerprint": self.fingerprint, "engine_stats_visible": self.engine_status is not None,
-               **self.extra}
+               **({"status_urls": list(self.status_urls)} if self.status_urls else {}), **self.extra}
         if self.engine_status:
             rt = self.engine_status.get("runtime") or {}
             out.update(backend=rt.get("backend") or self.engine_status.get("backend"),
