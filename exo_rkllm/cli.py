@@ -24,6 +24,11 @@ from exo_rkllm.errors import RKLLMError
 from exo_rkllm.exo_glue.exo_env import hook_active, legacy_exo_location
 
 
+# What a route-only folder is (the catalog's ModelEntry.routable): not a broken model.
+ROUTES_ONLY = ("routes only (no .rkllm file here: another board of the ring must have it; this node needs only "
+               "the tokenizer files and Modelfile)")
+
+
 def _config(args: argparse.Namespace) -> Config:
     return Config.from_env(models_dir=Path(args.models_dir).expanduser() if args.models_dir else None,
                            backend=args.backend)
@@ -51,12 +56,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 1
     width = max(len(e.model_id) for e in entries)
     for e in entries:
-        state = "ok" if e.ok else f"BROKEN: {e.problem}"
+        state = "ok" if e.ok else ROUTES_ONLY if e.routable else f"BROKEN: {e.problem}"
         file = e.model_file.name if e.model_file else "-"
         print(f"{e.model_id:<{width}}  ctx {e.context_len:>6}  layers {e.n_layers:>3}  {file}  {state}")
         if e.aliases:
             print(f"{'':<{width}}  aliases: {', '.join(e.aliases)}")
-    return 0 if any(e.ok for e in entries) else 1
+    return 0 if any(e.ok or e.routable for e in entries) else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -80,8 +85,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     entries = Catalog(config).refresh()
     servable = [e for e in entries if e.ok]
     for e in entries:
-        print(f"[{'ok' if e.ok else '!!'}] model {e.model_id}" + ("" if e.ok else f": {e.problem}"))
-    if not servable:
+        detail = "" if e.ok else f": {ROUTES_ONLY}" if e.routable else f": {e.problem}"
+        print(f"[{'ok' if e.ok or e.routable else '!!'}] model {e.model_id}{detail}")
+    if not servable and any(e.routable for e in entries):
+        print("[ok] no model runs on this board: it routes requests to the boards of the ring that have the "
+              ".rkllm files")
+    elif not servable:
         problems += 1
         print(f"[!!] no servable model in {config.models_dir}: see README 'Model layout' or run `exo-rkllm demo`")
     legacy = legacy_exo_location()

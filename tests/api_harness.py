@@ -9,7 +9,7 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -113,10 +113,13 @@ def _parse(raw: bytes, content_type: str) -> Any:
 
 async def start_api(models_dir: Path, timing: SimTiming | None = None, *, release: str | None = None,
                     response_timeout: float | None = None, system_prompt: str | None = None, nodes: int = 1,
-                    api_node: int = 0, **config: Any) -> Api:
+                    api_node: int = 0, models_dirs: Sequence[Path] | None = None, **config: Any) -> Api:
     """The handlers over a ring of `nodes` engines, serving HTTP on `api_node`; placement picks the
-    node that runs each request (exo_rkllm/placement). `runtime` is node 0's."""
-    built = [make_engine(models_dir, timing, **config) for _ in range(nodes)]
+    node that runs each request (exo_rkllm/placement). `runtime` is node 0's. `models_dirs`: a models
+    folder per node (a ring whose boards hold different models; `nodes` is then its length), else
+    every node has `models_dir`."""
+    folders = list(models_dirs) if models_dirs is not None else [models_dir] * nodes
+    built = [make_engine(folder, timing, **config) for folder in folders]
     engines = [engine for engine, _ in built]
     engine, runtime = engines[api_node], built[0][1]
     if release is not None:

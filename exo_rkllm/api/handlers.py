@@ -10,6 +10,11 @@ web UI shows when an answer fails half-way. Nothing here knows exo: the plugin
 mounts these handlers on exo's app and implements the port on exo's Node; the
 tests mount them on a plain aiohttp app over the exo-contract driver.
 
+A model whose .rkllm file is on another board of the ring only (this node has its
+tokenizer files and Modelfile: the catalog's route-only entry) is listed and served
+here while a live node runs it: its prompt is templated and tokenized here and the
+placement sends it there. Embeddings run on this node's NPU only.
+
 A request ends in one way whatever ends it (the model, a limit, a stop
 sequence, the client leaving, a timeout, a failure): the port's cancel frees the
 NPU, and `release` drops every per-request entry.
@@ -30,6 +35,7 @@ from aiohttp import web
 from exo_rkllm.config import Config
 from exo_rkllm.engine.inference_engine import RequestContext, RKLLMInferenceEngine, RunOptions, messages_from_openai
 from exo_rkllm.errors import RKLLMError
+from exo_rkllm.models.catalog import ModelEntry
 from exo_rkllm.scheduler.scheduler import Priority
 from exo_rkllm.api.answer import AnswerText, Delta
 from exo_rkllm.api.errors import APIError, error_chunk, error_response
@@ -375,6 +381,11 @@ class OpenAIServer:
             data = await _json_body(request)
             req = parse_embedding(data)
             name, model, _ = await self._model(req.model)
+            if not model.entry.ok:  # route-only: the ring places generations, not embeddings
+                raise APIError(409, f"{name} runs on another board of the ring (this node has its tokenizer but not "
+                                    "its .rkllm file), and embeddings run on the NPU of the node that takes the "
+                                    "request only: send this request to a node that has the model file",
+                               param="model", code=ROUTE_ONLY_CODE)
             inputs = [x if isinstance(x, str) else list(x) for x in req.inputs]
             try:  # the engine checks token ids against the vocabulary (a ValueError: 400)
                 result = await self.engine.embed(model.entry.model_id, inputs,
@@ -403,20 +414,37 @@ class OpenAIServer:
 
     # -- models ------------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
+        """This node's servable models, and those it routes that a live node of the ring runs."""
         entries = await asyncio.to_thread(self.engine.catalog.refresh)
         if self._on_models_listed is not None:
             self._on_models_listed(entries)
-        return web.json_response({"object": "list", "data": [self._model_card(e) for e in entries if e.ok]})
+        elsewhere = self.port.served_elsewhere() if any(e.routable for e in entries) else frozenset()
+        return web.json_response({"object": "list", "data": [self._model_card(e) for e in entries
+                                                             if e.ok or (e.routable and e.model_id in elsewhere)]})
 
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model_id"]
         try:
-            entry = await asyncio.to_thread(self.engine.catalog.resolve, name)
+            entry = await asyncio.to_thread(self.engine.catalog.resolve, name, allow_route_only=True)
+            self._check_routed(entry)
         except RKLLMError as exc:
             return error_response(self._api_error(exc, param="model"))
+        except APIError as err:
+            return error_response(err)
         return web.json_response(self._model_card(entry))
 
-    def _model_card(self, entry: Any) -> dict[str, Any]:
+    def _check_routed(self, entry: ModelEntry) -> None:
+        """A route-only entry is served while another live node of the ring runs it; else a clear 503."""
+        if entry.ok or entry.model_id in self.port.served_elsewhere():
+            return
+        raise APIError(503, f"{entry.model_id}: its .rkllm file is on no live node of the ring, and this node only has "
+                            f"its tokenizer and Modelfile (model folder {entry.name}): start the board that has the "
+                            "file, or copy the .rkllm file into that folder here", param="model",
+                       code=ROUTE_ONLY_CODE)
+
+    def _model_card(self, entry: ModelEntry) -> dict[str, Any]:
+        """`runs_on`: "this_node" (its file is here; the ring may still run a request elsewhere) or "ring"
+        (a route-only model: another board runs it). `status`, `loaded`, `ready` are this node's NPU's."""
         status = self.engine.model_status(entry.model_id)
         try:
             created = int(entry.model_file.stat().st_mtime) if entry.model_file else 0
@@ -424,7 +452,7 @@ class OpenAIServer:
             created = 0
         return {"id": entry.model_id, "object": "model", "created": created, "owned_by": "exo-rkllm",
                 "context_length": entry.context_len, "status": status.value, "loaded": status.value == "loaded",
-                "ready": status.ready, "aliases": list(entry.aliases)}
+                "ready": status.ready, "aliases": list(entry.aliases), "runs_on": "this_node" if entry.ok else "ring"}
 
     async def token_encode(self, request: web.Request) -> web.Response:
         """exo's /v1/chat/token/encode: what the engine will really prefill for this chat."""
@@ -449,17 +477,25 @@ class OpenAIServer:
         return messages, tools
 
     async def _model(self, name: str | None) -> tuple[str, Any, int]:
-        """(the name to echo, the engine's model, its layer count) for the request's `model`."""
+        """(the name to echo, the engine's model, its layer count) for the request's `model`. A route-only
+        model (its file on another board) comes with its tokenizer and no NPU spec, while a live node
+        of the ring runs it."""
         if not name or name.startswith("gpt-"):  # OpenAI clients' defaults: the server's default model
             name = self._default_model() or next((e.model_id for e in self.engine.catalog.servable()), None)
+            if name is None:  # a board that only routes: a model another node runs
+                routable = self.engine.catalog.routable()
+                elsewhere = self.port.served_elsewhere() if routable else frozenset()
+                name = next((e.model_id for e in routable if e.model_id in elsewhere), None)
             if name is None:
                 raise APIError(404, "no model to serve: put .rkllm models in the models folder (RKLLM_MODELS_DIR), or run "
                                     "`exo-rkllm demo` to write a model for the simulator (see GET /v1/models)",
                                param="model", code="model_not_found")
         try:
-            model = await asyncio.to_thread(lambda: self.engine.model_for(self.engine.catalog.resolve(name).model_id))
+            model = await asyncio.to_thread(lambda: self.engine.model_for(
+                self.engine.catalog.resolve(name, allow_route_only=True).model_id))
         except RKLLMError as exc:
             raise self._api_error(exc, param="model") from None
+        self._check_routed(model.entry)
         if self._on_models_listed is not None:
             self._on_models_listed([model.entry])
         return name, model, int(getattr(model.entry, "n_layers", 1) or 1)
@@ -513,6 +549,7 @@ class OpenAIServer:
 
 
 _FINGERPRINT = "exo-rkllm"
+ROUTE_ONLY_CODE = "model_not_on_this_node"  # a route-only model no live node runs, or its embeddings
 NODE_HEADER = "X-RKLLM-Node"
 
 

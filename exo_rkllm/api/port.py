@@ -1,7 +1,8 @@
 """The narrow port between the OpenAI handlers and the node that runs a request.
 
 The handlers know exo only through this: submit a prompt for a request id, read
-the token ids the node reports for it and how it ended, cancel it. exo's real
+the token ids the node reports for it and how it ended, cancel it, and which
+models other nodes of the ring can run (for those this node only routes). exo's real
 Node implements it in the plugin (exo_rkllm/exo_glue/plugin.py); the tests' exo-contract
 driver implements it too, so every handler behaviour is tested where CI can see
 it, without exo.
@@ -164,6 +165,13 @@ class NodePort(Protocol):
 
     def release(self, request_id: str) -> None:
         """The handler is done with the request: drop every per-request entry held for it."""
+
+    def served_elsewhere(self) -> frozenset[str]:
+        """The ids of the models some other live node of the ring can run (their .rkllm file is there),
+        as the peers last reported them (NodeActivity.serves); empty on a node alone. A model this
+        node only routes (tokenizer and Modelfile here, no .rkllm file) is listed and accepted only
+        while it is in this set. Reads memory only: the handlers call it when this node has route-only
+        models, on each model listing and each request for one."""
 
 
 class Feeds:

@@ -142,12 +142,25 @@ class RequestEnding:
 
 @dataclass
 class _Model:
+    """A model as the engine uses it: its catalog entry, tokenizer and stop ids, and what the NPU loads.
+
+    A route-only model (the catalog's `ModelEntry.routable`: tokenizer and Modelfile here, the .rkllm
+    file on another board) has no NPU spec: the API templates and tokenizes its requests here, and
+    anything that would run it on this NPU asks for `spec`, which raises the catalog's reason."""
+
     entry: ModelEntry
-    spec: ModelSpec
+    npu_spec: ModelSpec | None  # None: route-only
     tokenizer: Any
     stop_ids: frozenset[int]
     control_ids: frozenset[int] = frozenset()  # special and added tokens: never text
     framing: tuple[tuple[int, ...], tuple[int, ...]] | None = field(default=None, compare=False)  # for embeddings
+
+    @property
+    def spec(self) -> ModelSpec:
+        """What the NPU loads; ModelUnavailable (the catalog's reason) for a route-only model."""
+        if self.npu_spec is None:
+            raise self.entry.unavailable()
+        return self.npu_spec
 
 
 class RKLLMInferenceEngine:
@@ -220,11 +233,12 @@ class RKLLMInferenceEngine:
                              else RequestCancelled(f"request {request_id} was cancelled: {end}"))
                     await self._notify_end(request_id, RequestEnding("error", error))
                 return self._eos(model), inference_state
-            if not scheduler.runtime.capabilities.token_input and request_id not in self._contexts:
-                await self._wait_for_context(request_id)
             try:
+                model.spec  # a route-only model (no .rkllm file on this board) raises the catalog's reason
+                if not scheduler.runtime.capabilities.token_input and request_id not in self._contexts:
+                    await self._wait_for_context(request_id)
                 stream = self._start(scheduler, request_id, model, input_data, prompt_text)
-            except RKLLMError as exc:  # queue full, prompt longer than the context...
+            except RKLLMError as exc:  # not servable here, queue full, prompt longer than the context...
                 await self._notify_end(request_id, RequestEnding("error", exc))
                 raise
         return await self._next(scheduler, stream, model, first=stream.delivered == 0), inference_state
@@ -250,10 +264,10 @@ class RKLLMInferenceEngine:
             model = await asyncio.to_thread(self.model_for, shard.model_id)
         self.tokenizer = model.tokenizer
         self.shard = shard
-        if shard.is_first_layer():
+        if shard.is_first_layer() and model.npu_spec is not None:  # a route-only model fails in _infer
             scheduler = await self._get_scheduler()
             if scheduler.runtime.loaded is None:
-                asyncio.ensure_future(self._preload(scheduler, model.spec))
+                asyncio.ensure_future(self._preload(scheduler, model.npu_spec))
 
     # -- what the plugin tells us ------------------------------------------------------------------
     def set_request_context(self, request_id: str, context: RequestContext) -> None:
@@ -365,15 +379,18 @@ class RKLLMInferenceEngine:
 
     def activity(self) -> NodeActivity:
         """What this node has and does, for the ring's placement (exo_rkllm/placement): the models it can
-        run, the one on its NPU, the work running and waiting, the conversations whose state it holds.
-        Reads memory only (the catalog's last scan): it is called every heartbeat."""
+        run, those it can only route (tokenizer here, .rkllm file elsewhere), the one on its NPU, the work
+        running and waiting, the conversations whose state it holds. Reads memory only (the catalog's last
+        scan): it is called every heartbeat."""
         serves = tuple(e.model_id for e in self.catalog.servable())
+        routes = tuple(e.model_id for e in self.catalog.routable())
         scheduler = self._scheduler
         if scheduler is None:
-            return NodeActivity(serves=serves)
+            return NodeActivity(serves=serves, routes=routes)
         caps = scheduler.runtime.capabilities
         loaded = scheduler.runtime.loaded
-        return NodeActivity(serves=serves, loaded=loaded.model_id if loaded else None, running=scheduler.on_npu,
+        return NodeActivity(serves=serves, routes=routes, loaded=loaded.model_id if loaded else None,
+                            running=scheduler.on_npu,
                             waiting=scheduler.waiting, backend=caps.backend, version=caps.version or "",
                             held=scheduler.held())
 
@@ -392,10 +409,11 @@ class RKLLMInferenceEngine:
 
     # -- internals ---------------------------------------------------------------------------------
     def _resolve_model(self, model_id: str) -> _Model:
-        """Build the model from the catalog's entry. A tokenizer that will not load makes the entry
-        broken (listed with the reason) until its files change: every request would fail the same way."""
-        entry = self.catalog.resolve(model_id)
-        spec = entry.spec(self.config)
+        """Build the model from the catalog's entry (a route-only one without an NPU spec). A tokenizer
+        that will not load makes the entry broken (listed with the reason) until its files change:
+        every request would fail the same way."""
+        entry = self.catalog.resolve(model_id, allow_route_only=True)
+        spec = entry.spec(self.config) if entry.ok else None
         source = entry.tokenizer_source
         if source is None:
             raise ModelUnavailable(f"model {model_id!r} has no tokenizer")
@@ -411,9 +429,13 @@ class RKLLMInferenceEngine:
     def model_for(self, model_id: str) -> _Model:
         """The model `model_id` names now. The cache holds what was built from a catalog entry; if
         the catalog's entry for that name changed (another folder took the id, a new model file or
-        Modelfile, a refusal), it is built again: a stale entry is never served."""
+        Modelfile, a refusal), it is built again: a stale entry is never served.
+
+        A route-only model is returned too (its tokenizer, stop ids and entry, for the API that hands
+        its requests to another board); its `spec` raises, so it never runs on this NPU."""
         cached = self._models.get(model_id)
-        if cached is not None and self.catalog.resolve(model_id).fingerprint == cached.entry.fingerprint:
+        if cached is not None and self.catalog.resolve(model_id, allow_route_only=True).fingerprint == \
+                cached.entry.fingerprint:
             model = cached
         else:
             if cached is not None:  # rebuilt from changed files: the old build is not kept for it
@@ -517,6 +539,7 @@ class RKLLMInferenceEngine:
 
     def _start(self, scheduler: Scheduler, request_id: str, model: _Model, input_data: np.ndarray,
                prompt_text: str | None) -> RequestStream:
+        spec = model.spec  # raises for a route-only model, before the request's context is taken
         context = self._contexts.pop(request_id, None)
         realign = None
         if context is not None and context.prompt_ids is not None:  # the API's ids, verbatim
@@ -528,10 +551,10 @@ class RKLLMInferenceEngine:
                 realign = functools.partial(self._realign, model.tokenizer, prompt_text)
         options = context.options if context is not None and context.options is not None else RunOptions()
         cap = options.max_new_tokens
-        if cap and model.spec.max_new_tokens:  # the model's limit (Modelfile, RKLLM_MAX_NEW_TOKENS) is the ceiling
-            cap = min(cap, model.spec.max_new_tokens)
+        if cap and spec.max_new_tokens:  # the model's limit (Modelfile, RKLLM_MAX_NEW_TOKENS) is the ceiling
+            cap = min(cap, spec.max_new_tokens)
         eos = getattr(model.tokenizer, "eos_token_id", None)
-        return scheduler.submit(request_id, model.spec, prompt, stop_ids=model.stop_ids,
+        return scheduler.submit(request_id, spec, prompt, stop_ids=model.stop_ids,
                                 messages=context.messages if context else None,
                                 tools=context.tools if context else None, realign=realign,
                                 priority=context.priority if context else Priority.INTERACTIVE,

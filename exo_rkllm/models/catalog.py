@@ -7,6 +7,11 @@ A broken entry is kept with the reason it cannot be served (so the user is told
 why, not "unknown model"), and never stops the others from loading. Names are
 only ever looked up in the scanned table: a requested name cannot build a path.
 
+A folder whose only problem is that its .rkllm file is not here (its Modelfile and
+tokenizer files are) is *route-only* (`ModelEntry.routable`): it cannot run on this
+board, but this node's API can template and tokenize requests for it and hand them
+to a board of the ring that has the file (docs/models.md, "Boards with different models").
+
 What can be known without loading a model is checked at scan time (Modelfile
 values, the model file's type, size and known headers); what only the runtime
 can tell is recorded when it refuses the file (`Catalog.refuse`), so the entry
@@ -239,6 +244,9 @@ class ModelEntry:
     n_layers: int = DEFAULT_LAYERS
     aliases: tuple[str, ...] = ()  # other names that resolve to this entry (only those that do)
     problem: str | None = None  # why it cannot be served; None when it can
+    # Set when the folder has no model file at all (no .rkllm file, or none at the name FROM gives, and
+    # no other): the problem that gives. `routable` holds while `problem` is exactly this, nothing more.
+    file_absent: str | None = None
     loose: bool = False  # a bare <models_dir>/*.rkllm file rather than a model folder
     file_stamp: tuple[int, ...] | None = None  # the model file's stat identity at scan time
     tokenizer_stamp: tuple[object, ...] = ()  # the same for the tokenizer files
@@ -249,6 +257,21 @@ class ModelEntry:
     @property
     def ok(self) -> bool:
         return self.problem is None
+
+    @property
+    def routable(self) -> bool:
+        """Whether this node can route the model to a board of the ring that has its file: the folder's
+        only problem is that its .rkllm file is not here; its Modelfile and tokenizer are fine. Never a
+        loose file (it is the model file), a broken Modelfile, a missing tokenizer, a lost id collision
+        or a refusal: each adds a problem of its own."""
+        return (self.file_absent is not None and self.problem == self.file_absent and not self.loose
+                and self.tokenizer_source is not None)
+
+    def unavailable(self) -> ModelUnavailable:
+        """The error for a use of this entry that needs it servable here (the one wording everywhere)."""
+        where = (" (this node only routes it: a board of the ring that has its .rkllm file runs it)"
+                 if self.routable else "")
+        return ModelUnavailable(f"model {self.model_id!r} cannot be served: {self.problem}{where}")
 
     @property
     def origin(self) -> Path:
@@ -273,7 +296,7 @@ class ModelEntry:
 
     def spec(self, config: Config) -> ModelSpec:
         if self.problem or self.model_file is None:
-            raise ModelUnavailable(f"model {self.model_id!r} cannot be served: {self.problem}")
+            raise self.unavailable()
         mf = self.modelfile
         sampling = SamplingParams(**{attr: float(mf[key]) for key, attr in _FLOAT_KEYS.items() if mf.get(key)},
                                   **({"top_k": int(mf["TOP_K"])} if mf.get("TOP_K") else {}))
@@ -312,14 +335,20 @@ class Catalog:
     def servable(self) -> list[ModelEntry]:
         return [e for e in self.entries() if e.ok]
 
+    def routable(self) -> list[ModelEntry]:
+        """The route-only entries (`ModelEntry.routable`): what this node can route but not run."""
+        return [e for e in self.entries() if e.routable]
+
     def find(self, name: str) -> ModelEntry | None:
         self._ensure_scanned()
         with self._lock:
             return _lookup(self._by_key, self._aliases, name)
 
-    def resolve(self, name: str) -> ModelEntry:
+    def resolve(self, name: str, *, allow_route_only: bool = False) -> ModelEntry:
         """The servable entry for `name`, or an error that says what is wrong and what exists.
-        An entry whose files changed on disk since the scan is scanned again first."""
+        An entry whose files changed on disk since the scan is scanned again first.
+        `allow_route_only`: a route-only entry (`ModelEntry.routable`) is returned too, for what
+        needs only its tokenizer and Modelfile (the API of a node that hands the request on)."""
         entry = self.find(name)
         if entry is None or _disk_stamp(entry) != entry.disk_stamp:
             self.refresh()
@@ -334,8 +363,8 @@ class Catalog:
                                     "(put .rkllm models there, see the README's 'Model layout', set "
                                     "RKLLM_MODELS_DIR, or run `exo-rkllm demo` for a simulator model)")
             raise ModelNotFound(f"unknown model {name!r}; models in {self.config.models_dir}: {available}")
-        if entry.problem:
-            raise ModelUnavailable(f"model {entry.model_id!r} cannot be served: {entry.problem}")
+        if entry.problem and not (allow_route_only and entry.routable):
+            raise entry.unavailable()
         return entry
 
     def refuse(self, entry: ModelEntry, reason: str) -> None:
@@ -411,30 +440,34 @@ class Catalog:
         return by_key
 
     def _with_refusal(self, entry: ModelEntry) -> ModelEntry:
+        """A refused entry's problem says why; a route-only one (its tokenizer would not load) keeps
+        its own problem too, and so is no longer routable."""
         refused = self._refused.get(entry.model_id)
-        if refused is None or refused[0] != entry.fingerprint or entry.problem:
+        if refused is None or refused[0] != entry.fingerprint or (entry.problem and not entry.routable):
             return entry
-        return dataclasses.replace(entry, problem=f"{refused[1]} (tried again once its files change, or after a "
-                                                  "restart)")
+        reason = f"{refused[1]} (tried again once its files change, or after a restart)"
+        return dataclasses.replace(entry, problem="; ".join(p for p in (entry.problem, reason) if p))
 
     def _folder_entry(self, folder: Path) -> ModelEntry | None:
         rkllm_files = sorted(p for p in folder.iterdir() if p.suffix == ".rkllm" and not p.name.startswith("."))
         modelfile_path = folder / "Modelfile"
-        if not rkllm_files and not modelfile_path.exists():
-            return None  # not a model folder
+        if not rkllm_files and not modelfile_path.exists() and not self._holds_tokenizer(folder):
+            return None  # not a model folder (a tokenizer-only one is: a model this node can route)
         model_id = slugify(folder.name)
         problems: list[str] = []
         modelfile: dict[str, str] = {}
         model_file: Path | None = None
+        file_absent: str | None = None
         if modelfile_path.exists():
             try:
                 modelfile = parse_modelfile(modelfile_path.read_text(encoding="utf-8"))
             except (ModelfileError, UnicodeDecodeError, OSError) as exc:
                 problems.append(f"broken Modelfile ({modelfile_path}): {exc}")
         if not problems:
-            model_file, file_problem = self._pick_model_file(folder, rkllm_files, modelfile.get("FROM"))
+            model_file, file_problem, absent = self._pick_model_file(folder, rkllm_files, modelfile.get("FROM"))
             if file_problem:
                 problems.append(file_problem)
+                file_absent = file_problem if absent else None
         tok_source, tok_problem = self._tokenizer_source(folder, modelfile)
         if tok_problem:
             problems.append(tok_problem)
@@ -445,7 +478,8 @@ class Catalog:
                           n_layers=self._layers(modelfile, folder, tok_source),
                           aliases=tuple(sorted(a for a in {folder.name, *(p.stem for p in rkllm_files)}
                                                if a != model_id)),
-                          problem="; ".join(problems) or None, file_stamp=_stamp(model_file),
+                          problem="; ".join(problems) or None, file_absent=file_absent,
+                          file_stamp=_stamp(model_file),
                           tokenizer_stamp=_tokenizer_stamp(tok_source),
                           disk_stamp=_disk_stamp_of(folder, model_file, tok_source))
 
@@ -459,27 +493,37 @@ class Catalog:
                           disk_stamp=_disk_stamp_of(path.parent, path, tok_source))
 
     @staticmethod
-    def _pick_model_file(folder: Path, files: list[Path], wanted: str | None) -> tuple[Path | None, str | None]:
+    def _pick_model_file(folder: Path, files: list[Path],
+                         wanted: str | None) -> tuple[Path | None, str | None, bool]:
+        """(the model file, why it cannot be used, whether the reason is only that the folder has no
+        model file: nothing at FROM's name, not even a dangling link, and no other .rkllm file)."""
         if wanted:
             if "/" in wanted or "\\" in wanted or wanted in ("..", "."):
-                return None, f"Modelfile FROM={wanted!r} must name a file inside {folder}"
+                return None, f"Modelfile FROM={wanted!r} must name a file inside {folder}", False
             path = folder / wanted
             if not path.exists() and not path.is_symlink():
-                return None, f"Modelfile FROM={wanted!r}: no such file in {folder}"
-            return path, model_file_problem(path)
+                return None, f"Modelfile FROM={wanted!r}: no such file in {folder}", not files
+            return path, model_file_problem(path), False
         if not files:
-            return None, f"no .rkllm file in {folder}"
+            return None, f"no .rkllm file in {folder}", True
         if len(files) > 1:
             return None, (f"{len(files)} .rkllm files in {folder} and no Modelfile FROM line to choose: "
-                          f"add FROM=\"{files[0].name}\"")
-        return files[0], model_file_problem(files[0])
+                          f"add FROM=\"{files[0].name}\""), False
+        return files[0], model_file_problem(files[0]), False
+
+    def _holds_tokenizer(self, folder: Path) -> bool:
+        """Tokenizer files in the folder or its tokenizer/ subfolder, and not RKLLM_TOKENIZER_DIR (a
+        tokenizer shared by loose files is not a model)."""
+        shared = self.config.tokenizer_dir
+        if shared is not None and shared.is_dir() and shared.resolve() == folder.resolve():
+            return False
+        return _folder_tokenizer(folder) is not None
 
     def _tokenizer_source(self, folder: Path, modelfile: Mapping[str, str],
                           allow_folder: bool = True) -> tuple[str | None, str | None]:
-        if allow_folder:
-            for candidate in (folder, folder / TOKENIZER_SUBFOLDER):
-                if candidate.is_dir() and has_tokenizer_files(candidate):
-                    return str(candidate), None
+        local = _folder_tokenizer(folder) if allow_folder else None
+        if local is not None:
+            return str(local), None
         explicit = modelfile.get("TOKENIZER")
         if explicit:
             path = (folder / explicit).expanduser() if not Path(explicit).expanduser().is_absolute() else Path(explicit).expanduser()
@@ -526,6 +570,11 @@ class Catalog:
                 except (ValueError, OSError, AttributeError):
                     pass
         return DEFAULT_LAYERS
+
+
+def _folder_tokenizer(folder: Path) -> Path | None:
+    """A model folder's own tokenizer: the folder itself, else its tokenizer/ subfolder (rkllama 0.0.74)."""
+    return next((c for c in (folder, folder / TOKENIZER_SUBFOLDER) if c.is_dir() and has_tokenizer_files(c)), None)
 
 
 def _lookup(by_key: Mapping[str, ModelEntry], aliases: Mapping[str, str], name: str) -> ModelEntry | None:
