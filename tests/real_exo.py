@@ -41,6 +41,9 @@ class ExoProcess:
     log: Path
     # What every request must carry: the API key (RKLLM_API_KEY) when exo was started with one.
     headers: dict[str, str] = field(default_factory=dict)
+    node_id: str = ""
+    # starts this node again (same node id and node port, a new API port), once it was stopped
+    relaunch: Callable[[], "ExoProcess"] | None = field(default=None, repr=False)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -59,23 +62,25 @@ def _capabilities(memory: int) -> dict:
 
 
 def _launch(python: str, workdir: Path, models_dir: Path, env_extra: dict[str, str], node_id: str, node_port: int,
-            peers: Path, extra_args: list[str]) -> ExoProcess:
+            peers: Path, extra_args: list[str], log_suffix: str = "") -> ExoProcess:
     api_port = free_port()
     env = {**os.environ, "RKLLM_BACKEND": "sim", "RKLLM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1",
            "EXO_HOME": str(workdir / f"exo-home-{node_id}"), "PYTHONUNBUFFERED": "1",
            # saved KV states in this exo's own folder: the models folder may be shared by the whole session
            "RKLLM_CACHE_DIR": str(workdir / f"kv-states-{node_id}"), **env_extra}
-    log = workdir / f"exo-{node_id}.log"
+    log = workdir / f"exo-{node_id}{log_suffix}.log"
     proc = subprocess.Popen(
         [python, "-m", "exo.main", "--inference-engine", "rkllm", "--disable-tui", "--discovery-module", "manual",
          "--discovery-config-path", str(peers), "--node-id", node_id, "--node-port", str(node_port),
          "--chatgpt-api-port", str(api_port), *extra_args],
         cwd=workdir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     key = env.get("RKLLM_API_KEY")
-    return ExoProcess(proc, f"http://127.0.0.1:{api_port}", log, {"Authorization": f"Bearer {key}"} if key else {})
+    return ExoProcess(proc, f"http://127.0.0.1:{api_port}", log, {"Authorization": f"Bearer {key}"} if key else {},
+                      node_id, lambda: _launch(python, workdir, models_dir, env_extra, node_id, node_port, peers,
+                                               extra_args, log_suffix=".again"))
 
 
-def _wait_ready(nodes: list[ExoProcess], timeout: float, path: str = "/v1/models") -> None:
+def wait_ready(nodes: list[ExoProcess], timeout: float, path: str = "/v1/models") -> None:
     deadline = time.monotonic() + timeout
     pending = list(nodes)
     while pending and time.monotonic() < deadline:
@@ -123,7 +128,7 @@ def _start_ring_once(python: str, workdir: Path, models_dir: Path, n: int, env_e
                                                "device_capabilities": _capabilities(16000 - 1000 * k)}
                                            for k, (i, p) in enumerate(zip(ids, ports))}}))
     nodes = [_launch(python, workdir, models_dir, env_extra, i, p, peers, list(extra_args)) for i, p in zip(ids, ports)]
-    _wait_ready(nodes, timeout)
+    wait_ready(nodes, timeout)
     return nodes
 
 

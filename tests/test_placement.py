@@ -139,6 +139,8 @@ def test_the_view_counts_placements_not_yet_reported_and_forgets_them_on_release
     view.heard(node("b", loaded=M, running="r2"))  # the report now lists it: counted once, not twice
     assert [r["load"] for r in view.describe(local)["nodes"]] == [1, 1]
     assert view.release("r2") == "b" and view.release("r2") is None
+    # b's next report may still list r2, which this node knows has ended: b counts as idle
+    assert [r["load"] for r in view.describe(local)["nodes"]] == [1, 0]
 
 
 def test_a_silent_or_unreachable_node_is_down_with_its_requests_lost_once():

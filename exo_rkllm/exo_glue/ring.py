@@ -123,16 +123,21 @@ class Ring:
         await asyncio.gather(*(self.send(p, message) for p in self._peers()))
 
     async def send(self, peer: Any, message: str, request_id: str = "") -> bool:
-        """One status message to one peer; False (and the peer marked unreachable) if it failed."""
+        """One status message to one peer; False if it did not arrive. The peer counts as down at once
+        only when its connection is refused (gRPC's TRANSIENT_FAILURE: nothing listens there); a slow
+        answer alone only means it was not heard from, and silence decides (RKLLM_RING_FAULT_S), so
+        a board slowed by a long prefill is not taken for a dead one."""
         try:
             await asyncio.wait_for(peer.send_opaque_status(request_id, message), SEND_TIMEOUT_S)
         except Exception as exc:
-            why = "it did not take a message within %g s" % SEND_TIMEOUT_S if isinstance(
-                exc, asyncio.TimeoutError) else f"a message to it failed ({type(exc).__name__})"
+            refused = not isinstance(exc, asyncio.TimeoutError) or _refused(peer)
+            why = (f"its connection is refused ({type(exc).__name__})" if refused
+                   else f"it did not take a message within {SEND_TIMEOUT_S:g} s")
             if peer.id() not in self._failing:
                 self._failing.add(peer.id())
-                log.warning("ring: node %s is unreachable: %s", peer.id(), why)
-            self.view.unreachable(peer.id(), why)
+                log.warning("ring: node %s does not answer: %s", peer.id(), why)
+            if refused:
+                self.view.unreachable(peer.id(), why)
             return False
         if peer.id() in self._failing:
             self._failing.discard(peer.id())
@@ -198,3 +203,14 @@ class Ring:
 
     def describe(self) -> dict[str, Any]:
         return self.view.describe(self.local_state(), self.members())
+
+
+def _refused(peer: Any) -> bool:
+    """exo's gRPC peer handle: is its channel failing to connect (nothing listens at the address)?"""
+    channel = getattr(peer, "channel", None)
+    try:
+        import grpc
+
+        return channel is not None and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+    except Exception:
+        return False

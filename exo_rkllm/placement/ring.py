@@ -7,6 +7,7 @@ requests this API node placed on it are reported lost, once, so that their clien
 within seconds instead of a stream that stops. A node that is heard from again is up again."""
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -17,6 +18,7 @@ from exo_rkllm.placement.placement import Candidate, Placement, place
 from exo_rkllm.placement.prefixes import block_hashes
 
 HEARTBEAT_S = 1.0
+MAX_ENDED = 256
 
 
 @dataclass
@@ -48,6 +50,9 @@ class RingView:
     clock: Callable[[], float] = time.monotonic
     peers: dict[str, _Peer] = field(default_factory=dict)
     placed: dict[str, str] = field(default_factory=dict)  # request id -> node id (this API node's requests)
+    # this API node's requests that ended, which a node's last report may still list (it reports 4 times a
+    # second): not counted as load, or a node just finishing one would look busier than it is
+    ended: "collections.OrderedDict[str, None]" = field(default_factory=collections.OrderedDict)
 
     # -- what the peers say ----------------------------------------------------------------------------
     def heard(self, state: NodeState) -> None:
@@ -100,11 +105,16 @@ class RingView:
         self.placed[request_id] = node_id
 
     def release(self, request_id: str) -> str | None:
-        return self.placed.pop(request_id, None)
+        node_id = self.placed.pop(request_id, None)
+        if node_id is not None:
+            self.ended[request_id] = None
+            while len(self.ended) > MAX_ENDED:
+                self.ended.popitem(last=False)
+        return node_id
 
     def _load(self, state: NodeState) -> int:
         mine = {r for r, n in self.placed.items() if n == state.node_id}
-        return len(state.requests | mine)
+        return len((state.requests - self.ended.keys()) | mine)
 
     # -- the status route ------------------------------------------------------------------------------
     def describe(self, local: NodeState, members: Sequence[str] | None = None) -> dict[str, Any]:
