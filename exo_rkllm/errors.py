@@ -91,6 +91,14 @@ class NodeLost(RKLLMError):
     _code = "node_lost"
 
 
+class NoNodeHasModel(RKLLMError):
+    """No live node of the ring has the model's .rkllm file right now (the one that had it left, or
+    this node only routes the model). It may come back: 503, not 404."""
+
+    http_status = 503
+    _code = "model_not_on_this_node"
+
+
 class ShuttingDown(RKLLMError):
     """exo is stopping: requests still running or waiting end with this, never as finished answers."""
 

@@ -106,10 +106,11 @@ def wait_ready(nodes: list[ExoProcess], timeout: float, path: str = "/v1/models"
         raise RuntimeError(f"exo did not answer within {timeout} s:\n{pending[0].log_text()[-3000:]}")
 
 
-def start_ring(python: str, workdir: Path, models_dir: Path, n: int, env_extra: dict[str, str],
+def start_ring(python: str, workdir: Path, models_dir: "Path | list[Path]", n: int, env_extra: dict[str, str],
                extra_args: list[str] = (), timeout: float = 180.0) -> list[ExoProcess]:
     """n exo nodes on loopback that know each other (manual discovery), started in parallel; started
-    again on other ports if one was taken in between (a few times)."""
+    again on other ports if one was taken in between (a few times). `models_dir`: one folder for every
+    node, or one per node."""
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             return _start_ring_once(python, workdir, models_dir, n, env_extra, extra_args, timeout)
@@ -119,15 +120,16 @@ def start_ring(python: str, workdir: Path, models_dir: Path, n: int, env_extra: 
     raise AssertionError("unreachable")
 
 
-def _start_ring_once(python: str, workdir: Path, models_dir: Path, n: int, env_extra: dict[str, str],
+def _start_ring_once(python: str, workdir: Path, models_dir: "Path | list[Path]", n: int, env_extra: dict[str, str],
                      extra_args: list[str], timeout: float) -> list[ExoProcess]:
+    dirs = list(models_dir) if isinstance(models_dir, (list, tuple)) else [models_dir] * n
     ports = [free_port() for _ in range(n)]
     ids = [f"rkllm-test-{p}" for p in ports]
     peers = workdir / "peers.json"
     peers.write_text(json.dumps({"peers": {i: {"address": "127.0.0.1", "port": p,
                                                "device_capabilities": _capabilities(16000 - 1000 * k)}
                                            for k, (i, p) in enumerate(zip(ids, ports))}}))
-    nodes = [_launch(python, workdir, models_dir, env_extra, i, p, peers, list(extra_args)) for i, p in zip(ids, ports)]
+    nodes = [_launch(python, workdir, d, env_extra, i, p, peers, list(extra_args)) for d, i, p in zip(dirs, ids, ports)]
     wait_ready(nodes, timeout)
     return nodes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exo_rkllm.errors import ModelNotFound
+from exo_rkllm.errors import NoNodeHasModel
 from exo_rkllm.placement.node_state import NodeActivity, NodeState
 from exo_rkllm.placement.placement import Candidate, Reason, place
 from exo_rkllm.placement.prefixes import BLOCK, advertised, block_hashes, matched_tokens
@@ -78,7 +78,7 @@ def test_only_nodes_with_the_model_file_are_chosen():
     a, b = node("a", serves=()), node("b")
     chosen = place(M, [], [cand(a, local=True), cand(b)], affinity_slack=2)
     assert chosen.node_id == "b" and chosen.reason is Reason.ONLY
-    with pytest.raises(ModelNotFound, match="no node of the ring"):
+    with pytest.raises(NoNodeHasModel, match="no live node of the ring"):
         place(M, [], [cand(a)], affinity_slack=2)
 
 
@@ -161,7 +161,7 @@ def test_a_silent_or_unreachable_node_is_down_with_its_requests_lost_once():
     assert view.choose(M, (), node("a", serves=())).node_id == "c"  # new requests avoid b
     view.unreachable("c", "a message to it failed")
     assert [(x.node_id, x.requests) for x in view.lost()] == [("c", ("r2",))]
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(NoNodeHasModel):
         view.choose(M, (), node("a", serves=()))
     view.heard(node("b", loaded=M))  # b is back: used again
     assert view.choose(M, (), node("a", serves=())).node_id == "b"

@@ -266,3 +266,44 @@ def test_a_node_lost_mid_answer_is_a_clear_error_and_the_ring_goes_on(tmp_path, 
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_a_model_on_one_board_only_is_served_through_the_other_boards_api(tmp_path, demo_models_dir):
+    """Node 0 has the model folder without its .rkllm file (tokenizer files and Modelfile): it lists the
+    model while node 1, which has the file, is up, and its requests run there."""
+    import shutil
+
+    routing = tmp_path / "routing-models"
+    for folder in demo_models_dir.iterdir():
+        if folder.is_dir() and not folder.name.startswith("."):
+            shutil.copytree(folder, routing / folder.name, ignore=shutil.ignore_patterns("*.rkllm"))
+    nodes = start_ring(EXO_PYTHON, tmp_path, [routing, demo_models_dir], 2, PACING)
+
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            await _until_topology(nodes)
+            async with s.get(f"{nodes[0].api}/v1/models") as r:
+                listed = {m["id"]: m for m in (await r.json())["data"]}
+            assert listed[DEMO_ID]["runs_on"] == "ring", listed
+            for stream in (True, False):
+                text, finish = await ask(s, nodes[0].api, f"routed [[sim:text={TEXT}]]", stream)
+                assert (text, finish) == (TEXT, "stop")
+            res = await stream_chat(s, nodes[0].api, user("[[sim:tokens=5]]"))
+            assert res.headers[NODE] == nodes[1].node_id
+            rings = (await statuses(s, nodes[:1]))[0]["ring"]["nodes"]
+            assert rings[0]["serves"] == [] and rings[0]["routes"] == [DEMO_ID], rings
+            nodes[1].stop()  # the only board with the file leaves: a clear error, not a hang
+            deadline = time.monotonic() + 30
+            while True:
+                status, body, _ = await post_json(s, f"{nodes[0].api}/v1/chat/completions",
+                                                  {"model": DEMO_ID, "messages": user("hi")})
+                if status != 200 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            assert status == 503 and body["error"]["code"] == "model_not_on_this_node", body
+
+    try:
+        asyncio.run(run())
+    finally:
+        for node in nodes:
+            node.stop()

@@ -176,7 +176,7 @@ def register_model_cards(entries: list[ModelEntry]) -> None:
     except ImportError:
         return
     for entry in entries:
-        if not entry.ok:
+        if not (entry.ok or entry.routable):  # a route-only model is submitted through exo's node too
             continue
         # exo passes this "repo" to resolve_tokenizer; a local path keeps everything offline.
         repo = str(entry.model_file if entry.loose else entry.folder)
@@ -433,6 +433,9 @@ class ExoNodePort:
         if isinstance(buffered, dict):
             buffered.pop(request_id, None)
 
+    def served_elsewhere(self) -> frozenset[str]:
+        return self.ring.served_elsewhere()
+
     def cancel(self, request_id: str, reason: str) -> None:
         _cancel_everywhere(self.node.inference_engine, request_id, reason)
 
@@ -497,7 +500,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
     async def get_initial_models(self, server, request):
         from aiohttp import web
 
-        entries = server.engine.catalog.servable()
+        entries = _listed(server.engine)
         return web.json_response({e.model_id: {"name": f"{e.name} (RKLLM)",
                                                **_downloaded(e),
                                                "loading": server.engine.model_status(e.model_id).value == "loading"}
@@ -509,7 +512,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
                                                            "Cache-Control": "no-cache"})
         await response.prepare(request)
-        for e in server.engine.catalog.servable():
+        for e in _listed(server.engine):
             payload = {e.model_id: _downloaded(e)}
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
@@ -609,6 +612,13 @@ def _tinychat_default(static_dir: Any, default_model: Callable[[], str]) -> Any:
                             headers={"Cache-Control": "no-cache"})
 
     return tinychat
+
+
+def _listed(engine: RKLLMInferenceEngine) -> list[ModelEntry]:
+    """The models tinychat lists: those this NPU runs, and those this node routes to a live node that
+    has their file."""
+    elsewhere = _ring.served_elsewhere() if _ring is not None else frozenset()
+    return [e for e in engine.catalog.entries() if e.ok or (e.routable and e.model_id in elsewhere)]
 
 
 def _servable_ids(engine: RKLLMInferenceEngine) -> list[str]:

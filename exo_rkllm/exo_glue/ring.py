@@ -86,6 +86,10 @@ class Ring:
     def runs_for(self, request_id: str) -> bool:
         return request_id in self.origins
 
+    def served_elsewhere(self) -> frozenset[str]:
+        """The models some other live node can run (its .rkllm file is there)."""
+        return frozenset(m for state in self.view.up(self.members()) for m in state.serves)
+
     # -- the messages ---------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._task is None:

@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass
 from typing import Sequence
 
-from exo_rkllm.errors import ModelNotFound
+from exo_rkllm.errors import NoNodeHasModel
 from exo_rkllm.placement.node_state import NodeState
 from exo_rkllm.placement.prefixes import matched_tokens
 
@@ -50,10 +50,11 @@ class Placement:
 
 def place(model_id: str, prompt_hashes: Sequence[str], candidates: Sequence[Candidate], *,
           affinity_slack: int) -> Placement:
-    """The node to run the request on. Raises ModelNotFound when no node of the ring has the model."""
+    """The node to run the request on. Raises NoNodeHasModel when no live node of the ring has the model."""
     able = [c for c in candidates if model_id in c.state.serves]
     if not able:
-        raise ModelNotFound(f"no node of the ring has the model file of {model_id!r}")
+        raise NoNodeHasModel(f"no live node of the ring has the .rkllm file of {model_id!r} now: start the board "
+                             "that has it, or copy the file into this node's model folder")
     if len(able) == 1:
         only = able[0]
         return Placement(only.state.node_id, Reason.ONLY, _cached(only, model_id, prompt_hashes), only.load)
