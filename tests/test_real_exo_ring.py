@@ -307,3 +307,26 @@ def test_a_model_on_one_board_only_is_served_through_the_other_boards_api(tmp_pa
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_a_client_leaving_frees_the_remote_npu_it_was_placed_on(ring):
+    """The HTTP client of a request running on another node goes away: that node's NPU is freed."""
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            async with Busy(s, ring[0]):
+                left = await stream_chat(s, ring[0].api, user("leaving [[sim:tokens=3000]]"), stop_after=3)
+                remote = next(n for n in ring if n.node_id == left.headers[NODE])
+                assert remote is not ring[0]
+                deadline = time.monotonic() + 30
+                while True:
+                    async with s.get(f"{remote.api}/v1/rkllm/status") as r:
+                        st = await r.json()
+                    if st["running"] is None and not st["queued"]:
+                        break
+                    assert time.monotonic() < deadline, st
+                    await asyncio.sleep(0.1)
+                rid = left.chunks[0]["id"].removeprefix("chatcmpl-")
+                ended = [x for x in st["recent"] if x["request_id"] == rid]
+                assert ended and ended[0]["outcome"] == "cancelled" and ended[0]["generated"] < 3000, ended
+
+    asyncio.run(run())
