@@ -136,6 +136,11 @@ def test_every_node_honours_the_requests_max_tokens(ring):
                                                               "messages": user("capped [[sim:tokens=50]]")})
                     assert status == 200 and whole["usage"]["completion_tokens"] == 7, (node.api, whole)
                     assert headers[NODE] != node.node_id
+                    # a stop sequence: the text before it, `stop`, and the remote NPU stopped at once
+                    stopped = await stream_chat(s, node.api, user("[[sim:text=alpha beta gamma delta]]"),
+                                                stop=[" gamma"])
+                    assert (stopped.text, stopped.finish) == ("alpha beta", "stop"), stopped.events[-3:]
+                    assert stopped.headers[NODE] != node.node_id
 
     asyncio.run(run())
 

@@ -130,3 +130,32 @@ def test_an_ended_status_from_a_peer_rebuilds_the_error(demo_models_dir):
         assert isinstance(feed.poll().ending.error, NodeLost)
     finally:
         plugin._feeds.close("r-ended")
+
+
+async def test_boards_with_different_runtime_releases_serve_the_same_requests(demo_models_dir):
+    """Node 1 runs an older runtime (1.2.1: no per-run token cap, the binding stops it): requests placed
+    on either board get their own text and honour max_tokens."""
+    from exo_rkllm.runtime.sim import SimRuntime
+
+    api = await start_api(demo_models_dir, PACED, nodes=2)
+    try:
+        older = api.ring.engines[1]._runtime
+        older.inner = SimRuntime(PACED, release="1.2.1")
+        older.capabilities = older.inner.capabilities
+        texts = [f"release test {i} " + "word " * 30 for i in range(4)]
+        results = await asyncio.gather(*(api.stream("/v1/chat/completions", api.chat(
+            user(f"[{i}] " + sim_text(t)), stream=True, max_tokens=5 if i % 2 else None))
+            for i, t in enumerate(texts)))
+        ran = [api.ring.ran_on[s.request_id] for s in api.port.submitted]
+        assert sorted(ran) == [0, 0, 1, 1], ran
+        tok = api.engine.model_for(DEMO_ID).tokenizer
+        for i, ((status, items, _), text) in enumerate(zip(results, texts)):
+            assert status == 200
+            if i % 2:
+                assert finish_of(items) == "length" and len(tok.encode(content_of(items))) <= 5
+                assert text.startswith(content_of(items))
+            else:
+                assert finish_of(items) == "stop" and content_of(items) == text
+        assert len(older.inputs) == 2  # the older board ran its share
+    finally:
+        await stop_api(api)
