@@ -423,6 +423,7 @@ class ExoNodePort:
 
     def _on_token(self, request_id: str, tokens: Any, is_finished: bool) -> None:
         _feeds.push(request_id, tokens, is_finished)  # the feed turns exo's numpy ints into ints
+        self.ring.token_from(request_id)
         if is_finished and request_id in _feeds:
             # exo keeps every request's tokens in buffered_token_output; it writes the entry once more
             # after this callback, so drop it right after.

@@ -54,7 +54,8 @@ class Ring:
         self._sent = ""  # the last state sent, as JSON
         self._sent_to: frozenset[str] = frozenset()  # the peers it was sent to
         self._full_at = 0.0  # when the state was last sent whole
-        self._sent_at = 0.0  # when anything was last sent
+        self._sent_at = 0.0  # when the state or a heartbeat was last sent
+        self._contacted: dict[str, float] = {}  # peer id -> when a token last reached it (it heard from us)
         self._task: asyncio.Task[None] | None = None
         self._failing: set[str] = set()  # peers whose last message failed (logged once until they answer)
 
@@ -106,6 +107,9 @@ class Ring:
         log.debug("ring: telling the peers this node's state every %g s", HEARTBEAT_S)
         while True:
             try:
+                if not self._peers():  # alone: nothing to tell, nobody to lose
+                    await asyncio.sleep(TICK_S)
+                    continue
                 state = json.dumps({"type": STATE_STATUS, "node": self.local_state().to_json()})
                 now = loop.time()
                 members = frozenset(self.members())
@@ -113,7 +117,10 @@ class Ring:
                     await self._send_all(state)
                     self._sent, self._sent_to, self._full_at, self._sent_at = state, members, now, now
                 elif now - self._sent_at >= HEARTBEAT_S:
-                    await self._send_all(json.dumps({"type": BEAT_STATUS, "node_id": self.node.id}))
+                    # a peer this node streams tokens to hears from it anyway: no heartbeat on that path
+                    quiet = [p for p in self._peers() if now - self._contacted.get(p.id(), -HEARTBEAT_S) >= HEARTBEAT_S]
+                    beat = json.dumps({"type": BEAT_STATUS, "node_id": self.node.id})
+                    await asyncio.gather(*(self.send(p, beat) for p in quiet))
                     self._sent_at = now
                 for lost in self.view.lost(self.members()):
                     self._lose(lost)
@@ -148,6 +155,13 @@ class Ring:
             log.info("ring: node %s answers again", peer.id())
         self.view.heartbeat(peer.id())
         return True
+
+    def token_from(self, request_id: str) -> None:
+        """A token of a request this node placed elsewhere arrived: its node is alive (it sends no
+        heartbeat to this node while it streams to it)."""
+        node_id = self.view.placed.get(request_id)
+        if node_id is not None and node_id != self.node.id:
+            self.view.heartbeat(node_id)
 
     def receive(self, data: dict[str, Any]) -> None:
         """A ring message from a peer (plugin.on_opaque_status routes them here)."""
@@ -187,6 +201,7 @@ class Ring:
             return
         try:
             await asyncio.wait_for(peer.send_result(request_id, tokens, is_finished), 15.0)
+            self._contacted[origin] = asyncio.get_running_loop().time()
         except Exception as exc:
             log.warning("request %s: its tokens could not reach node %s (%r); stopping it", request_id, origin, exc)
             self.engine.cancel_request(request_id, f"the node that asked for it ({origin}) is unreachable")
