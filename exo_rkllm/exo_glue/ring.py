@@ -21,6 +21,7 @@ import asyncio
 import collections
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
 from exo_rkllm.config import Config
@@ -39,6 +40,15 @@ FULL_EVERY_S = 5.0  # the whole state, even unchanged, this often (a peer that m
 MAX_ORIGINS = 1024  # requests run here remembered with the node that asked (a request that never ran stays)
 
 
+@dataclass
+class _Outbox:
+    """The tokens of one request run here that are waiting for the call in flight to the asking node."""
+
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+    sending: bool = False
+
+
 class Ring:
     """This node's part in the ring: its state sent to the peers, theirs received, the placement of this
     node's API requests, and the requests this node runs for other nodes (by the node that asked)."""
@@ -55,6 +65,7 @@ class Ring:
         self._sent_to: frozenset[str] = frozenset()  # the peers it was sent to
         self._full_at = 0.0  # when the state was last sent whole
         self._sent_at = 0.0  # when the state or a heartbeat was last sent
+        self._outbox: dict[str, _Outbox] = {}  # request id -> its tokens not yet sent to the asking node
         self._contacted: dict[str, float] = {}  # peer id -> when a token last reached it (it heard from us)
         self._task: asyncio.Task[None] | None = None
         self._failing: set[str] = set()  # peers whose last message failed (logged once until they answer)
@@ -185,7 +196,12 @@ class Ring:
 
     # -- tokens of requests run here ------------------------------------------------------------------------
     async def send_result(self, request_id: str, tokens: list[int], is_finished: bool) -> None:
-        """exo's broadcast_result for a request run here: to the node that asked only."""
+        """exo's broadcast_result for a request run here: to the node that asked only, in order.
+
+        exo calls it as one task per token, and each task would make its own gRPC call: concurrent
+        calls may arrive in any order, and a fast answer's last one (`is_finished`) before tokens still
+        on their way, which the asking node would then drop. So one sender per request: the tokens that
+        come while a call is in flight go together in the next call (exo's SendResult takes a list)."""
         origin = self.origins.get(request_id)
         if is_finished:
             self.origins.pop(request_id, None)
@@ -194,17 +210,39 @@ class Ring:
                 buffered.pop(request_id, None)  # exo keeps every request's tokens otherwise
         if origin is None or origin == self.node.id:
             return
+        box = self._outbox.get(request_id)
+        if box is None:
+            box = self._outbox[request_id] = _Outbox()
+        box.tokens.extend(tokens)
+        box.finished = box.finished or is_finished
+        if box.sending:
+            return  # the sender in flight takes them next
+        box.sending = True
+        try:
+            while box.tokens or box.finished:
+                batch, box.tokens = box.tokens, []
+                finished = box.finished
+                if not await self._deliver(request_id, origin, batch, finished) or finished:
+                    break
+        finally:
+            box.sending = False
+            if box.finished or request_id not in self.origins:
+                self._outbox.pop(request_id, None)
+
+    async def _deliver(self, request_id: str, origin: str, tokens: list[int], finished: bool) -> bool:
         peer = self.peer(origin)
         if peer is None:
             log.warning("request %s: the node that asked for it (%s) is gone; stopping it", request_id, origin)
             self.engine.cancel_request(request_id, f"the node that asked for it ({origin}) left the ring")
-            return
+            return False
         try:
-            await asyncio.wait_for(peer.send_result(request_id, tokens, is_finished), 15.0)
-            self._contacted[origin] = asyncio.get_running_loop().time()
+            await asyncio.wait_for(peer.send_result(request_id, tokens, finished), 15.0)
         except Exception as exc:
             log.warning("request %s: its tokens could not reach node %s (%r); stopping it", request_id, origin, exc)
             self.engine.cancel_request(request_id, f"the node that asked for it ({origin}) is unreachable")
+            return False
+        self._contacted[origin] = asyncio.get_running_loop().time()
+        return True
 
     async def tell_origin(self, request_id: str, message: str) -> bool:
         """A status message about a request run here, to the node that asked for it; False if this node
