@@ -245,15 +245,15 @@ async def run_ring(target: Target, node_targets: Sequence[Target], settings: Ben
                    counter: TokenCounter | None, references: Sequence[Mapping[str, Any]],
                    progress: Progress | None = None,
                    settle: Callable[[], Awaitable[float | None]] | None = None) -> dict[str, Any]:
-    """The concurrency run against a ring of exo nodes, through one node's API (`target`), as a section
-    of the report (`ring`): what `--ring N` compares with the same run on one node.
+    """The concurrency run against a ring of exo nodes, through one node's API (`target`), as a section of the
+    report (`ring`): what `--ring N` compares with the same run on one node.
 
-    Each node first gets one warm-up request through its own API (`node_targets`, one per node): an
-    idle ring runs a request where it arrives, so every node loads the model before the clock runs,
-    as the one node's warm-up did. Then `settle` (ExoRing.wait_idle) waits until every node has heard
-    that the others are idle: the clients start on an idle ring, as the one node's did. The clients'
-    answers are checked against `references`, the one node's standard section (the same prompts, run alone there). Each client's record says which node
-    ran it (`node_id`, from that node's status route), and `served_by` counts them."""
+    Each node first gets one warm-up request through its own API (`node_targets`, one per node): an idle ring
+    runs a request where it arrives, so every node loads the model before the clock runs, as the one node's
+    warm-up did. Then `settle` (ExoRing.wait_idle) waits until every node has heard that the others are idle:
+    the clients start on an idle ring, as the one node's did. The clients' answers are checked against
+    `references`, the one node's standard section (the same prompts, run alone there). Each client's record says
+    which node ran it (`node_id`, from that node's status route), and `served_by` counts them."""
     progress = progress or Progress(enabled=False)
     count_text = counter.count_text if counter else None
     section: dict[str, Any] = {"label": target.label, "kind": target.kind, "status": "not measured", "errors": [],
