@@ -147,9 +147,12 @@ async def test_a_ring_starts_with_one_config_and_its_own_env_per_node_and_stops(
         assert len({s["env"]["RKLLM_CACHE_DIR"] for s in starts}) == len({s["env"]["EXO_HOME"] for s in starts}) == 3
         assert await ring.wait_idle("demo", timeout_s=5) is not None
         assert await ring.wait_idle("another-model", timeout_s=0.3) is None  # the nodes hold "demo"
+        work = ring.work_dir
+        assert work is not None and all(Path(s["env"]["RKLLM_CACHE_DIR"]).is_relative_to(work) for s in starts)
     finally:
         await ring.stop()
     assert all(_ended(ring))
+    assert not work.exists() and all(node.log_path.is_file() for node in ring.nodes)  # states gone, logs kept
 
 
 async def test_one_node_failing_to_start_stops_every_node(fake_exo, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -341,6 +342,7 @@ class ExoRing:
     started_s: float | None = None
     probe: ExoProbe | None = None
     attempts: int = 0
+    work_dir: Path | None = None  # this start's folder (the nodes' folders, saved states, discovery file)
 
     @property
     def url(self) -> str:
@@ -383,7 +385,8 @@ class ExoRing:
         self.attempts = 0
         while True:
             self.attempts += 1
-            self.nodes = self.plan(Path(tempfile.mkdtemp(prefix="exo-rkllm-ring-")))
+            self.work_dir = Path(tempfile.mkdtemp(prefix="exo-rkllm-ring-"))
+            self.nodes = self.plan(self.work_dir)
             for node in self.nodes:
                 node.probe, node.attempts = probe, self.attempts  # a retry appends to each node's log
             try:
@@ -486,8 +489,11 @@ class ExoRing:
         return [row for row in (ring or {}).get("nodes") or [] if isinstance(row, dict)]
 
     async def stop(self, grace_s: float = 15.0) -> None:
-        """Stop every node (at once), started or not."""
+        """Stop every node (at once), started or not, then remove the start's folder: the saved KV states
+        of a real model are large, and each start has its own (the logs are kept, in `log_dir`)."""
         await asyncio.gather(*(node.stop(grace_s) for node in self.nodes))
+        if self.work_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, self.work_dir, True)
 
     def log_tails(self, lines: int = 15) -> dict[str, str]:
         return {node.node_id: node.log_tail(lines) for node in self.nodes}
