@@ -82,10 +82,28 @@ async def test_an_asking_node_that_cannot_be_reached_stops_the_request():
         async def send_result(self, request_id, result, is_finished):
             raise ConnectionError("gone")
 
-    ring = make_ring([Dead("api")])
+    dead = Dead("api")
+    ring = make_ring([dead])
     ring.run_for("r1", "api")
     await ring.send_result("r1", [1], False)
     assert ring.engine.cancelled == ["r1"]
+    # the asking node is told, when a status still gets through, that no more token will come
+    told = json.loads(dead.statuses[-1])
+    assert told["type"] == "exo_rkllm_ended" and told["final"] and told["error_type"] == "NodeLost"
+
+
+def test_a_final_ended_status_ends_the_feed_at_once():
+    from exo_rkllm.exo_glue import plugin
+    from exo_rkllm.exo_glue.ring import ended_message
+    from exo_rkllm.errors import NodeLost
+
+    feed = plugin._feeds.open("r-final", frozenset())
+    try:
+        plugin.on_opaque_status(None, "r-final", ended_message("r-final", "error", NodeLost("x"), final=True))
+        update = feed.poll()
+        assert update is not None and isinstance(update.ending.error, NodeLost) and feed.ended
+    finally:
+        plugin._feeds.close("r-final")
 
 
 async def test_states_and_heartbeats_from_peers_fill_the_view():

@@ -292,7 +292,8 @@ async def test_the_load_and_unload_routes(two_models):
 
 
 async def test_load_and_unload_are_refused_while_requests_hold_the_npu(two_models):
-    engine, runtime = engine_with(two_models)
+    # paced: the run must last through the two refused calls (instant, 2000 tokens took under a second)
+    engine, runtime = engine_with(two_models, SimTiming(0, 0, 0, 1.0, 0))
     ring = ExoRing([engine])
     alpha, beta = ids_of(engine)
     client = await routes_client(engine)

@@ -39,13 +39,12 @@ from exo_rkllm.models.catalog import ModelEntry
 from exo_rkllm.config import Config
 from exo_rkllm.engine.inference_engine import RKLLMInferenceEngine, RequestContext, RequestEnding
 from exo_rkllm.errors import ModelNotFound, RequestCancelled, RKLLMError, error_named
-from exo_rkllm.exo_glue.ring import BEAT_STATUS, STATE_STATUS, Ring
+from exo_rkllm.exo_glue.ring import BEAT_STATUS, ENDED_STATUS, STATE_STATUS, Ring, ended_message
 
 log = logging.getLogger("exo_rkllm.exo_glue.plugin")
 
 CANCEL_STATUS = "exo_rkllm_cancel"
 CONTEXT_STATUS = "exo_rkllm_context"
-ENDED_STATUS = "exo_rkllm_ended"
 SHUTDOWN_DRAIN_S = 3.0  # how long a stopping exo waits for open HTTP requests to write how they ended
 
 _engine: RKLLMInferenceEngine | None = None
@@ -111,6 +110,8 @@ def on_opaque_status(engine: RKLLMInferenceEngine, request_id: str, status: str)
         error = (error_named(data.get("error_type"), data.get("message") or "the request failed")
                  if reason == "error" else None)
         _feeds.hint(rid, RequestEnding("length" if reason == "length" else "error", error))
+        if data.get("final") and error is not None:  # no more token will come: end it now
+            _feeds.fail(rid, error)
 
 
 # -- engine selection -------------------------------------------------------------------------------
@@ -203,12 +204,10 @@ def on_engine_end(request_id: str, ending: RequestEnding) -> "asyncio.Future[Any
     node, and the other nodes (the HTTP request may be on another one). The engine awaits the
     message before it hands exo the last token, so it reaches the API node first."""
     _feeds.hint(request_id, ending)
-    payload = {"type": ENDED_STATUS, "request_id": request_id, "finish_reason": ending.finish_reason,
-               "message": str(ending.error) if ending.error else None,
-               "error_type": type(ending.error).__name__ if ending.error else None}
+    message = ended_message(request_id, ending.finish_reason, ending.error)
     if _ring is not None and _ring.runs_for(request_id):
-        return asyncio.ensure_future(_ring.tell_origin(request_id, json.dumps(payload)))
-    return _broadcast(request_id, payload)
+        return asyncio.ensure_future(_ring.tell_origin(request_id, message))
+    return _broadcast(request_id, json.loads(message))
 
 
 def _broadcast(request_id: str, payload: dict[str, Any]) -> "asyncio.Future[Any] | None":

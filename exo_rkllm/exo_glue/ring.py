@@ -25,19 +25,29 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
 from exo_rkllm.config import Config
-from exo_rkllm.errors import RKLLMError
+from exo_rkllm.errors import NodeLost, RKLLMError
 from exo_rkllm.placement.node_state import NodeState
 from exo_rkllm.placement.placement import Placement
 from exo_rkllm.placement.ring import HEARTBEAT_S, Lost, RingView
 
 log = logging.getLogger("exo_rkllm.exo_glue.ring")
 
+ENDED_STATUS = "exo_rkllm_ended"  # how a request ended, from the node that ran it to the node that asked
 STATE_STATUS = "exo_rkllm_node"
 BEAT_STATUS = "exo_rkllm_beat"
 TICK_S = 0.25  # how often this node looks for a change of its state (and for lost nodes)
 SEND_TIMEOUT_S = 1.0  # a peer that takes longer to take a message counts as unreachable
 FULL_EVERY_S = 5.0  # the whole state, even unchanged, this often (a peer that missed one catches up)
 MAX_ORIGINS = 1024  # requests run here remembered with the node that asked (a request that never ran stays)
+
+
+def ended_message(request_id: str, finish_reason: str, error: BaseException | None, *, final: bool = False) -> str:
+    """The ENDED status: `finish_reason` ("length" or "error"), the error's message and class name (the
+    asking node rebuilds it, so its HTTP status and code survive), and `final` when no more token of the
+    request will come (its tokens could not be delivered): the asking node then ends it at once."""
+    return json.dumps({"type": ENDED_STATUS, "request_id": request_id, "finish_reason": finish_reason,
+                       "message": str(error) if error else None,
+                       "error_type": type(error).__name__ if error else None, "final": final})
 
 
 @dataclass
@@ -239,7 +249,11 @@ class Ring:
             await asyncio.wait_for(peer.send_result(request_id, tokens, finished), 15.0)
         except Exception as exc:
             log.warning("request %s: its tokens could not reach node %s (%r); stopping it", request_id, origin, exc)
-            self.engine.cancel_request(request_id, f"the node that asked for it ({origin}) is unreachable")
+            self.engine.cancel_request(request_id, f"its tokens could not reach the node that asked for it ({origin})")
+            # the asking node would wait for tokens that will not come: tell it, if it can still be told
+            error = NodeLost(f"the node running this request ({self.node.id}) could not send its answer here "
+                             f"({type(exc).__name__}) and stopped it; send it again")
+            await self.send(peer, ended_message(request_id, "error", error, final=True), request_id)
             return False
         self._contacted[origin] = asyncio.get_running_loop().time()
         return True
