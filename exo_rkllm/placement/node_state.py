@@ -7,7 +7,7 @@ placement/prefixes.py). A node of another exo-rkllm version may send more or few
 ones are ignored, missing ones take their empty value, wrong types are refused."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 from exo_rkllm.placement.prefixes import advertised
@@ -15,9 +15,9 @@ from exo_rkllm.placement.prefixes import advertised
 MAX_HASHES_PER_MODEL = 256  # a bound on one message: about 4 KB of hashes per model
 
 
-@dataclass(frozen=True)
-class NodeActivity:
-    """A node's own report, as its engine gives it (exo_rkllm/engine/inference_engine.py `activity`)."""
+@dataclass(frozen=True, kw_only=True)
+class _Doing:
+    """What a node has and does, in its own report and in what it tells the ring alike."""
 
     serves: tuple[str, ...] = ()
     routes: tuple[str, ...] = ()
@@ -26,28 +26,29 @@ class NodeActivity:
     waiting: tuple[str, ...] = ()
     backend: str = ""
     version: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeActivity(_Doing):
+    """A node's own report, as its engine gives it (exo_rkllm/engine/inference_engine.py `activity`)."""
+
     # per model, the token sequences whose KV state this node holds (live cache first, then saved
     # states, most recently used first)
     held: Mapping[str, Sequence[Sequence[int]]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class NodeState:
+@dataclass(frozen=True, kw_only=True)
+class NodeState(_Doing):
+    """What a node tells the ring: its report with the held sequences as prefix hashes."""
+
     node_id: str
-    serves: tuple[str, ...] = ()
-    routes: tuple[str, ...] = ()
-    loaded: str | None = None
-    running: str | None = None
-    waiting: tuple[str, ...] = ()
-    backend: str = ""
-    version: str = ""
     prefixes: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, node_id: str, activity: NodeActivity) -> "NodeState":
-        return cls(node_id, tuple(activity.serves), tuple(activity.routes), activity.loaded, activity.running,
-                   tuple(activity.waiting), activity.backend, activity.version,
-                   {m: frozenset(advertised(seqs, MAX_HASHES_PER_MODEL)) for m, seqs in activity.held.items()})
+        doing = {f.name: getattr(activity, f.name) for f in fields(_Doing)}
+        return cls(node_id=node_id, **doing,
+                   prefixes={m: frozenset(advertised(seqs, MAX_HASHES_PER_MODEL)) for m, seqs in activity.held.items()})
 
     @property
     def requests(self) -> frozenset[str]:
@@ -74,10 +75,11 @@ class NodeState:
         for key in ("loaded", "running"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ValueError(f"{key} must be a string or null")
-        return cls(data["node_id"], tuple(data.get("serves") or ()), tuple(data.get("routes") or ()),
-                   data.get("loaded"), data.get("running"), tuple(data.get("waiting") or ()),
-                   str(data.get("backend") or ""), str(data.get("version") or ""),
-                   {str(m): frozenset(h) for m, h in prefixes.items()})
+        return cls(node_id=data["node_id"], serves=tuple(data.get("serves") or ()),
+                   routes=tuple(data.get("routes") or ()), loaded=data.get("loaded"), running=data.get("running"),
+                   waiting=tuple(data.get("waiting") or ()), backend=str(data.get("backend") or ""),
+                   version=str(data.get("version") or ""),
+                   prefixes={str(m): frozenset(h) for m, h in prefixes.items()})
 
 
 def _strings(value: Any) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from exo_rkllm.errors import NodeLost
 from exo_rkllm.placement.node_state import NodeState
@@ -72,7 +72,7 @@ class RingView:
         if peer is not None and not peer.down:
             peer.down = why
 
-    def lost(self, members: Sequence[str] | None = None) -> list[Lost]:
+    def lost(self, members: Collection[str] | None = None) -> list[Lost]:
         """Nodes that are down now (silent too long, unreachable, or gone from exo's peers when
         `members` is given), each with the requests of this API node still placed on it; those are
         forgotten here (reported once)."""
@@ -91,12 +91,12 @@ class RingView:
                     out.append(Lost(node_id, peer.down, rids))
         return out
 
-    def up(self, members: Sequence[str] | None = None) -> list[NodeState]:
+    def up(self, members: Collection[str] | None = None) -> list[NodeState]:
         return [p.state for n, p in self.peers.items() if not p.down and (members is None or n in members)]
 
     # -- this API node's requests ----------------------------------------------------------------------
     def choose(self, model_id: str, prompt_ids: Sequence[int], local: NodeState,
-               members: Sequence[str] | None = None) -> Placement:
+               members: Collection[str] | None = None) -> Placement:
         candidates = [Candidate(s, self._load(s), local=s.node_id == local.node_id)
                       for s in [local, *self.up(members)]]
         return place(model_id, block_hashes(prompt_ids), candidates, affinity_slack=self.affinity_slack)
@@ -117,7 +117,7 @@ class RingView:
         return len((state.requests - self.ended.keys()) | mine)
 
     # -- the status route ------------------------------------------------------------------------------
-    def describe(self, local: NodeState, members: Sequence[str] | None = None) -> dict[str, Any]:
+    def describe(self, local: NodeState, members: Collection[str] | None = None) -> dict[str, Any]:
         now = self.clock()
         rows = [_row(local, self._load(local), up=True, age=0.0, here=True)]
         for node_id, peer in sorted(self.peers.items()):
