@@ -418,9 +418,15 @@ class OpenAIServer:
         entries = await asyncio.to_thread(self.engine.catalog.refresh)
         if self._on_models_listed is not None:
             self._on_models_listed(entries)
+        return web.json_response({"object": "list", "data": [self._model_card(e) for e in self.listed(entries)]})
+
+    def listed(self, entries: list[ModelEntry] | None = None) -> list[ModelEntry]:
+        """The models this API lists, of `entries` (default: the catalog's last scan): the servable ones,
+        and the route-only ones a live node of the ring runs (the only list: the plugin's tinychat routes
+        read it too)."""
+        entries = self.engine.catalog.entries() if entries is None else entries
         elsewhere = self.port.served_elsewhere() if any(e.routable for e in entries) else frozenset()
-        return web.json_response({"object": "list", "data": [self._model_card(e) for e in entries
-                                                             if e.ok or (e.routable and e.model_id in elsewhere)]})
+        return [e for e in entries if e.ok or (e.routable and e.model_id in elsewhere)]
 
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model_id"]
@@ -483,9 +489,7 @@ class OpenAIServer:
         if not name or name.startswith("gpt-"):  # OpenAI clients' defaults: the server's default model
             name = self._default_model() or next((e.model_id for e in self.engine.catalog.servable()), None)
             if name is None:  # a board that only routes: a model another node runs
-                routable = self.engine.catalog.routable()
-                elsewhere = self.port.served_elsewhere() if routable else frozenset()
-                name = next((e.model_id for e in routable if e.model_id in elsewhere), None)
+                name = next((e.model_id for e in self.listed(self.engine.catalog.routable())), None)
             if name is None:
                 raise APIError(404, "no model to serve: put .rkllm models in the models folder (RKLLM_MODELS_DIR), or run "
                                     "`exo-rkllm demo` to write a model for the simulator (see GET /v1/models)",

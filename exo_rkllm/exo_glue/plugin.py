@@ -207,16 +207,16 @@ def on_engine_end(request_id: str, ending: RequestEnding) -> "asyncio.Future[Any
     message = ended_message(request_id, ending.finish_reason, ending.error)
     if _ring is not None and _ring.runs_for(request_id):
         return asyncio.ensure_future(_ring.tell_origin(request_id, message))
-    return _broadcast(request_id, json.loads(message))
+    return _broadcast(request_id, message)
 
 
-def _broadcast(request_id: str, payload: dict[str, Any]) -> "asyncio.Future[Any] | None":
+def _broadcast(request_id: str, message: str) -> "asyncio.Future[Any] | None":
     """Send an exo status message to every node (this one included); the task, to await if needed."""
     node = _node
     if node is None or not getattr(node, "peers", None):
         return None
     try:
-        return asyncio.get_running_loop().create_task(node.broadcast_opaque_status(request_id, json.dumps(payload)))
+        return asyncio.get_running_loop().create_task(node.broadcast_opaque_status(request_id, message))
     except RuntimeError:
         return None
 
@@ -500,7 +500,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
     async def get_initial_models(self, server, request):
         from aiohttp import web
 
-        entries = _listed(server.engine)
+        entries = server.listed()
         return web.json_response({e.model_id: {"name": f"{e.name} (RKLLM)",
                                                **_downloaded(e),
                                                "loading": server.engine.model_status(e.model_id).value == "loading"}
@@ -512,7 +512,7 @@ def _patch_chatgpt_api(module: types.ModuleType) -> None:
         response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
                                                            "Cache-Control": "no-cache"})
         await response.prepare(request)
-        for e in _listed(server.engine):
+        for e in server.listed():
             payload = {e.model_id: _downloaded(e)}
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
@@ -614,13 +614,6 @@ def _tinychat_default(static_dir: Any, default_model: Callable[[], str]) -> Any:
     return tinychat
 
 
-def _listed(engine: RKLLMInferenceEngine) -> list[ModelEntry]:
-    """The models tinychat lists: those this NPU runs, and those this node routes to a live node that
-    has their file."""
-    elsewhere = _ring.served_elsewhere() if _ring is not None else frozenset()
-    return [e for e in engine.catalog.entries() if e.ok or (e.routable and e.model_id in elsewhere)]
-
-
 def _servable_ids(engine: RKLLMInferenceEngine) -> list[str]:
     return [e.model_id for e in engine.catalog.servable()]
 
@@ -636,7 +629,7 @@ def _downloaded(entry: ModelEntry) -> dict[str, Any]:
 
 def _cancel_everywhere(engine: RKLLMInferenceEngine, request_id: str, reason: str) -> None:
     engine.cancel_request(request_id, reason)
-    _broadcast(request_id, {"type": CANCEL_STATUS, "request_id": request_id, "reason": reason})
+    _broadcast(request_id, json.dumps({"type": CANCEL_STATUS, "request_id": request_id, "reason": reason}))
 
 
 async def _status(engine: RKLLMInferenceEngine) -> Any:

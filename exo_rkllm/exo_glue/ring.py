@@ -133,17 +133,17 @@ class Ring:
                     continue
                 state = json.dumps({"type": STATE_STATUS, "node": self.local_state().to_json()})
                 now = loop.time()
-                members = frozenset(self.members())
+                peers = self._peers()
+                members = frozenset(p.id() for p in peers)
                 if state != self._sent or members != self._sent_to or now - self._full_at >= FULL_EVERY_S:
-                    await self._send_all(state)
+                    await self._send_all(state, peers)
                     self._sent, self._sent_to, self._full_at, self._sent_at = state, members, now, now
                 elif now - self._sent_at >= HEARTBEAT_S:
                     # a peer this node streams tokens to hears from it anyway: no heartbeat on that path
-                    quiet = [p for p in self._peers() if now - self._contacted.get(p.id(), -HEARTBEAT_S) >= HEARTBEAT_S]
-                    beat = json.dumps({"type": BEAT_STATUS, "node_id": self.node.id})
-                    await asyncio.gather(*(self.send(p, beat) for p in quiet))
+                    quiet = [p for p in peers if now - self._contacted.get(p.id(), -HEARTBEAT_S) >= HEARTBEAT_S]
+                    await self._send_all(json.dumps({"type": BEAT_STATUS, "node_id": self.node.id}), quiet)
                     self._sent_at = now
-                for lost in self.view.lost(self.members()):
+                for lost in self.view.lost(members):
                     self._lose(lost)
             except asyncio.CancelledError:
                 raise
@@ -151,8 +151,8 @@ class Ring:
                 log.exception("the ring's state exchange failed; trying again")
             await asyncio.sleep(TICK_S)
 
-    async def _send_all(self, message: str) -> None:
-        await asyncio.gather(*(self.send(p, message) for p in self._peers()))
+    async def _send_all(self, message: str, peers: list[Any]) -> None:
+        await asyncio.gather(*(self.send(p, message) for p in peers))
 
     async def send(self, peer: Any, message: str, request_id: str = "") -> bool:
         """One status message to one peer; False if it did not arrive. The peer counts as down at once
@@ -258,19 +258,15 @@ class Ring:
         self._contacted[origin] = asyncio.get_running_loop().time()
         return True
 
-    async def tell_origin(self, request_id: str, message: str) -> bool:
-        """A status message about a request run here, to the node that asked for it; False if this node
-        does not know that node (then the caller broadcasts)."""
+    async def tell_origin(self, request_id: str, message: str) -> None:
+        """A status message about a request run here (`runs_for`), to the node that asked for it only."""
         origin = self.origins.get(request_id)
-        if origin is None:
-            return False
         if origin == self.node.id:
             self.node.on_opaque_status.trigger_all(request_id, message)
-            return True
-        peer = self.peer(origin)
+            return
+        peer = self.peer(origin) if origin is not None else None
         if peer is not None:
             await self.send(peer, message, request_id)
-        return True
 
     def describe(self) -> dict[str, Any]:
         return self.view.describe(self.local_state(), self.members())
