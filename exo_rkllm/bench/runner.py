@@ -95,19 +95,31 @@ def _messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-async def run_target(target: Target, settings: BenchSettings, counter: TokenCounter | None,
-                     progress: Progress | None = None) -> dict[str, Any]:
-    """Everything measured on one target, as a JSON-able section of the report."""
-    progress = progress or Progress(enabled=False)
-    count_text = counter.count_text if counter else None
-    section: dict[str, Any] = {"label": target.label, "kind": target.kind, "status": "not measured",
-                               "errors": [], "standard": [], "warmup": [], "multi_turn": None, "concurrency": None}
-    t_open = time.monotonic()
+def _new_section(target: Target, **extra: Any) -> dict[str, Any]:
+    """A target's section of the report before anything is measured."""
+    return {"label": target.label, "kind": target.kind, "status": "not measured", "errors": [], "standard": [],
+            "warmup": [], "multi_turn": None, "concurrency": None, **extra}
+
+
+async def _opened(target: Target, section: dict[str, Any]) -> bool:
+    """Open the target; False (the reason and what it is in `section`) if it cannot be opened."""
     try:
         await target.open()
     except TargetError as exc:
         section["reason"] = str(exc)
         section["meta"] = target.describe()
+        return False
+    return True
+
+
+async def run_target(target: Target, settings: BenchSettings, counter: TokenCounter | None,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Everything measured on one target, as a JSON-able section of the report."""
+    progress = progress or Progress(enabled=False)
+    count_text = counter.count_text if counter else None
+    section = _new_section(target)
+    t_open = time.monotonic()
+    if not await _opened(target, section):
         return section
     section["open_s"] = time.monotonic() - t_open
     section["label"] = target.label
@@ -256,14 +268,8 @@ async def run_ring(target: Target, node_targets: Sequence[Target], settings: Ben
     which node ran it (`node_id`, from that node's status route), and `served_by` counts them."""
     progress = progress or Progress(enabled=False)
     count_text = counter.count_text if counter else None
-    section: dict[str, Any] = {"label": target.label, "kind": target.kind, "status": "not measured", "errors": [],
-                               "standard": [], "warmup": [], "multi_turn": None, "concurrency": None,
-                               "nodes": len(node_targets), "served_by": {}}
-    try:
-        await target.open()
-    except TargetError as exc:
-        section["reason"] = str(exc)
-        section["meta"] = target.describe()
+    section = _new_section(target, nodes=len(node_targets), served_by={})
+    if not await _opened(target, section):
         return section
     progress.start(target.label, len(node_targets) + 1)
     t_run = time.monotonic()
