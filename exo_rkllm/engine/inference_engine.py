@@ -12,8 +12,9 @@ failure, a cancellation) is also told to the end listeners (the plugin), which
 correct what the client sees.
 `sample` passes the token through: the runtime has already sampled it.
 
-Only the shard holding layer 0 runs the model (RKLLM cannot run a slice of
-layers); any other shard passes tokens through and still knows the tokenizer.
+RKLLM cannot run a slice of layers: in a ring the plugin gives whichever node runs
+a request all of its layers (exo_glue/ring.py), so exo hands this engine whole-model
+shards; a shard not holding layer 0, should one come, passes tokens through.
 The engine knows no transport and no exo internals; exo-specific glue is in
 exo_glue/plugin.py, which tells the engine when exo has finished or abandoned a request.
 
