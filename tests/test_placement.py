@@ -167,6 +167,21 @@ def test_a_silent_or_unreachable_node_is_down_with_its_requests_lost_once():
     assert view.choose(M, (), node("a", serves=())).node_id == "b"
 
 
+def test_a_request_still_on_its_way_to_a_node_that_goes_down_is_not_reported_lost():
+    """The submission is still sending the prompt when the state exchange finds the node down: the
+    submission picks the next node itself, so the request must not also end as node_lost."""
+    view = RingView("a", fault_s=3.0, affinity_slack=2, clock=Clock())
+    view.heard(node("b", loaded=M))
+    view.place("r1", "b", handing=True)
+    view.place("r2", "b", handing=True)
+    view.handed("r2")  # b took r2's prompt: r2 runs there
+    view.unreachable("b", "its connection is refused")
+    assert [(x.node_id, x.requests) for x in view.lost()] == [("b", ("r2",))]
+    assert view.release("r1") == "b" and "r1" not in view.handing  # the submission moves on
+    view.place("r1", "c")
+    assert view.placed == {"r1": "c"}
+
+
 def test_a_node_gone_from_exos_peers_is_down():
     view = RingView("a", fault_s=3.0, affinity_slack=2, clock=Clock())
     view.heard(node("b"))

@@ -389,7 +389,7 @@ class ExoNodePort:
                 feed.fail(exc)
                 return feed
             target = placement.node_id
-            self.ring.view.place(rid, target)
+            self.ring.view.place(rid, target, handing=target != self.node.id)
             feed.node = target
             if target == self.node.id:
                 log.debug("request %s runs here: %s", rid, placement.describe())
@@ -402,6 +402,7 @@ class ExoNodePort:
             status = json.dumps({"type": CONTEXT_STATUS, "request_id": rid, "origin": self.node.id,
                                  "context": submission.context.to_json()})
             if peer is not None and await self.ring.send(peer, status, rid):
+                self.ring.view.handed(rid)
                 work = peer.send_prompt(shard, submission.prompt_text, request_id=rid)
                 break
             tried.add(target)  # unreachable now: the next best node

@@ -53,6 +53,10 @@ class RingView:
     # this API node's requests that ended, which a node's last report may still list (it reports 4 times a
     # second): not counted as load, or a node just finishing one would look busier than it is
     ended: "collections.OrderedDict[str, None]" = field(default_factory=collections.OrderedDict)
+    # requests whose prompt is still on its way to the chosen node: if that node goes down now, the
+    # submission picks the next node itself, so they are not reported lost (the client would get
+    # node_lost for a request no node ever took)
+    handing: set[str] = field(default_factory=set)
 
     # -- what the peers say ----------------------------------------------------------------------------
     def heard(self, state: NodeState) -> None:
@@ -84,7 +88,7 @@ class RingView:
             if not peer.down and members is not None and node_id not in members:
                 peer.down = "it left the ring"
             if peer.down:
-                rids = tuple(r for r, n in self.placed.items() if n == node_id)
+                rids = tuple(r for r, n in self.placed.items() if n == node_id and r not in self.handing)
                 for rid in rids:
                     del self.placed[rid]
                 if rids:
@@ -101,11 +105,19 @@ class RingView:
                       for s in [local, *self.up(members)]]
         return place(model_id, block_hashes(prompt_ids), candidates, affinity_slack=self.affinity_slack)
 
-    def place(self, request_id: str, node_id: str) -> None:
+    def place(self, request_id: str, node_id: str, *, handing: bool = False) -> None:
+        """`handing`: the prompt still has to reach that node; `handed` says when it has."""
         self.placed[request_id] = node_id
+        if handing:
+            self.handing.add(request_id)
+
+    def handed(self, request_id: str) -> None:
+        """The chosen node took the prompt: from now on, if it goes down, the request is lost."""
+        self.handing.discard(request_id)
 
     def release(self, request_id: str) -> str | None:
         node_id = self.placed.pop(request_id, None)
+        self.handing.discard(request_id)
         if node_id is not None:
             self.ended[request_id] = None
             while len(self.ended) > MAX_ENDED:
